@@ -1,0 +1,273 @@
+"""The one record type every reader produces, and the manifest CSV format.
+
+A manifest has one row per image. Required columns: ``image_path`` (relative
+to the manifest's folder, or absolute), ``product_id``, ``domain`` (``street``
+or ``shop``) and ``split``. Optional: ``category`` and the four
+``bbox_left, bbox_top, bbox_width, bbox_height`` columns (pixels on the
+original image; all four or none). Any other column is kept in
+``Record.metadata``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from types import MappingProxyType
+
+from street2shop.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+DOMAINS = ("street", "shop")
+REQUIRED_COLUMNS = ("image_path", "product_id", "domain", "split")
+BOX_COLUMNS = ("bbox_left", "bbox_top", "bbox_width", "bbox_height")
+OPTIONAL_COLUMNS = ("category", *BOX_COLUMNS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Box:
+    """A box in pixels on the original image: left, top, width, height."""
+
+    left: float
+    top: float
+    width: float
+    height: float
+
+    def __post_init__(self) -> None:
+        values = (self.left, self.top, self.width, self.height)
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise ValueError(f"box values must be finite numbers. Received: {values}")
+        if self.width <= 0 or self.height <= 0:
+            raise ValueError(
+                f"box width and height must be > 0. Received: width={self.width}, height={self.height}"
+            )
+        if self.left < 0 or self.top < 0:
+            raise ValueError(f"box left and top must be >= 0. Received: left={self.left}, top={self.top}")
+
+    def as_ltwh(self) -> tuple[float, float, float, float]:
+        return (float(self.left), float(self.top), float(self.width), float(self.height))
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One image of a dataset.
+
+    Attributes:
+        image_path: str. Absolute path of the image file.
+        product_id: str. The product (or class) the image shows. Unique across
+            the whole dataset: importers namespace ids that are only unique
+            within a category (``"bags/76"``).
+        domain: str. ``"street"`` (a customer's photo) or ``"shop"`` (catalogue).
+        split: str. Free text: ``train``, ``val``, ``test``, ``catalog``...
+        category: str or None. Coarse category, used for hard negatives and
+            per-category evaluation.
+        box: Box or None. Where the product is, in pixels of the original image.
+        metadata: mapping of str to str. Every other manifest column.
+    """
+
+    image_path: str
+    product_id: str
+    domain: str
+    split: str
+    category: str | None = None
+    box: Box | None = None
+    metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.domain not in DOMAINS:
+            raise ValueError(f"domain must be one of {DOMAINS}. Received: domain={self.domain!r}")
+        if not self.product_id:
+            raise ValueError("product_id must not be empty.")
+        object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
+
+    def __hash__(self) -> int:
+        return hash((self.image_path, self.product_id, self.domain, self.split, self.category, self.box))
+
+
+@dataclasses.dataclass
+class RecordSet:
+    """Records read from one source, with the images found missing on disk.
+
+    Attributes:
+        records: list of Record.
+        missing: list of str. Image paths named by the source but not on disk
+            (their records are not in ``records``).
+        source: str. Where the records came from, for messages.
+    """
+
+    records: list[Record]
+    missing: list[str] = dataclasses.field(default_factory=list)
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[Record]:
+        return iter(self.records)
+
+    def filter(
+        self, *, split: str | Iterable[str] | None = None, domain: str | None = None
+    ) -> RecordSet:
+        """Returns the records of the given split(s) and/or domain."""
+        splits = {split} if isinstance(split, str) else (set(split) if split is not None else None)
+        kept = [
+            r
+            for r in self.records
+            if (splits is None or r.split in splits) and (domain is None or r.domain == domain)
+        ]
+        return RecordSet(kept, list(self.missing), self.source)
+
+    def products(self) -> list[str]:
+        """Distinct product ids, in order of first appearance."""
+        return list(dict.fromkeys(r.product_id for r in self.records))
+
+    def summary(self) -> str:
+        by_domain = {d: sum(r.domain == d for r in self.records) for d in DOMAINS}
+        text = (
+            f"{self.source or 'records'}: {len(self.records)} images "
+            f"({by_domain['street']} street, {by_domain['shop']} shop) of "
+            f"{len(self.products())} products"
+        )
+        if self.missing:
+            shown = ", ".join(self.missing[:3]) + (" ..." if len(self.missing) > 3 else "")
+            text += f"; {len(self.missing)} missing on disk and skipped ({shown})"
+        return text
+
+
+def _parse_box(row: Mapping[str, str], where: str) -> Box | None:
+    raw = [(row.get(c) or "").strip() for c in BOX_COLUMNS]
+    if not any(raw):
+        return None
+    if not all(raw):
+        given = dict(zip(BOX_COLUMNS, raw))
+        raise DataError(f"{where}: a box needs all of {', '.join(BOX_COLUMNS)} or none. Received: {given}")
+    try:
+        return Box(*(float(v) for v in raw))
+    except ValueError as e:  # float() or Box validation
+        raise DataError(f"{where}: malformed box: {e}. Received: {dict(zip(BOX_COLUMNS, raw))}") from None
+
+
+def read_manifest(
+    path: str | os.PathLike[str], *, strict: bool = False, check_files: bool = True
+) -> RecordSet:
+    """Reads a manifest CSV into records.
+
+    Args:
+        path: str or path. The manifest CSV.
+        strict: bool. If True, a missing image file is an error; by default
+            missing files are left out, counted and listed in the summary.
+        check_files: bool. If False, do not look for the images on disk.
+
+    Returns:
+        RecordSet.
+
+    Raises:
+        DataError: the file is missing or unreadable, a required column is
+            absent, or a row has an unknown domain, an empty product id or a
+            malformed box. The message names the file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"manifest not found: {path}")
+    root = path.resolve().parent
+    records: list[Record] = []
+    missing: list[str] = []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            reader.fieldnames = header
+            absent = [c for c in REQUIRED_COLUMNS if c not in header]
+            if absent:
+                raise DataError(
+                    f"{path} line 1: missing required column(s) {', '.join(absent)}. "
+                    f"Expected at least {', '.join(REQUIRED_COLUMNS)}. Received: {', '.join(header) or '(empty header)'}"
+                )
+            known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
+            for row in reader:
+                line = reader.line_num
+                where = f"{path} line {line}"
+                if None in row:  # more fields than the header
+                    raise DataError(f"{where}: {len(header) + len(row[None])} fields, header has {len(header)}.")
+                if not any((v or "").strip() for v in row.values()):
+                    continue  # blank line
+                image = (row["image_path"] or "").strip()
+                product = (row["product_id"] or "").strip()
+                domain = (row["domain"] or "").strip().lower()
+                split = (row["split"] or "").strip()
+                if not image:
+                    raise DataError(f"{where}: empty image_path.")
+                if not product:
+                    raise DataError(f"{where}: empty product_id for {image}.")
+                if domain not in DOMAINS:
+                    raise DataError(
+                        f"{where}: domain must be 'street' or 'shop'. Received: domain={row['domain']!r}"
+                    )
+                box = _parse_box(row, where)
+                full = Path(image) if os.path.isabs(image) else root / image
+                if check_files and not full.is_file():
+                    if strict:
+                        raise DataError(f"{where}: image not found: {full}")
+                    missing.append(str(full))
+                    continue
+                category = (row.get("category") or "").strip() or None
+                meta = {k: v for k, v in row.items() if k not in known and v is not None}
+                records.append(Record(str(full), product, domain, split, category, box, meta))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"cannot read manifest {path}: {e}") from None
+    result = RecordSet(records, missing, str(path))
+    if missing:
+        logger.warning("%s", result.summary())
+    else:
+        logger.info("%s", result.summary())
+    return result
+
+
+def write_manifest(records: Iterable[Record], path: str | os.PathLike[str]) -> Path:
+    """Writes records as a manifest CSV, atomically (a temporary file, then rename).
+
+    Image paths under the manifest's folder are written relative to it.
+    Metadata keys become extra columns.
+    """
+    path = Path(path)
+    records = list(records)
+    root = path.resolve().parent
+    extra = list(dict.fromkeys(k for r in records for k in r.metadata))
+    columns = [*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS, *[k for k in extra if k not in OPTIONAL_COLUMNS]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
+            writer.writeheader()
+            for r in records:
+                image = Path(r.image_path)
+                try:
+                    image_text = image.resolve().relative_to(root).as_posix()
+                except ValueError:
+                    image_text = str(image)
+                row = {
+                    "image_path": image_text,
+                    "product_id": r.product_id,
+                    "domain": r.domain,
+                    "split": r.split,
+                    "category": r.category or "",
+                    **dict(r.metadata),
+                }
+                if r.box is not None:
+                    row.update({c: _fmt(v) for c, v in zip(BOX_COLUMNS, r.box.as_ltwh())})
+                writer.writerow(row)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"cannot write manifest {path}: {e}") from None
+    return path
+
+
+def _fmt(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else repr(float(v))

@@ -1,0 +1,48 @@
+"""The few exception types street2shop raises on purpose.
+
+Every expected failure (bad input, bad config, a server that is down) is a
+:class:`Street2ShopError`; the command line turns one into a one-line message
+and exit code 2. Anything else escaping is a bug.
+"""
+
+from __future__ import annotations
+
+
+class Street2ShopError(Exception):
+    """Base class: an expected failure with a message meant for a person."""
+
+
+class DataError(Street2ShopError):
+    """A dataset file, record or image is missing or malformed."""
+
+
+class ConfigError(Street2ShopError, ValueError):
+    """A configuration value is out of range or of the wrong type."""
+
+
+class ModelError(Street2ShopError):
+    """A model, checkpoint or SavedModel cannot be built, loaded or exported."""
+
+
+class ServingError(Street2ShopError):
+    """Talking to TF Serving (or the local stand-in) failed."""
+
+
+class ServerUnavailableError(ServingError):
+    """The server could not be reached within the retries allowed."""
+
+
+class ModelNotFoundError(ServingError):
+    """The server does not serve the model, version or signature asked for."""
+
+
+class SignatureMismatchError(ServingError):
+    """The served signature's inputs, outputs or dimension differ from what the client expects."""
+
+
+class BadRequestError(ServingError):
+    """The server rejected the request (an undecodable image, a batch too large)."""
+
+
+class IndexMismatchError(Street2ShopError):
+    """An index was queried or extended in a way that cannot give right answers."""
