@@ -46,3 +46,16 @@ class BadRequestError(ServingError):
 
 class IndexMismatchError(Street2ShopError):
     """An index was queried or extended in a way that cannot give right answers."""
+
+
+def tf_error_text(message: str) -> str:
+    """The one informative line of a TensorFlow runtime error message.
+
+    TF wraps the cause in "Graph execution error:", node names and stack
+    placeholders; this keeps e.g. "Unknown image file format. One of JPEG, ...".
+    """
+    noise = ("Graph execution error", "Detected at node", "<stack traces unavailable>", "[[", "{{")
+    lines = [line.strip() for line in str(message).splitlines()]
+    useful = [line for line in lines if line and not line.startswith(noise)]
+    text = useful[0] if useful else (lines[0] if lines else "")
+    return text.split(" [Op:")[0].strip()

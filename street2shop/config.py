@@ -1,0 +1,265 @@
+"""Configuration: frozen dataclasses per stage, loaded from TOML or JSON and flags.
+
+Every field has a default that works on a laptop CPU, and field names are
+unique across sections so each is also a command-line flag of the same name
+(``--margin``, ``--image-size``...). A training run writes its resolved
+configuration next to its outputs (``config.toml``), so it can be re-run with
+``street2shop train --config runs/x/config.toml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from street2shop.errors import ConfigError
+
+BACKBONES = ("inception_v3", "resnet50", "mobilenet_v3_small", "efficientnet_b0")
+
+
+def _help(text: str, **kw: Any) -> dict[str, Any]:
+    return {"help": text, **kw}
+
+
+def _check(condition: bool, field: str, value: Any, expected: str) -> None:
+    if not condition:
+        raise ConfigError(f"{field} must be {expected}. Received: {field}={value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    manifest: str = dataclasses.field(default="", metadata=_help("manifest CSV of product photos (street and shop)"))
+    train_split: str = dataclasses.field(default="train", metadata=_help("manifest split(s) to train on, comma-separated; shop photos of split 'catalog' are always added"))
+    val_split: str = dataclasses.field(default="val", metadata=_help("manifest split for validation pairs ('' for none)"))
+    auxiliary_dir: str = dataclasses.field(default="", metadata=_help("class-per-folder labelled set for multi-task fine-tuning ('' for none)"))
+    auxiliary_max_per_class: int = dataclasses.field(default=0, metadata=_help("use at most this many images per auxiliary class (0 = all)"))
+    image_size: int = dataclasses.field(default=96, metadata=_help("square input size of the tower (InceptionV3 needs >= 75; 299 is its native size)"))
+    pairs_per_epoch: int = dataclasses.field(default=2048, metadata=_help("training pairs drawn per epoch"))
+    val_pairs: int = dataclasses.field(default=256, metadata=_help("validation pairs (drawn once, fixed)"))
+    positive_fraction: float = dataclasses.field(default=-1.0, metadata=_help("share of positive pairs (-1: 1/3 each with an auxiliary set, else 1/2)"))
+    negative_fraction: float = dataclasses.field(default=-1.0, metadata=_help("share of negative pairs (-1: see positive_fraction)"))
+    auxiliary_fraction: float = dataclasses.field(default=-1.0, metadata=_help("share of auxiliary pairs (-1: see positive_fraction)"))
+    street_street_fraction: float = dataclasses.field(default=0.0, metadata=_help("share of positives pairing two street photos of a product"))
+    hard_negative_fraction: float = dataclasses.field(default=0.5, metadata=_help("share of negatives taken from the same category"))
+    street_augment: float = dataclasses.field(default=1.0, metadata=_help("augmentation strength for street photos (0 = off)"))
+    shop_augment: float = dataclasses.field(default=0.3, metadata=_help("augmentation strength for shop and auxiliary photos"))
+    check_images: bool = dataclasses.field(default=True, metadata=_help("decode every image once before training; drop unreadable ones"))
+
+    def __post_init__(self) -> None:
+        _check(self.image_size >= 32, "image_size", self.image_size, ">= 32")
+        _check(self.pairs_per_epoch >= 1, "pairs_per_epoch", self.pairs_per_epoch, ">= 1")
+        _check(self.val_pairs >= 0, "val_pairs", self.val_pairs, ">= 0")
+        _check(self.auxiliary_max_per_class >= 0, "auxiliary_max_per_class", self.auxiliary_max_per_class, ">= 0")
+        for name in ("positive_fraction", "negative_fraction", "auxiliary_fraction"):
+            v = getattr(self, name)
+            _check(v == -1.0 or 0.0 <= v <= 1.0, name, v, "in [0, 1], or -1 for the default")
+        for name in ("street_street_fraction", "hard_negative_fraction"):
+            v = getattr(self, name)
+            _check(0.0 <= v <= 1.0, name, v, "in [0, 1]")
+        for name in ("street_augment", "shop_augment"):
+            v = getattr(self, name)
+            _check(0.0 <= v <= 3.0, name, v, "in [0, 3]")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = dataclasses.field(default="inception_v3", metadata=_help(f"backbone: one of {', '.join(BACKBONES)}"))
+    weights: str = dataclasses.field(default="imagenet", metadata=_help("'imagenet' (downloads once), 'none' (from scratch) or a path to a weights file"))
+    embedding_dim: int = dataclasses.field(default=128, metadata=_help("dimension of the L2-normalised embedding"))
+    trainable_layers: int = dataclasses.field(default=-1, metadata=_help("train only the top N backbone layers (-1 = all)"))
+    dropout: float = dataclasses.field(default=0.0, metadata=_help("dropout before the projection"))
+    pooling: str = dataclasses.field(default="avg", metadata=_help("global pooling: avg or max"))
+
+    def __post_init__(self) -> None:
+        _check(self.backbone in BACKBONES, "backbone", self.backbone, f"one of {', '.join(BACKBONES)}")
+        _check(self.embedding_dim >= 2, "embedding_dim", self.embedding_dim, ">= 2")
+        _check(self.trainable_layers >= -1, "trainable_layers", self.trainable_layers, ">= 0, or -1 for all")
+        _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "in [0, 1)")
+        _check(self.pooling in ("avg", "max"), "pooling", self.pooling, "'avg' or 'max'")
+
+    @property
+    def weights_arg(self) -> str | None:
+        return None if self.weights.lower() in ("", "none") else self.weights
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    loss: str = dataclasses.field(default="robust", metadata=_help("'robust' (robust contrastive) or 'contrastive' (plain)"))
+    margin: float = dataclasses.field(default=1.0, metadata=_help("contrastive margin m on the distance between unit embeddings (0 < m <= 2)"))
+    positive_threshold: float = dataclasses.field(default=0.0, metadata=_help("robust: drop positives with d >= this fixed threshold (0 = not used)"))
+    positive_quantile: float = dataclasses.field(default=0.9, metadata=_help("robust: drop positives beyond this quantile of the batch's positive distances (0 = not used)"))
+    negative_floor: float = dataclasses.field(default=0.0, metadata=_help("robust: drop negatives with d < this floor, probable label noise (0 = not used)"))
+    w_pair: float = dataclasses.field(default=1.0, metadata=_help("weight of the contrastive loss on product pairs"))
+    w_aux: float = dataclasses.field(default=1.0, metadata=_help("weight of the contrastive loss on auxiliary pairs"))
+    w_cls: float = dataclasses.field(default=0.5, metadata=_help("weight of each softmax loss on auxiliary images"))
+
+    def __post_init__(self) -> None:
+        _check(self.loss in ("robust", "contrastive"), "loss", self.loss, "'robust' or 'contrastive'")
+        _check(0.0 < self.margin <= 2.0, "margin", self.margin, "in (0, 2]")
+        _check(0.0 <= self.positive_threshold <= 2.0, "positive_threshold", self.positive_threshold, "in [0, 2]")
+        _check(0.0 <= self.positive_quantile <= 1.0, "positive_quantile", self.positive_quantile, "in [0, 1]")
+        _check(0.0 <= self.negative_floor < 2.0, "negative_floor", self.negative_floor, "in [0, 2)")
+        for name in ("w_pair", "w_aux", "w_cls"):
+            v = getattr(self, name)
+            _check(v >= 0.0 and math.isfinite(v), name, v, ">= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    output_dir: str = dataclasses.field(default="runs/street2shop", metadata=_help("where checkpoints, logs and the resolved config go"))
+    epochs: int = dataclasses.field(default=10, metadata=_help("number of epochs"))
+    batch_size: int = dataclasses.field(default=32, metadata=_help("global batch size (split across devices)"))
+    optimizer: str = dataclasses.field(default="adamw", metadata=_help("'adamw' or 'sgd' (with momentum)"))
+    learning_rate: float = dataclasses.field(default=1e-3, metadata=_help("learning rate of the head (and of the backbone unless backbone_lr_multiplier)"))
+    backbone_lr_multiplier: float = dataclasses.field(default=1.0, metadata=_help("the backbone learns at learning_rate times this (e.g. 0.1 for fine-tuning)"))
+    weight_decay: float = dataclasses.field(default=1e-4, metadata=_help("decoupled weight decay (adamw) or L2-like decay (sgd)"))
+    momentum: float = dataclasses.field(default=0.9, metadata=_help("momentum for sgd"))
+    early_stopping_patience: int = dataclasses.field(default=0, metadata=_help("stop after this many epochs without better val loss (0 = off)"))
+    distribution: str = dataclasses.field(default="auto", metadata=_help("'auto', 'default' (one device), 'mirrored' (all local GPUs) or 'multi_worker' (from TF_CONFIG)"))
+    seed: int = dataclasses.field(default=0, metadata=_help("seed of pair plans, weights and augmentation"))
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "epochs", self.epochs, ">= 1")
+        _check(self.batch_size >= 2, "batch_size", self.batch_size, ">= 2")
+        _check(self.optimizer in ("adamw", "sgd"), "optimizer", self.optimizer, "'adamw' or 'sgd'")
+        _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "> 0")
+        _check(self.backbone_lr_multiplier >= 0, "backbone_lr_multiplier", self.backbone_lr_multiplier, ">= 0")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        _check(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
+        _check(self.early_stopping_patience >= 0, "early_stopping_patience", self.early_stopping_patience, ">= 0")
+        _check(self.distribution in ("auto", "default", "mirrored", "multi_worker"), "distribution", self.distribution,
+               "'auto', 'default', 'mirrored' or 'multi_worker'")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs, in four sections (TOML tables of the same names)."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    fit: FitConfig = FitConfig()
+
+    SECTIONS: typing.ClassVar[dict[str, type]] = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "fit": FitConfig}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> TrainConfig:
+        """Builds from ``{"data": {...}, "model": {...}, ...}``; unknown keys are errors."""
+        unknown = set(values) - set(cls.SECTIONS)
+        if unknown:
+            raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}. Expected: {sorted(cls.SECTIONS)}")
+        parts = {name: section_from_dict(kind, values.get(name, {}), source=f"{source} [{name}]") for name, kind in cls.SECTIONS.items()}
+        return cls(**parts)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in self.SECTIONS}
+
+    def replace(self, **flat: Any) -> TrainConfig:
+        """A copy with fields replaced by their (globally unique) names."""
+        updates: dict[str, dict[str, Any]] = {name: {} for name in self.SECTIONS}
+        owner = field_owners()
+        for key, value in flat.items():
+            if key not in owner:
+                raise ConfigError(f"unknown config field {key!r}. Known: {', '.join(sorted(owner))}")
+            updates[owner[key]][key] = value
+        parts = {}
+        for name in self.SECTIONS:
+            current = getattr(self, name)
+            parts[name] = section_from_dict(type(current), {**dataclasses.asdict(current), **updates[name]}, source=f"[{name}]")
+        return TrainConfig(**parts)
+
+
+def field_owners() -> dict[str, str]:
+    """Field name → section name, for every field of every section."""
+    return {f.name: section for section, kind in TrainConfig.SECTIONS.items() for f in dataclasses.fields(kind)}
+
+
+def _coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
+    kind = field.type if not isinstance(field.type, str) else eval(field.type, {}, {})  # noqa: S307 - our own annotations
+    if isinstance(kind, types.UnionType):
+        kind = next(t for t in typing.get_args(kind) if t is not type(None))
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{source}: {field.name} must be {kind.__name__}. Received: {field.name}={value!r}")
+
+
+def section_from_dict(kind: type, values: dict[str, Any], *, source: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ConfigError(f"{source}: unknown field(s) {sorted(unknown)}. Known: {', '.join(fields)}")
+    return kind(**{k: _coerce(fields[k], v, source) for k, v in values.items()})
+
+
+def load_config(path: str | os.PathLike[str]) -> TrainConfig:
+    """Reads a TOML (``.toml``) or JSON (``.json``) configuration file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+        values = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot parse {path}: {e}") from None
+    return TrainConfig.from_dict(values, source=str(path))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def save_config(config: TrainConfig, path: str | os.PathLike[str]) -> Path:
+    """Writes TOML (or JSON for a ``.json`` path) atomically."""
+    path = Path(path)
+    data = config.to_dict()
+    if path.suffix.lower() == ".json":
+        text = json.dumps(data, indent=2) + "\n"
+    else:
+        lines = []
+        for section, values in data.items():
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+            lines.append("")
+        text = "\n".join(lines)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path

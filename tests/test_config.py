@@ -1,0 +1,55 @@
+import json
+
+import pytest
+
+from street2shop.config import TrainConfig, load_config, save_config
+from street2shop.errors import ConfigError
+
+
+def test_toml_round_trip(tmp_path):
+    config = TrainConfig().replace(manifest="m.csv", image_size=128, margin=0.8, check_images=False, weights="none")
+    path = save_config(config, tmp_path / "config.toml")
+    assert load_config(path) == config
+    jpath = save_config(config, tmp_path / "config.json")
+    assert json.loads(jpath.read_text())["loss"]["margin"] == 0.8
+    assert load_config(jpath) == config
+
+
+def test_replace_by_field_name_and_types_coerced_from_strings():
+    config = TrainConfig().replace(image_size="75", learning_rate="0.01", check_images="false")
+    assert config.data.image_size == 75 and config.fit.learning_rate == 0.01 and config.data.check_images is False
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("margin", -1.0, "margin must be in (0, 2]. Received: margin=-1.0"),
+        ("image_size", 8, "image_size must be >= 32. Received: image_size=8"),
+        ("backbone", "vgg", "backbone must be one of"),
+        ("loss", "triplet", "Received: loss='triplet'"),
+        ("positive_quantile", 1.5, "positive_quantile"),
+        ("batch_size", "lots", "batch_size must be int. Received: batch_size='lots'"),
+    ],
+)
+def test_bad_values_name_the_field(field, value, expected):
+    with pytest.raises(ConfigError) as info:
+        TrainConfig().replace(**{field: value})
+    assert expected in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_keys_are_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config field 'marginn'"):
+        TrainConfig().replace(marginn=1.0)
+    path = tmp_path / "c.toml"
+    path.write_text("[loss]\nmargn = 1.0\n")
+    with pytest.raises(ConfigError, match=r"c.toml \[loss\]: unknown field\(s\) \['margn'\]"):
+        load_config(path)
+    path.write_text("[losses]\n")
+    with pytest.raises(ConfigError, match="unknown section"):
+        load_config(path)
+    path.write_text("[loss\n")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.toml")
