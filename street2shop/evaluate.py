@@ -1,0 +1,181 @@
+"""Retrieval metrics, street photos against the shop catalogue.
+
+Protocol (as in the street-to-shop literature): every street photo of a split
+is a query, cropped to its box when it has one; the gallery is the shop
+images, restricted to the query's category when the dataset has categories.
+A gallery ranking is made of images; it is de-duplicated by product (a
+product appears once, at its best image) and a query is correct at k when
+its product is among the first k distinct products.
+
+Metrics, per category and overall:
+
+- ``top_k``: top-k accuracy on the product ranking (k = 1, 5, 10, 20);
+- ``recall_at_k``: share of the query's product's gallery images among the
+  first k gallery images (equals top-k when every product has one image);
+- ``map``: mean average precision over the image ranking;
+- ``mrr``: mean reciprocal rank of the correct product in the product ranking.
+
+Queries whose product has no image in their gallery cannot be answered: they
+are left out of every metric and counted in ``unanswerable``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from street2shop.errors import ConfigError
+
+DEFAULT_KS = (1, 5, 10, 20)
+
+
+@dataclasses.dataclass
+class QueryResult:
+    """One query's image ranking over its gallery (gallery row indices, best first)."""
+
+    product_id: str
+    category: str | None
+    ranking: np.ndarray  # gallery rows, best first (may be truncated by an index)
+
+
+def rank_exact(
+    query_embeddings: np.ndarray,
+    gallery_embeddings: np.ndarray,
+    *,
+    query_categories: Sequence[str | None] | None = None,
+    gallery_categories: Sequence[str | None] | None = None,
+) -> list[np.ndarray]:
+    """Full image rankings by cosine similarity; ties keep gallery order.
+
+    With categories, a query's ranking holds only gallery images of its
+    category (all of them when the query has no category).
+    """
+    q = np.asarray(query_embeddings, np.float32)
+    g = np.asarray(gallery_embeddings, np.float32)
+    if q.ndim != 2 or g.ndim != 2 or (len(g) and q.shape[1] != g.shape[1]):
+        raise ConfigError(f"embeddings must be [N, D] with the same D. Received: queries {q.shape}, gallery {g.shape}")
+    qn = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    gn = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
+    similarity = qn @ gn.T
+    rankings = []
+    g_cats = np.asarray(gallery_categories, dtype=object) if gallery_categories is not None else None
+    for i in range(len(q)):
+        order = np.argsort(-similarity[i], kind="stable")
+        if g_cats is not None and query_categories is not None and query_categories[i] is not None:
+            order = order[g_cats[order] == query_categories[i]]
+        rankings.append(order)
+    return rankings
+
+
+def _dedup_products(ranking: np.ndarray, gallery_products: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(gallery_products[r] for r in ranking))
+
+
+def average_precision(relevant: np.ndarray, n_relevant: int | None = None) -> float:
+    """AP of one ranking from its boolean relevance in rank order.
+
+    ``n_relevant`` is how many relevant items exist in all (defaults to those
+    in the ranking); a truncated ranking that misses some is penalised.
+    """
+    hits = np.flatnonzero(relevant)
+    total = len(hits) if n_relevant is None else n_relevant
+    if total == 0:
+        return 0.0
+    return float(np.sum(np.arange(1, len(hits) + 1) / (hits + 1)) / total)
+
+
+def retrieval_metrics(
+    results: Sequence[QueryResult],
+    gallery_products: Sequence[str],
+    *,
+    gallery_categories: Sequence[str | None] | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+) -> dict[str, Any]:
+    """Top-k accuracy, recall@k, mAP and MRR, overall and per category.
+
+    Args:
+        results: one QueryResult per query.
+        gallery_products: product id of each gallery row.
+        gallery_categories: category of each gallery row (to know how many
+            relevant images a query's gallery holds); None when uncategorised.
+        ks: the k values.
+
+    Returns:
+        ``{"overall": {...}, "per_category": {cat: {...}}}``, each with
+        ``queries``, ``unanswerable``, ``top_k`` {k: acc}, ``recall_at_k``
+        {k: r}, ``map`` and ``mrr``.
+    """
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ConfigError(f"ks must be positive integers. Received: ks={ks}")
+    gallery_products = list(gallery_products)
+    count_by: dict[tuple[str | None, str], int] = defaultdict(int)
+    count_all: dict[str, int] = defaultdict(int)
+    for row, product in enumerate(gallery_products):
+        count_all[product] += 1
+        if gallery_categories is not None:
+            count_by[(gallery_categories[row], product)] += 1
+
+    per_query: dict[str | None, list[dict[str, Any]]] = defaultdict(list)
+    unanswerable: dict[str | None, int] = defaultdict(int)
+    for result in results:
+        if gallery_categories is not None and result.category is not None:
+            n_relevant = count_by[(result.category, result.product_id)]
+        else:
+            n_relevant = count_all[result.product_id]
+        if n_relevant == 0:
+            unanswerable[result.category] += 1
+            continue
+        ranking = np.asarray(result.ranking, dtype=np.int64)
+        relevant = np.array([gallery_products[r] == result.product_id for r in ranking], dtype=bool)
+        products = _dedup_products(ranking, gallery_products)
+        rank = products.index(result.product_id) + 1 if result.product_id in products else None
+        per_query[result.category].append({
+            "rank": rank,
+            "ap": average_precision(relevant, n_relevant),
+            "recall": {k: float(relevant[:k].sum()) / n_relevant for k in ks},
+        })
+
+    def summarise(rows: list[dict[str, Any]], missing: int) -> dict[str, Any]:
+        n = len(rows)
+        if n == 0:
+            return {"queries": 0, "unanswerable": missing, "top_k": {k: 0.0 for k in ks}, "recall_at_k": {k: 0.0 for k in ks}, "map": 0.0, "mrr": 0.0}
+        return {
+            "queries": n,
+            "unanswerable": missing,
+            "top_k": {k: sum(1 for r in rows if r["rank"] is not None and r["rank"] <= k) / n for k in ks},
+            "recall_at_k": {k: float(np.mean([r["recall"][k] for r in rows])) for k in ks},
+            "map": float(np.mean([r["ap"] for r in rows])),
+            "mrr": float(np.mean([1.0 / r["rank"] if r["rank"] else 0.0 for r in rows])),
+        }
+
+    all_rows = [row for rows in per_query.values() for row in rows]
+    report = {"overall": summarise(all_rows, sum(unanswerable.values()))}
+    categories = sorted({c for c in list(per_query) + list(unanswerable) if c is not None})
+    if categories:
+        report["per_category"] = {c: summarise(per_query.get(c, []), unanswerable.get(c, 0)) for c in categories}
+    return report
+
+
+def per_query_ranks(results: Sequence[QueryResult], gallery_products: Sequence[str]) -> list[int | None]:
+    """Rank (1-based) of each query's product in its de-duplicated ranking, None if absent."""
+    ranks = []
+    for result in results:
+        products = _dedup_products(np.asarray(result.ranking, np.int64), list(gallery_products))
+        ranks.append(products.index(result.product_id) + 1 if result.product_id in products else None)
+    return ranks
+
+
+def bootstrap_interval(values: Sequence[float], *, samples: int = 2000, confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-query values."""
+    v = np.asarray(values, np.float64)
+    if len(v) == 0:
+        return (0.0, 0.0)
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(samples, len(v)))].mean(axis=1)
+    alpha = (1 - confidence) / 2
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
