@@ -88,6 +88,10 @@ class Record:
     def __hash__(self) -> int:
         return hash((self.image_path, self.product_id, self.domain, self.split, self.category, self.box))
 
+    def __reduce__(self):  # a mappingproxy cannot be pickled or deep-copied; rebuild from a plain dict
+        fields = (self.image_path, self.product_id, self.domain, self.split, self.category, self.box)
+        return (self.__class__, (*fields, dict(self.metadata)))
+
 
 @dataclasses.dataclass
 class RecordSet:
@@ -237,8 +241,10 @@ def write_manifest(records: Iterable[Record], path: str | os.PathLike[str]) -> P
     path = Path(path)
     records = list(records)
     root = path.resolve().parent
-    extra = list(dict.fromkeys(k for r in records for k in r.metadata))
-    columns = [*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS, *[k for k in extra if k not in OPTIONAL_COLUMNS]]
+    known = {*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS}
+    extra = [k for k in dict.fromkeys(k for r in records for k in r.metadata) if k not in known]
+    columns = [*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS, *extra]
+    bases = list(dict.fromkeys([Path(os.path.abspath(path.parent)), root]))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -246,19 +252,14 @@ def write_manifest(records: Iterable[Record], path: str | os.PathLike[str]) -> P
             writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
             writer.writeheader()
             for r in records:
-                image = Path(r.image_path)
-                try:
-                    image_text = image.resolve().relative_to(root).as_posix()
-                except ValueError:
-                    image_text = str(image)
-                row = {
-                    "image_path": image_text,
+                row = {k: v for k, v in r.metadata.items() if k not in known}
+                row.update({
+                    "image_path": _relative_if_under(r.image_path, bases),
                     "product_id": r.product_id,
                     "domain": r.domain,
                     "split": r.split,
                     "category": r.category or "",
-                    **dict(r.metadata),
-                }
+                })
                 if r.box is not None:
                     row.update({c: _fmt(v) for c, v in zip(BOX_COLUMNS, r.box.as_ltwh())})
                 writer.writerow(row)
@@ -267,6 +268,22 @@ def write_manifest(records: Iterable[Record], path: str | os.PathLike[str]) -> P
         tmp.unlink(missing_ok=True)
         raise DataError(f"cannot write manifest {path}: {e}") from None
     return path
+
+
+def _relative_if_under(image_path: str, bases: list[Path]) -> str:
+    """The path relative to the first base it lies under, else absolute.
+
+    Tried without resolving symlinks first, so a symlinked image keeps its own
+    name rather than its target's; then resolved.
+    """
+    image = Path(os.path.abspath(image_path))
+    for candidate in (image, image.resolve()):
+        for base in bases:
+            try:
+                return candidate.relative_to(base).as_posix()
+            except ValueError:
+                pass
+    return str(image)
 
 
 def _fmt(v: float) -> str:
