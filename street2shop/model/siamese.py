@@ -1,0 +1,95 @@
+"""The two-input training model: one shared tower, a distance, an optional class head.
+
+::
+
+    image_a ─┐                ┌─ embedding_a ─┬─ PairDistance ──────────── "distance"  [B]
+             ├─ tower (shared) ┤               │
+    image_b ─┘                └─ embedding_b ─┴─ classifier (shared Dense) ─ "logits_a", "logits_b"  [B, C]
+
+The outputs are a dict, so ``model.fit`` takes ``y`` (and ``sample_weight``)
+as dicts with the same keys, as ``street2shop.data.pipeline.pair_dataset``
+produces them: ``y["distance"]`` is float ``[B]`` (1 = same product) and
+``y["logits_a"]``/``y["logits_b"]`` are int ``[B]`` class indices (-1 for
+images without a class, to be masked by the loss).
+
+The classifier sits on the L2-normalised embeddings (not on the pooled
+backbone features), so the softmax task of multi-task fine-tuning shapes the
+very space the retrieval uses.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from street2shop.errors import ConfigError, ModelError
+from street2shop.model.layers import PairDistance
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_KEYS = ("distance", "logits_a", "logits_b")
+
+
+def build_siamese(tower: Any, *, num_classes: int | None = None, name: str = "siamese") -> Any:
+    """The siamese training model around one shared tower.
+
+    Args:
+        tower: keras.Model. From ``build_tower``: one image input, one
+            embedding output. Both inputs go through this same object (one
+            set of weights).
+        num_classes: int or None. With a number (>= 2), a shared
+            ``Dense(num_classes)`` head named ``"classifier"`` on both
+            embeddings adds the ``logits_a`` and ``logits_b`` outputs
+            (unnormalised logits).
+        name: str. The model's name.
+
+    Returns:
+        keras.Model with inputs ``{"image_a", "image_b"}`` (the tower's input
+        shape, pixels in ``[0, 255]``) and outputs ``{"distance": [B]}``, plus
+        ``"logits_a"``, ``"logits_b"`` (``[B, num_classes]``) with classes.
+
+    Example:
+    >>> tower = build_tower("mobilenet_v3_small", image_size=(32, 32), embedding_dim=16)
+    >>> model = build_siamese(tower, num_classes=10)
+    >>> sorted(model.output)  # -> ['distance', 'logits_a', 'logits_b']
+    """
+    import keras
+
+    if not isinstance(tower, keras.Model) or len(tower.inputs) != 1 or len(tower.outputs) != 1:
+        raise ModelError(f"tower must be a keras.Model with one input and one output (see build_tower). Received: {tower!r}")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2):
+        raise ConfigError(f"num_classes must be None or an int >= 2. Received: num_classes={num_classes!r}")
+    shape = tuple(tower.inputs[0].shape[1:])
+    image_a = keras.Input(shape=shape, dtype="float32", name="image_a")
+    image_b = keras.Input(shape=shape, dtype="float32", name="image_b")
+    embedding_a = tower(image_a)
+    embedding_b = tower(image_b)
+    outputs = {"distance": PairDistance(name="distance")([embedding_a, embedding_b])}
+    if num_classes is not None:
+        classifier = keras.layers.Dense(num_classes, name="classifier")
+        outputs["logits_a"] = keras.layers.Identity(name="logits_a")(classifier(embedding_a))
+        outputs["logits_b"] = keras.layers.Identity(name="logits_b")(classifier(embedding_b))
+    model = keras.Model({"image_a": image_a, "image_b": image_b}, outputs, name=name)
+    logger.debug("siamese model %s: tower %s, num_classes=%s", name, tower.name, num_classes)
+    return model
+
+
+def tower_of(siamese: Any) -> Any:
+    """The shared tower inside a siamese model (by the layer name ``"tower"``,
+    else the one nested model).
+
+    Raises:
+        ModelError: no tower, or several nested models and none named ``"tower"``.
+    """
+    import keras
+
+    for layer in siamese.layers:
+        if layer.name == "tower" and isinstance(layer, keras.Model):
+            return layer
+    nested = [layer for layer in siamese.layers if isinstance(layer, keras.Model)]
+    if len(nested) == 1:
+        return nested[0]
+    raise ModelError(
+        "cannot find the tower: expected one nested model or a layer named 'tower'. "
+        f"Received: layers={[layer.name for layer in siamese.layers]}"
+    )
