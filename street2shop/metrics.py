@@ -1,0 +1,275 @@
+"""Keras metrics on the siamese model's ``"distance"`` output.
+
+Each reads ``y_true`` (1 = matching pair) and ``y_pred`` = the pair distance,
+``[B]`` or ``[B, 1]``, and keeps a weighted sum and a weighted count over the
+epoch (reset by Keras at each epoch); the result is their ratio, 0 while the
+count is 0. ``sample_weight`` is honoured when given (a pair weighs its
+weight), but Keras passes sample weights only to ``weighted_metrics``: in
+``model.compile(metrics=...)``, as ``street2shop.train`` uses them, every pair
+counts once.
+
+The drop rates call :func:`street2shop.losses.robust_contrastive_terms`, the
+same function as the loss, so they report exactly the pairs the loss dropped
+(with a batch quantile: per batch, as the loss sees it).
+
+Example::
+
+    loss = RobustContrastiveLoss(positive_quantile=0.9)
+    model.compile(loss={"distance": loss}, metrics={"distance": [
+        MeanPositiveDistance(), MeanNegativeDistance(), PairAccuracy(threshold=0.5),
+        PositiveDropRate.from_loss(loss), NegativeDropRate.from_loss(loss)]})
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import keras
+from keras import ops
+
+from street2shop.errors import ConfigError
+from street2shop.losses import _check_optional, pair_distances, check_robust_args, pair_labels, robust_contrastive_terms
+
+logger = logging.getLogger(__name__)
+
+
+class _RatioMetric(keras.metrics.Metric):
+    """Σ w·numerator / Σ w·denominator over an epoch; subclasses give the per-pair terms."""
+
+    def __init__(self, name: str, dtype: Any = None) -> None:
+        super().__init__(name=name, dtype=dtype)
+        self.total = self.add_variable(shape=(), initializer="zeros", dtype="float32", name="total")
+        self.count = self.add_variable(shape=(), initializer="zeros", dtype="float32", name="count")
+
+    def terms(self, y_true: Any, distance: Any) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
+        distance = ops.cast(pair_distances(y_pred), "float32")
+        numerator, denominator = self.terms(y_true, distance)
+        numerator = ops.cast(numerator, "float32")
+        denominator = ops.cast(denominator, "float32")
+        if sample_weight is not None:
+            weight = ops.reshape(ops.cast(sample_weight, "float32"), (-1,))
+            weight = ops.broadcast_to(weight, ops.shape(numerator))
+            numerator = numerator * weight
+            denominator = denominator * weight
+        self.total.assign_add(ops.sum(numerator))
+        self.count.assign_add(ops.sum(denominator))
+
+    def result(self) -> Any:
+        return ops.divide_no_nan(self.total, self.count)
+
+
+@keras.saving.register_keras_serializable(package="street2shop")
+class MeanPositiveDistance(_RatioMetric):
+    """Mean distance of the matching pairs (``y = 1``) seen this epoch.
+
+    Args:
+        name: str. Defaults to ``"mean_positive_distance"``.
+        dtype: the metric's dtype. Defaults to None (floatx).
+
+    Example:
+    >>> m = MeanPositiveDistance()
+    >>> m.update_state(np.array([1, 1, 0]), np.array([0.2, 0.4, 1.0]))
+    >>> float(m.result())  # -> 0.3
+    """
+
+    def __init__(self, name: str = "mean_positive_distance", dtype: Any = None) -> None:
+        super().__init__(name=name, dtype=dtype)
+
+    def terms(self, y_true: Any, distance: Any) -> tuple[Any, Any]:
+        positive = ops.cast(pair_labels(y_true), "float32")
+        return positive * distance, positive
+
+
+@keras.saving.register_keras_serializable(package="street2shop")
+class MeanNegativeDistance(_RatioMetric):
+    """Mean distance of the non-matching pairs (``y = 0``) seen this epoch.
+
+    Args:
+        name: str. Defaults to ``"mean_negative_distance"``.
+        dtype: the metric's dtype. Defaults to None (floatx).
+
+    Example:
+    >>> m = MeanNegativeDistance()
+    >>> m.update_state(np.array([1, 0, 0]), np.array([0.2, 0.8, 1.2]))
+    >>> float(m.result())  # -> 1.0
+    """
+
+    def __init__(self, name: str = "mean_negative_distance", dtype: Any = None) -> None:
+        super().__init__(name=name, dtype=dtype)
+
+    def terms(self, y_true: Any, distance: Any) -> tuple[Any, Any]:
+        negative = ops.cast(ops.logical_not(pair_labels(y_true)), "float32")
+        return negative * distance, negative
+
+
+@keras.saving.register_keras_serializable(package="street2shop")
+class PairAccuracy(_RatioMetric):
+    """Fraction of pairs classified right when ``d < threshold`` is read as "same product".
+
+    Why ``threshold = margin / 2`` (0.5 for the default margin 1.0): it is
+    where the contrastive loss's two branches are equal (``d² = (m − d)²``),
+    the distance below which the loss prefers calling a pair a match. On unit
+    embeddings ``d < 0.5`` means an angle below about 29°. A pair exactly at
+    the threshold is predicted "not a match".
+
+    Args:
+        threshold: float. In (0, 2]. Defaults to 0.5.
+        name: str. Defaults to ``"pair_accuracy"``.
+        dtype: the metric's dtype. Defaults to None (floatx).
+
+    Example:
+    >>> m = PairAccuracy(threshold=0.5)
+    >>> m.update_state(np.array([1, 1, 0, 0]), np.array([0.2, 0.7, 0.9, 0.4]))
+    >>> float(m.result())  # -> 0.5
+    """
+
+    def __init__(self, threshold: float = 0.5, name: str = "pair_accuracy", dtype: Any = None) -> None:
+        checked = _check_optional("threshold", threshold, 0.0, 2.0)
+        if checked is None:
+            raise ConfigError(f"threshold must be a number in (0, 2]. Received: threshold={threshold!r}")
+        super().__init__(name=name, dtype=dtype)
+        self.threshold = checked
+
+    def terms(self, y_true: Any, distance: Any) -> tuple[Any, Any]:
+        predicted = ops.less(distance, self.threshold)
+        correct = ops.cast(ops.equal(predicted, pair_labels(y_true)), "float32")
+        return correct, ops.ones_like(correct)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "threshold": self.threshold}
+
+
+@keras.saving.register_keras_serializable(package="street2shop")
+class PositiveDropRate(_RatioMetric):
+    """Fraction of the positive pairs that the robust contrastive loss dropped this epoch.
+
+    Takes the loss's positive threshold and quantile (build it with
+    :meth:`from_loss` so the two cannot drift apart); the decision is
+    :func:`street2shop.losses.robust_contrastive_terms`'s, batch by batch.
+
+    Args:
+        positive_threshold: float or None. Fixed τ in (0, 2]. Defaults to None.
+        positive_quantile: float or None. q in (0, 1]. Defaults to 0.9.
+        name: str. Defaults to ``"positive_drop_rate"``.
+        dtype: the metric's dtype. Defaults to None (floatx).
+
+    Example:
+    >>> m = PositiveDropRate(positive_threshold=0.8, positive_quantile=None)
+    >>> m.update_state(np.array([1, 1, 1, 0]), np.array([0.2, 0.8, 0.9, 0.1]))
+    >>> float(m.result())  # -> 2 / 3
+    """
+
+    def __init__(
+        self,
+        positive_threshold: float | None = None,
+        positive_quantile: float | None = 0.9,
+        name: str = "positive_drop_rate",
+        dtype: Any = None,
+    ) -> None:
+        _, threshold, _, quantile = check_robust_args(1.0, positive_threshold, None, positive_quantile)
+        super().__init__(name=name, dtype=dtype)
+        self.positive_threshold = threshold
+        self.positive_quantile = quantile
+
+    @classmethod
+    def from_loss(cls, loss: Any, name: str = "positive_drop_rate") -> PositiveDropRate:
+        """The drop rate of ``loss`` (a RobustContrastiveLoss; any loss without these attributes gives 0)."""
+        return cls(
+            positive_threshold=getattr(loss, "positive_threshold", None),
+            positive_quantile=getattr(loss, "positive_quantile", None),
+            name=name,
+        )
+
+    def terms(self, y_true: Any, distance: Any) -> tuple[Any, Any]:
+        _, dropped, _ = robust_contrastive_terms(
+            y_true, distance, positive_threshold=self.positive_threshold, positive_quantile=self.positive_quantile
+        )
+        return dropped, pair_labels(y_true)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "positive_threshold": self.positive_threshold,
+            "positive_quantile": self.positive_quantile,
+        }
+
+
+@keras.saving.register_keras_serializable(package="street2shop")
+class NegativeDropRate(_RatioMetric):
+    """Fraction of the negative pairs that the robust contrastive loss dropped (``d < negative_floor``) this epoch.
+
+    Args:
+        negative_floor: float or None. ν in (0, 2]; None reports 0. Defaults to None.
+        name: str. Defaults to ``"negative_drop_rate"``.
+        dtype: the metric's dtype. Defaults to None (floatx).
+
+    Example:
+    >>> m = NegativeDropRate(negative_floor=0.3)
+    >>> m.update_state(np.array([0, 0, 0, 1]), np.array([0.1, 0.3, 0.9, 0.1]))
+    >>> float(m.result())  # -> 1 / 3
+    """
+
+    def __init__(self, negative_floor: float | None = None, name: str = "negative_drop_rate", dtype: Any = None) -> None:
+        floor = _check_optional("negative_floor", negative_floor, 0.0, 2.0)
+        super().__init__(name=name, dtype=dtype)
+        self.negative_floor = floor
+
+    @classmethod
+    def from_loss(cls, loss: Any, name: str = "negative_drop_rate") -> NegativeDropRate:
+        """The drop rate of ``loss`` (a RobustContrastiveLoss; any loss without a floor gives 0)."""
+        return cls(negative_floor=getattr(loss, "negative_floor", None), name=name)
+
+    def terms(self, y_true: Any, distance: Any) -> tuple[Any, Any]:
+        # The floor's rule does not depend on the margin; pass one above any floor.
+        _, _, dropped = robust_contrastive_terms(y_true, distance, margin=3.0, negative_floor=self.negative_floor)
+        return dropped, ops.logical_not(pair_labels(y_true))
+
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "negative_floor": self.negative_floor}
+
+
+@keras.saving.register_keras_serializable(package="street2shop")
+class MaskedSparseCategoricalAccuracy(_RatioMetric):
+    """Top-1 accuracy of class logits over the labelled samples only (label ``ignore_class`` = no class).
+
+    The companion of :class:`street2shop.losses.MaskedSparseCategoricalCrossentropy`
+    on the ``logits_a``/``logits_b`` outputs: Keras'
+    ``SparseCategoricalAccuracy`` has no ``ignore_class`` and counts every
+    unlabelled image as a miss. 0 until a labelled sample has been seen.
+
+    Args:
+        ignore_class: int. Label of the unlabelled samples. Defaults to -1.
+        name: str. Defaults to ``"accuracy"``.
+        dtype: the metric's dtype. Defaults to None (floatx).
+
+    Example:
+    >>> m = MaskedSparseCategoricalAccuracy()
+    >>> m.update_state(np.array([0, -1, 1]), np.array([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]]))
+    >>> float(m.result())  # -> 0.5
+    """
+
+    def __init__(self, ignore_class: int = -1, name: str = "accuracy", dtype: Any = None) -> None:
+        if isinstance(ignore_class, bool) or not isinstance(ignore_class, int):
+            raise ConfigError(f"ignore_class must be an int. Received: ignore_class={ignore_class!r}")
+        super().__init__(name=name, dtype=dtype)
+        self.ignore_class = ignore_class
+
+    def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
+        labels = ops.reshape(ops.cast(ops.convert_to_tensor(y_true), "int32"), (-1,))
+        predicted = ops.cast(ops.argmax(ops.convert_to_tensor(y_pred), axis=-1), "int32")
+        labelled = ops.cast(ops.not_equal(labels, self.ignore_class), "float32")
+        correct = ops.cast(ops.equal(labels, predicted), "float32") * labelled
+        if sample_weight is not None:
+            weight = ops.broadcast_to(ops.reshape(ops.cast(sample_weight, "float32"), (-1,)), ops.shape(labelled))
+            correct = correct * weight
+            labelled = labelled * weight
+        self.total.assign_add(ops.sum(correct))
+        self.count.assign_add(ops.sum(labelled))
+
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "ignore_class": self.ignore_class}
