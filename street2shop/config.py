@@ -21,7 +21,12 @@ from typing import Any
 
 from street2shop.errors import ConfigError
 
-BACKBONES = ("inception_v3", "resnet50", "mobilenet_v3_small", "efficientnet_b0")
+# Kept in step with street2shop.model.backbones.BACKBONES (a test checks), so
+# reading a config does not import Keras.
+BACKBONES = (
+    "inception_v3", "resnet50", "resnet50_v2", "mobilenet_v2", "mobilenet_v3_small",
+    "mobilenet_v3_large", "efficientnet_b0", "densenet121", "xception",
+)
 
 
 def _help(text: str, **kw: Any) -> dict[str, Any]:
@@ -74,6 +79,7 @@ class ModelConfig:
     weights: str = dataclasses.field(default="imagenet", metadata=_help("'imagenet' (downloads once), 'none' (from scratch) or a path to a weights file"))
     embedding_dim: int = dataclasses.field(default=128, metadata=_help("dimension of the L2-normalised embedding"))
     trainable_layers: int = dataclasses.field(default=-1, metadata=_help("train only the top N backbone layers (-1 = all)"))
+    trainable_from: str = dataclasses.field(default="", metadata=_help("train the backbone from this layer up, e.g. mixed8 for inception_v3 ('' = see trainable_layers)"))
     dropout: float = dataclasses.field(default=0.0, metadata=_help("dropout before the projection"))
     pooling: str = dataclasses.field(default="avg", metadata=_help("global pooling: avg or max"))
 
@@ -82,6 +88,8 @@ class ModelConfig:
         _check(self.embedding_dim >= 2, "embedding_dim", self.embedding_dim, ">= 2")
         _check(self.trainable_layers >= -1, "trainable_layers", self.trainable_layers, ">= 0, or -1 for all")
         _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "in [0, 1)")
+        _check(not (self.trainable_from and self.trainable_layers >= 0), "trainable_from", self.trainable_from,
+               "empty when trainable_layers is set (give one of them)")
         _check(self.pooling in ("avg", "max"), "pooling", self.pooling, "'avg' or 'max'")
 
     @property
@@ -105,7 +113,7 @@ class LossConfig:
         _check(0.0 < self.margin <= 2.0, "margin", self.margin, "in (0, 2]")
         _check(0.0 <= self.positive_threshold <= 2.0, "positive_threshold", self.positive_threshold, "in [0, 2]")
         _check(0.0 <= self.positive_quantile <= 1.0, "positive_quantile", self.positive_quantile, "in [0, 1]")
-        _check(0.0 <= self.negative_floor < 2.0, "negative_floor", self.negative_floor, "in [0, 2)")
+        _check(0.0 <= self.negative_floor < self.margin, "negative_floor", self.negative_floor, f"in [0, margin={self.margin})")
         for name in ("w_pair", "w_aux", "w_cls"):
             v = getattr(self, name)
             _check(v >= 0.0 and math.isfinite(v), name, v, ">= 0")

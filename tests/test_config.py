@@ -53,3 +53,10 @@ def test_unknown_keys_are_errors(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "absent.toml")
+
+
+def test_backbone_names_agree_with_the_model_registry():
+    from street2shop.config import BACKBONES
+    from street2shop.model.backbones import BACKBONES as REGISTRY
+
+    assert set(BACKBONES) == set(REGISTRY)

@@ -1,0 +1,15 @@
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(tmp_path_factory):
+    """A small generated street/shop dataset: 6 products x 4 street photos, 64 px."""
+    from street2shop.data.synthetic import generate
+
+    out = tmp_path_factory.mktemp("synth")
+    generate(out, products=6, street_per_product=4, image_size=64, seed=0, categories=3)
+    return out / "manifest.csv"

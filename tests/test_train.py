@@ -1,0 +1,119 @@
+import csv
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+from street2shop.config import TrainConfig
+from street2shop.data.pairs import PairConfig, PairPlanner
+from street2shop.data.pipeline import pair_dataset
+from street2shop.data.records import read_manifest
+from street2shop.train import build_model, train
+
+
+def tiny_config(manifest, out, **kw):
+    values = dict(
+        manifest=str(manifest), output_dir=str(out), backbone="mobilenet_v3_small", weights="none",
+        image_size=32, embedding_dim=8, pairs_per_epoch=16, val_pairs=8, batch_size=8, epochs=2,
+        learning_rate=1e-3, street_augment=0.0, shop_augment=0.0,
+    )
+    values.update(kw)
+    return TrainConfig().replace(**values)
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Kills the run at the end of an epoch, after BackupAndRestore wrote its backup."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_fit_lowers_the_loss_on_fixed_pairs(synth_dataset):
+    config = tiny_config(synth_dataset, "unused", learning_rate=3e-3)
+    keras.utils.set_random_seed(0)
+    records = [r for r in read_manifest(synth_dataset) if r.split in ("train", "catalog")]
+    plan = PairPlanner(records, PairConfig(pairs_per_epoch=16, seed=0)).plan(0)
+    data = pair_dataset(lambda _e: plan, image_size=32, batch_size=8, epochs=1)
+    model = build_model(config, None)
+    # The same 16 pairs every epoch, so the epoch losses are comparable. (Training-mode
+    # losses: BatchNorm's moving statistics of a from-scratch net lag far behind.)
+    history = model.fit(data.repeat(), steps_per_epoch=2, epochs=8, verbose=0).history["loss"]
+    assert np.mean(history[-2:]) < np.mean(history[:2])
+
+
+def test_interrupted_run_resumes_at_the_next_epoch(synth_dataset, tmp_path):
+    config = tiny_config(synth_dataset, tmp_path / "run", epochs=3)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, extra_callbacks=[Interrupt(epoch=0)], verbose=0)
+    result = train(config, verbose=0)
+    assert result.initial_epoch == 1
+    assert len(result.history["loss"]) == 2  # epochs 2 and 3 only
+    with open(tmp_path / "run" / "log.csv") as f:
+        epochs = [int(row["epoch"]) for row in csv.DictReader(f)]
+    assert epochs == [0, 1, 2]
+
+
+def test_multitask_run_writes_outputs_and_reports_metrics(synth_dataset, tmp_path):
+    from PIL import Image
+
+    aux = tmp_path / "aux"
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (aux / f"class{c}").mkdir(parents=True)
+        for k in range(3):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(aux / f"class{c}" / f"{k}.png")
+    run = tmp_path / "run"
+    result = train(tiny_config(synth_dataset, run, epochs=1, auxiliary_dir=str(aux), pairs_per_epoch=24), verbose=0)
+    for name in ("config.toml", "best.keras", "last.keras", "log.csv"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").iterdir())
+    keys = set(result.history)
+    assert {"loss", "val_loss", "distance_loss", "logits_a_loss", "logits_b_loss"} <= keys, keys
+    for metric in ("positive_drop_rate", "negative_drop_rate", "mean_positive_distance", "mean_negative_distance", "pair_accuracy"):
+        assert any(metric in k for k in keys), (metric, keys)
+    assert result.num_classes == 3 and result.initial_epoch == 0
+    model = keras.saving.load_model(run / "last.keras", compile=False, safe_mode=True)
+    assert set(model.output.keys() if isinstance(model.output, dict) else model.output_names) == {"distance", "logits_a", "logits_b"}
+
+
+def test_mirrored_strategy_over_two_logical_cpus_trains_a_step(synth_dataset, tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import os
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from street2shop.config import TrainConfig
+        from street2shop.train import train
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        config = TrainConfig().replace(
+            manifest={str(synth_dataset)!r}, output_dir={str(tmp_path / "run")!r}, backbone="mobilenet_v3_small",
+            weights="none", image_size=32, embedding_dim=8, pairs_per_epoch=16, val_pairs=0, batch_size=8, epochs=1)
+        result = train(config, strategy=strategy, verbose=0)
+        assert strategy.num_replicas_in_sync == 2
+        print("REPLICAS", strategy.num_replicas_in_sync, "LOSS", result.history["loss"][-1])
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [line for line in proc.stdout.splitlines() if line.startswith("REPLICAS")][0]
+    assert line.split()[1] == "2" and np.isfinite(float(line.split()[3]))
+
+
+def test_cli_bad_value_is_one_line_exit_2(capsys):
+    from street2shop.cli import main
+
+    assert main(["train", "--margin", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "street2shop: error: margin must be in (0, 2]. Received: margin=-1.0"
+    assert main(["train", "--weights", "none"]) == 2
+    assert "manifest is required" in capsys.readouterr().err
