@@ -1,0 +1,148 @@
+import io
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from street2shop.data.pipeline import prepare_image
+from street2shop.errors import BadRequestError, ModelError
+from street2shop.export import (
+    LocalEmbedder,
+    export_tower,
+    latest_version_dir,
+    load_checkpoint,
+    read_card,
+    weights_fingerprint,
+)
+
+
+@pytest.fixture(scope="module")
+def tower():
+    import keras
+
+    from street2shop.model.tower import build_tower
+
+    keras.utils.set_random_seed(0)
+    return build_tower("inception_v3", image_size=(75, 75), embedding_dim=16, weights=None)
+
+
+@pytest.fixture(scope="module")
+def exported(tower, tmp_path_factory):
+    base = tmp_path_factory.mktemp("exports") / "street2shop"
+    return export_tower(tower, base)
+
+
+def jpeg(seed, size=(90, 120)):
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+def test_signatures_contract(exported):
+    model = tf.saved_model.load(str(exported))
+    assert set(model.signatures) == {"serving_default", "embed_boxes", "embed_pixels"}
+    default = model.signatures["serving_default"]
+    (_, inputs) = default.structured_input_signature
+    assert set(inputs) == {"image_bytes"}
+    assert inputs["image_bytes"].dtype == tf.string and inputs["image_bytes"].shape.as_list() == [None]
+    out = default.structured_outputs
+    assert set(out) == {"embedding"} and out["embedding"].dtype == tf.float32
+    assert out["embedding"].shape.as_list() == [None, 16]
+    (_, inputs) = model.signatures["embed_boxes"].structured_input_signature
+    assert inputs["boxes"].shape.as_list() == [None, 4] and inputs["boxes"].dtype == tf.float32
+    (_, inputs) = model.signatures["embed_pixels"].structured_input_signature
+    assert inputs["pixels"].shape.as_list() == [None, 75, 75, 3]
+
+
+def test_method_name_is_predict(exported):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    sm = saved_model_pb2.SavedModel()
+    sm.ParseFromString((exported / "saved_model.pb").read_bytes())
+    sigs = sm.meta_graphs[0].signature_def
+    assert sigs["serving_default"].method_name == "tensorflow/serving/predict"
+    assert set(sigs["serving_default"].inputs) == {"image_bytes"}
+    assert set(sigs["serving_default"].outputs) == {"embedding"}
+
+
+def test_reloaded_savedmodel_equals_keras_tower(tower, exported):
+    images = [jpeg(s) for s in range(3)]
+    pixels = tf.stack([prepare_image(tf.constant(b), image_size=75)[0] for b in images])
+    expected = tower(pixels, training=False).numpy()
+    model = tf.saved_model.load(str(exported))
+    got = model.signatures["serving_default"](image_bytes=tf.constant(images))["embedding"].numpy()
+    assert np.abs(got - expected).max() <= 1e-5
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    got_pixels = model.signatures["embed_pixels"](pixels=pixels)["embedding"].numpy()
+    assert np.abs(got_pixels - expected).max() <= 1e-5
+
+
+def test_box_signature_crops(tower, exported):
+    image = jpeg(7, size=(100, 100))
+    box = np.array([[0.1, 0.2, 0.6, 0.9]], np.float32)
+    pixels, _ = prepare_image(tf.constant(image), tf.constant(box[0]), image_size=75)
+    expected = tower(pixels[None], training=False).numpy()
+    embedder = LocalEmbedder(exported.parent)
+    got = embedder.embed([image], boxes=box)
+    assert np.abs(got - expected).max() <= 1e-5
+    whole = embedder.embed([image])
+    assert np.abs(whole - got).max() > 1e-3  # the crop changed the answer
+    with pytest.raises(BadRequestError, match="box is empty"):
+        embedder.embed([image], boxes=np.array([[1.5, 1.5, 2.0, 2.0]], np.float32))
+    with pytest.raises(BadRequestError, match="Unknown image file format"):
+        embedder.embed([b"not an image"])
+
+
+def test_card_and_warmup(tower, exported):
+    card = read_card(exported)
+    assert card["dimension"] == 16 and card["image_size"] == [75, 75]
+    assert card["backbone"] == "inception_v3"
+    assert card["fingerprint"] == weights_fingerprint(tower)
+    assert set(card["signatures"]) == {"serving_default", "embed_boxes", "embed_pixels"}
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    records = list(tf.data.TFRecordDataset(str(exported / "assets.extra" / "tf_serving_warmup_requests")))
+    assert len(records) >= 2
+    model = tf.saved_model.load(str(exported))
+    for raw in records:
+        log = prediction_log_pb2.PredictionLog.FromString(raw.numpy())
+        request = log.predict_log.request
+        assert request.model_spec.signature_name == "serving_default"
+        batch = tf.make_ndarray(request.inputs["image_bytes"])
+        out = model.signatures["serving_default"](image_bytes=tf.constant(batch))["embedding"]
+        assert out.shape == (len(batch), 16)  # each warm-up request is a real, valid request
+
+
+def test_versions_are_never_overwritten(tower, exported):
+    base = exported.parent
+    with pytest.raises(ModelError, match="already exists"):
+        export_tower(tower, base, version=int(exported.name))
+    second = export_tower(tower, base)
+    assert int(second.name) == int(exported.name) + 1
+    assert latest_version_dir(base) == second
+    assert not [p for p in base.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_checkpoint_round_trip_to_export(tower, tmp_path):
+    from street2shop.model.siamese import build_siamese
+
+    siamese = build_siamese(tower)
+    path = tmp_path / "model.keras"
+    siamese.save(path)
+    loaded = load_checkpoint(path)
+    version = export_tower(loaded, tmp_path / "exports")
+    assert read_card(version)["fingerprint"] == weights_fingerprint(tower)
+    with pytest.raises(ModelError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "absent.keras")
+    (tmp_path / "bad.keras").write_bytes(b"junk")
+    with pytest.raises(ModelError, match="cannot load checkpoint"):
+        load_checkpoint(tmp_path / "bad.keras")
+
+
+def test_card_content_is_json(exported):
+    text = (exported / "assets.extra" / "street2shop.json").read_text()
+    assert json.loads(text)["package_version"]
