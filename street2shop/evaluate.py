@@ -179,3 +179,83 @@ def bootstrap_interval(values: Sequence[float], *, samples: int = 2000, confiden
     means = v[rng.integers(0, len(v), size=(samples, len(v)))].mean(axis=1)
     alpha = (1 - confidence) / 2
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def rank_with_index(
+    index: Any,
+    query_embeddings: np.ndarray,
+    *,
+    query_categories: Sequence[str | None] | None = None,
+    depth: int = 200,
+) -> list[np.ndarray]:
+    """Image rankings (index rows, best first) from a CatalogIndex, ``depth`` images deep.
+
+    With categories, rows of other categories are dropped from a query's
+    ranking (the index is searched ``depth`` deep first).
+    """
+    depth = max(1, min(int(depth), len(index)))
+    rankings = []
+    for i, answers in enumerate(index.query_batch(np.asarray(query_embeddings, np.float32), k=depth, by_product=False)):
+        rows = [a.row for a in answers]
+        if query_categories is not None and query_categories[i] is not None:
+            rows = [a.row for a in answers if a.category == query_categories[i]]
+        rankings.append(np.asarray(rows, np.int64))
+    return rankings
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """Metrics plus what is needed to explain them (per-query ranks and rankings)."""
+
+    metrics: dict[str, Any]
+    intervals: dict[str, tuple[float, float]]
+    ranks: list[int | None]
+    results: list[QueryResult]
+    query_paths: list[str]
+    gallery_products: list[str]
+    gallery_paths: list[str]
+
+
+def evaluate_embeddings(
+    query_embeddings: np.ndarray,
+    query_products: Sequence[str],
+    gallery_embeddings: np.ndarray | None,
+    gallery_products: Sequence[str],
+    *,
+    query_categories: Sequence[str | None] | None = None,
+    gallery_categories: Sequence[str | None] | None = None,
+    query_paths: Sequence[str] = (),
+    gallery_paths: Sequence[str] = (),
+    index: Any = None,
+    ks: Sequence[int] = DEFAULT_KS,
+    bootstrap_samples: int = 2000,
+) -> Evaluation:
+    """Street queries against a gallery: exact search, or through ``index`` when given.
+
+    Categories restrict each query's gallery to its category (the Exact
+    Street2Shop protocol); pass None for both to search the whole gallery.
+    Returns metrics with 95% bootstrap intervals (over queries) of top-k,
+    mAP and MRR.
+    """
+    use_categories = query_categories is not None and gallery_categories is not None and any(c is not None for c in gallery_categories)
+    qc = list(query_categories) if use_categories else None
+    gc = list(gallery_categories) if use_categories else None
+    if index is not None:
+        rankings = rank_with_index(index, query_embeddings, query_categories=qc, depth=max(200, 10 * max(ks)))
+    else:
+        rankings = rank_exact(query_embeddings, gallery_embeddings, query_categories=qc, gallery_categories=gc)
+    results = [QueryResult(p, qc[i] if qc else None, r) for i, (p, r) in enumerate(zip(query_products, rankings))]
+    metrics = retrieval_metrics(results, gallery_products, gallery_categories=gc, ks=ks)
+    ranks = per_query_ranks(results, gallery_products)
+    answerable = [r for r, res in zip(ranks, results) if _answerable(res, gallery_products, gc)]
+    intervals: dict[str, tuple[float, float]] = {}
+    for k in sorted(set(ks)):
+        intervals[f"top_{k}"] = bootstrap_interval([1.0 if r is not None and r <= k else 0.0 for r in answerable], samples=bootstrap_samples)
+    intervals["mrr"] = bootstrap_interval([1.0 / r if r else 0.0 for r in answerable], samples=bootstrap_samples)
+    return Evaluation(metrics, intervals, ranks, results, list(query_paths), list(gallery_products), list(gallery_paths))
+
+
+def _answerable(result: QueryResult, gallery_products: Sequence[str], gallery_categories: Sequence[str | None] | None) -> bool:
+    if gallery_categories is None or result.category is None:
+        return result.product_id in set(gallery_products)
+    return any(p == result.product_id and c == result.category for p, c in zip(gallery_products, gallery_categories))
