@@ -1,0 +1,61 @@
+import subprocess
+import sys
+
+import pytest
+
+from street2shop.cli import build_parser, main
+
+COMMANDS = [
+    [], ["data"], ["data", "synth"], ["data", "import-street2shop"], ["data", "check"], ["train"], ["export"],
+    ["serve"], ["embed"], ["index"], ["index", "build"], ["search"], ["evaluate"], ["demo"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "top")
+def test_every_help_works(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--help"])
+    assert info.value.code == 0
+    assert "usage: street2shop" in capsys.readouterr().out
+
+
+def test_help_is_fast_and_imports_no_tensorflow():
+    code = "import sys; from street2shop.cli import main\ntry:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass\nprint('tensorflow' in sys.modules, 'keras' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False False")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["data", "check", "/nonexistent/manifest.csv"], "manifest not found: /nonexistent/manifest.csv"),
+        (["export", "/nonexistent/model.keras", "/tmp/x"], "checkpoint not found"),
+        (["embed", "m.csv", "--out", "o"], "manifest not found"),
+        (["train", "--batch-size", "1"], "batch_size must be >= 2. Received: batch_size=1"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_synth_and_check_through_the_cli(tmp_path, capsys):
+    assert main(["data", "synth", str(tmp_path / "d"), "--products", "4", "--street-per-product", "2", "--image-size", "64", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert '"products": 4' in out
+    (tmp_path / "d" / "images" / "street" / "p000_00.jpg").write_bytes(b"broken")
+    assert main(["data", "check", str(tmp_path / "d" / "manifest.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "1 unreadable" in out and "p000_00.jpg" in out
+
+
+def test_console_script_entry_point_is_declared():
+    parser = build_parser()
+    assert parser.prog == "street2shop"
+    import configparser
+    from pathlib import Path
+
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    assert "street2shop = street2shop.cli:main" in cfg["options.entry_points"]["console_scripts"]
