@@ -124,6 +124,7 @@ def embed_catalog(
     in_flight: int = 2,
     crop_to_box: bool = True,
     progress: bool = False,
+    fingerprint: str | None = None,
 ) -> EmbedResult:
     """Embeds ``records`` in chunks; resumes a killed run where it stopped.
 
@@ -136,6 +137,8 @@ def embed_catalog(
         in_flight: int. Embed calls running at once (use 2-8 with a server).
         crop_to_box: bool. Crop images that have a box to it.
         progress: bool. Show a progress bar.
+        fingerprint: str or None. The model's fingerprint (from its card);
+            defaults to ``embedder.fingerprint`` when it has one.
 
     Raises:
         DataError: ``out_dir`` holds chunks of another catalogue or model.
@@ -144,7 +147,8 @@ def embed_catalog(
     out = Path(out_dir)
     chunks_dir = out / "chunks"
     chunks_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = str(getattr(embedder, "fingerprint", "") or "")
+    if fingerprint is None:
+        fingerprint = str(getattr(embedder, "fingerprint", "") or "")
     state = {"format_version": FORMAT_VERSION, "records": _records_digest(records, chunk_size), "fingerprint": fingerprint, "dimension": int(embedder.dimension)}
     state_path = out / "state.json"
     if state_path.is_file():
