@@ -232,12 +232,12 @@ def train(
     from street2shop.data.pipeline import AugmentConfig, pair_dataset
 
     fc = config.fit
+    train_records, val_records = load_training_records(config)  # bad data fails before anything is written
     out = Path(fc.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.toml")
     keras.utils.set_random_seed(fc.seed)
 
-    train_records, val_records = load_training_records(config)
     auxiliary = labels = None
     num_classes = None
     if config.data.auxiliary_dir:
