@@ -80,6 +80,7 @@ class ModelConfig:
     embedding_dim: int = dataclasses.field(default=128, metadata=_help("dimension of the L2-normalised embedding"))
     trainable_layers: int = dataclasses.field(default=-1, metadata=_help("train only the top N backbone layers (-1 = all)"))
     trainable_from: str = dataclasses.field(default="", metadata=_help("train the backbone from this layer up, e.g. mixed8 for inception_v3 ('' = see trainable_layers)"))
+    bn_momentum: float = dataclasses.field(default=0.0, metadata=_help("momentum of the backbone's BatchNorm statistics (0 = the backbone's own, 0.99); ~0.9 for short runs from scratch"))
     dropout: float = dataclasses.field(default=0.0, metadata=_help("dropout before the projection"))
     pooling: str = dataclasses.field(default="avg", metadata=_help("global pooling: avg or max"))
 
@@ -88,6 +89,7 @@ class ModelConfig:
         _check(self.embedding_dim >= 2, "embedding_dim", self.embedding_dim, ">= 2")
         _check(self.trainable_layers >= -1, "trainable_layers", self.trainable_layers, ">= 0, or -1 for all")
         _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "in [0, 1)")
+        _check(0.0 <= self.bn_momentum < 1.0, "bn_momentum", self.bn_momentum, "in [0, 1), 0 for the backbone's own")
         _check(not (self.trainable_from and self.trainable_layers >= 0), "trainable_from", self.trainable_from,
                "empty when trainable_layers is set (give one of them)")
         _check(self.pooling in ("avg", "max"), "pooling", self.pooling, "'avg' or 'max'")

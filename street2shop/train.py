@@ -183,6 +183,7 @@ def build_model(config: TrainConfig, num_classes: int | None):
         weights=mc.weights_arg,
         trainable_layers=None if mc.trainable_layers < 0 else mc.trainable_layers,
         trainable_from=mc.trainable_from or None,
+        bn_momentum=mc.bn_momentum or None,
         dropout=mc.dropout,
         pooling=mc.pooling,
     )

@@ -38,6 +38,7 @@ def build_tower(
     weights: str | os.PathLike[str] | None = None,
     trainable_layers: int | None = None,
     trainable_from: str | None = None,
+    bn_momentum: float | None = None,
     dropout: float = 0.0,
     pooling: str = "avg",
     name: str = "tower",
@@ -59,6 +60,11 @@ def build_tower(
             always trainable.
         trainable_from: str or None. Train the backbone from this layer up
             (e.g. ``"mixed8"`` for InceptionV3). Not with ``trainable_layers``.
+        bn_momentum: float or None. Momentum of the backbone's BatchNormalization
+            moving statistics (None keeps the backbone's, 0.99 for most). A
+            from-scratch run of a few hundred steps wants ~0.9: with 0.99 the
+            moving statistics, which inference and the export use, lag far
+            behind the batch statistics training sees.
         dropout: float in [0, 1). Dropout between pooling and projection.
         pooling: str. ``"avg"`` or ``"max"`` global pooling.
         name: str. The model's name; keep ``"tower"`` so export finds it.
@@ -80,6 +86,12 @@ def build_tower(
 
     base = build_backbone(backbone, size, weights)
     trainable = set_trainable(base, trainable_layers, trainable_from)
+    if bn_momentum is not None:
+        if isinstance(bn_momentum, bool) or not 0.0 < float(bn_momentum) < 1.0:
+            raise ConfigError(f"bn_momentum must be in (0, 1). Received: bn_momentum={bn_momentum!r}")
+        for layer in base.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = float(bn_momentum)
 
     pixels = keras.Input(shape=(size[0], size[1], 3), dtype="float32", name="pixels")
     x = BackbonePreprocess(backbone, name="preprocess")(pixels)

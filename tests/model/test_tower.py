@@ -132,3 +132,19 @@ def test_tower_spec_rejects_other_models():
     inputs = keras.Input((4,))
     with pytest.raises(ModelError, match="not a street2shop tower"):
         tower_spec(keras.Model(inputs, keras.layers.Dense(2)(inputs)))
+
+
+def test_bn_momentum_is_set_and_survives_keras_file(tmp_path):
+    import keras
+
+    from street2shop.model.tower import build_tower
+
+    tower = build_tower("resnet50", image_size=(32, 32), embedding_dim=4, bn_momentum=0.9)
+    bns = [layer for layer in tower.get_layer("backbone").layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert bns and all(layer.momentum == 0.9 for layer in bns)
+    tower.save(tmp_path / "t.keras")
+    again = keras.saving.load_model(tmp_path / "t.keras", safe_mode=True)
+    bns = [layer for layer in again.get_layer("backbone").layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert all(layer.momentum == 0.9 for layer in bns)
+    default = build_tower("resnet50", image_size=(32, 32), embedding_dim=4)
+    assert {layer.momentum for layer in default.get_layer("backbone").layers if isinstance(layer, keras.layers.BatchNormalization)} == {0.99}
