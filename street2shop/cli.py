@@ -274,7 +274,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     items = index.items
     evaluation = evaluate_embeddings(
         vectors, [r.product_id for r in queries], None if not args.exact else index.vectors, [it.product_id for it in items],
-        query_categories=[r.category for r in queries], gallery_categories=[it.category for it in items],
+        query_categories=[r.category for r in queries] if args.by_category else None,
+        gallery_categories=[it.category for it in items] if args.by_category else None,
         query_paths=[r.image_path for r in queries], gallery_paths=[it.image_path for it in items],
         index=None if args.exact else index,
     )
@@ -391,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_embedder_flags(p)
     p.add_argument("--split", default="val", help="split of the street photos used as queries")
     p.add_argument("--exact", action="store_true", help="exact search over the index's vectors instead of Annoy")
+    p.add_argument("--by-category", action=argparse.BooleanOptionalAction, default=True,
+                   help="search only the query's category (the Exact Street2Shop protocol)")
     p.add_argument("--out", default="report", help="report folder")
     p.add_argument("--name", default="model", help="name of this run in the report")
 
@@ -398,7 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
     from street2shop.demo import DemoConfig
 
     for field in dataclasses.fields(DemoConfig):
-        p.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=type(field.default), default=field.default)
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(field.default, bool):
+            p.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=field.default)
+        else:
+            p.add_argument(flag, dest=field.name, type=type(field.default), default=field.default,
+                           help="a manifest to use instead of the generated dataset" if field.name == "data" else None)
     return parser
 
 
