@@ -1,0 +1,245 @@
+"""Does the method work on real photos? Robust vs plain contrastive, multi-task vs pairs only.
+
+Protocol (defaults: ../shared/data/grocery): train on the ``train`` split,
+measure on the ``val`` street photos as queries against every shop image.
+Variants, all with the same backbone, input size, seed and budget (the same
+number of training pairs):
+
+1. ``histogram``: HSV colour histogram, no learning;
+2. ``untrained``: the tower at initialisation;
+3. ``plain``: plain contrastive loss on product pairs;
+4. ``robust``: robust contrastive loss on product pairs;
+5. ``robust_multitask``: robust contrastive + auxiliary pairs and softmax on a
+   class-per-folder set (../shared/data/coil100/images).
+
+Each (variant, seed) result is a JSON file under ``--out``; a run started
+again skips finished ones (and a killed training resumes via
+BackupAndRestore), so it can run in the background and be resumed.
+``--summary`` writes the Markdown table and the top-k plot from what is there.
+
+    nohup .venv/bin/python tools/bench_retrieval.py --seeds 0 1 > bench-output/retrieval.log 2>&1 &
+    .venv/bin/python tools/bench_retrieval.py --summary
+
+Another dataset in the manifest format: ``--manifest M --eval-split S``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared" / "data"
+VARIANTS = ("histogram", "untrained", "plain", "robust", "robust_multitask")
+TRAINED = ("plain", "robust", "robust_multitask")
+
+logger = logging.getLogger("bench_retrieval")
+
+
+def embed_with_tower(tower, paths, image_size, batch_size=64):
+    import numpy as np
+    import tensorflow as tf
+
+    from street2shop.data.pipeline import prepare_image
+
+    ds = tf.data.Dataset.from_tensor_slices(list(paths))
+    ds = ds.map(lambda p: prepare_image(tf.io.read_file(p), image_size=image_size)[0], num_parallel_calls=tf.data.AUTOTUNE)
+    out = [tower(batch, training=False).numpy() for batch in ds.batch(batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, tower.outputs[0].shape[-1]), np.float32)
+
+
+def evaluate(query_vectors, queries, gallery_vectors, gallery):
+    from street2shop.evaluate import evaluate_embeddings
+
+    ev = evaluate_embeddings(query_vectors, [r.product_id for r in queries], gallery_vectors, [r.product_id for r in gallery])
+    overall = ev.metrics["overall"]
+    return {
+        "queries": overall["queries"],
+        "top_k": {str(k): v for k, v in overall["top_k"].items()},
+        "map": overall["map"],
+        "mrr": overall["mrr"],
+        "intervals": {k: list(v) for k, v in ev.intervals.items()},
+        "ranks": ev.ranks,
+    }
+
+
+def run_one(variant, seed, args, queries, gallery):
+    import keras
+
+    from street2shop.config import TrainConfig
+    from street2shop.train import build_model, train
+
+    started = time.perf_counter()
+    size = args.image_size
+    record = {"variant": variant, "seed": seed, "image_size": size, "backbone": args.backbone, "pairs": args.pairs}
+    if variant == "histogram":
+        from street2shop.baselines import colour_histogram_embeddings
+
+        q = colour_histogram_embeddings(queries)
+        g = colour_histogram_embeddings(gallery)
+        record.update(evaluate(q, queries, g, gallery))
+        record["seconds"] = round(time.perf_counter() - started, 1)
+        return record
+    pairs_per_epoch = args.pairs // args.epochs
+    config = TrainConfig().replace(
+        manifest=args.manifest, train_split=args.train_split, val_split="", backbone=args.backbone, weights=args.weights,
+        image_size=size, embedding_dim=args.embedding_dim, bn_momentum=args.bn_momentum, epochs=args.epochs,
+        pairs_per_epoch=pairs_per_epoch, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=seed,
+        output_dir=str(Path(args.out) / "runs" / f"{variant}-seed{seed}"),
+        loss="contrastive" if variant == "plain" else "robust",
+        auxiliary_dir=args.aux_dir if variant == "robust_multitask" else "",
+        street_street_fraction=args.street_street_fraction, hard_negative_fraction=args.hard_negative_fraction,
+    )
+    if variant == "untrained":
+        keras.utils.set_random_seed(seed)
+        tower = build_model(config, None).get_layer("tower")
+        record["train_seconds"] = 0.0
+    else:
+        result = train(config, verbose=2)
+        tower = result.model.get_layer("tower")
+        record["train_seconds"] = round(result.seconds, 1)
+        record["pairs_per_second"] = round(result.pairs_per_second, 2)
+        record["final_train"] = {k: v[-1] for k, v in result.history.items() if v}
+    g = embed_with_tower(tower, [r.image_path for r in gallery], size)
+    q = embed_with_tower(tower, [r.image_path for r in queries], size)
+    record.update(evaluate(q, queries, g, gallery))
+    record["seconds"] = round(time.perf_counter() - started, 1)
+    return record
+
+
+def summary(out: Path) -> str:
+    import numpy as np
+
+    from street2shop.report import plot_top_k
+
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("result-*.json"))]
+    lines = [
+        "| variant | seeds | top-1 | top-5 | top-20 | mAP | MRR | pairs/s | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    runs = {}
+    for variant in VARIANTS:
+        rows = [r for r in results if r["variant"] == variant]
+        if not rows:
+            continue
+
+        def cell(key, k=None):
+            values = [100 * (r["top_k"][k] if k else r[key]) for r in rows]
+            text = f"{np.mean(values):.1f}"
+            if len(values) > 1:
+                text += f" ({', '.join(f'{v:.1f}' for v in values)})"
+            if k and len(rows) == 1:
+                low, high = rows[0]["intervals"][f"top_{k}"]
+                text += f" [{100 * low:.1f}, {100 * high:.1f}]"
+            return text
+
+        pps = [r.get("pairs_per_second") for r in rows if r.get("pairs_per_second")]
+        train_s = [r.get("train_seconds", 0.0) for r in rows]
+        lines.append(
+            f"| {variant} | {', '.join(str(r['seed']) for r in rows)} | {cell('top', '1')} | {cell('top', '5')} | "
+            f"{cell('top', '20')} | {cell('map')} | {cell('mrr')} | {np.mean(pps):.1f} | {np.mean(train_s):.0f} |"
+            if pps else
+            f"| {variant} | {', '.join(str(r['seed']) for r in rows)} | {cell('top', '1')} | {cell('top', '5')} | "
+            f"{cell('top', '20')} | {cell('map')} | {cell('mrr')} | - | - |"
+        )
+        for r in rows:
+            runs[f"{variant} (seed {r['seed']})"] = {"metrics": {"overall": {"top_k": {int(k): v for k, v in r["top_k"].items()}}}}
+    plot_top_k(runs, out / "topk.png", title="grocery val: street photos vs 81 catalogue photos")
+    per_query = ""
+    paired = _paired_difference(results, "robust", "plain") if results else None
+    if paired:
+        per_query = (
+            f"\nPaired per-query difference robust − plain in top-1 over the same queries and seeds: "
+            f"{100 * paired[0]:+.1f} points, 95% bootstrap interval [{100 * paired[1]:+.1f}, {100 * paired[2]:+.1f}].\n"
+        )
+    paired_mt = _paired_difference(results, "robust_multitask", "plain") if results else None
+    if paired_mt:
+        per_query += (
+            f"Paired per-query difference robust_multitask − plain in top-1: {100 * paired_mt[0]:+.1f} points, "
+            f"95% interval [{100 * paired_mt[1]:+.1f}, {100 * paired_mt[2]:+.1f}].\n"
+        )
+    text = "\n".join(lines) + "\n\nMean over seeds, per-seed values in parentheses; with one seed, brackets give the 95% bootstrap interval over queries.\n" + per_query
+    (out / "summary.md").write_text(text)
+    return text
+
+
+def _paired_difference(results, a, b, samples=4000):
+    """Mean per-query top-1 difference a − b over matching (seed, query) and its bootstrap interval."""
+    import numpy as np
+
+    by = {(r["variant"], r["seed"]): r for r in results}
+    diffs = []
+    for (variant, seed), r in by.items():
+        if variant == a and (b, seed) in by:
+            ra, rb = r["ranks"], by[(b, seed)]["ranks"]
+            diffs += [float(x == 1) - float(y == 1) for x, y in zip(ra, rb) if x is not None or y is not None]
+    if not diffs:
+        return None
+    d = np.asarray(diffs)
+    rng = np.random.default_rng(0)
+    means = d[rng.integers(0, len(d), (samples, len(d)))].mean(1)
+    return float(d.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manifest", default=str(SHARED / "grocery" / "manifest.csv"))
+    parser.add_argument("--train-split", default="train")
+    parser.add_argument("--eval-split", default="val")
+    parser.add_argument("--aux-dir", default=str(SHARED / "coil100" / "images"))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--backbone", default="inception_v3")
+    parser.add_argument("--weights", default="none", help="'none' here (no internet); 'imagenet' where it can download")
+    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--embedding-dim", type=int, default=128)
+    parser.add_argument("--bn-momentum", type=float, default=0.9)
+    parser.add_argument("--pairs", type=int, default=8192, help="training pairs per trained run (the equal budget)")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--street-street-fraction", type=float, default=0.0)
+    parser.add_argument("--hard-negative-fraction", type=float, default=0.5)
+    parser.add_argument("--out", default=str(ROOT / "bench-output" / "retrieval"))
+    parser.add_argument("--summary", action="store_true", help="only write summary.md and topk.png from finished results")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.summary:
+        print(summary(out))
+        return 0
+
+    from street2shop.data.records import read_manifest
+
+    records = read_manifest(args.manifest)
+    queries = [r for r in records if r.domain == "street" and r.split == args.eval_split]
+    gallery = [r for r in records if r.domain == "shop"]
+    logger.info("%d queries (%s street photos) against %d shop photos", len(queries), args.eval_split, len(gallery))
+    (out / "command.json").write_text(json.dumps({"argv": sys.argv, "args": vars(args)}, indent=2))
+    order = [(v, s) for s in args.seeds for v in args.variants if not (v == "histogram" and s != args.seeds[0])]
+    for variant, seed in order:
+        path = out / f"result-{variant}-seed{seed}.json"
+        if path.is_file():
+            logger.info("done already: %s", path.name)
+            continue
+        logger.info("running %s, seed %d", variant, seed)
+        record = run_one(variant, seed, args, queries, gallery)
+        record["uptime"] = os.getloadavg()
+        path.write_text(json.dumps(record, indent=2))
+        top = record["top_k"]
+        logger.info("%s seed %d: top-1 %.1f%%, top-5 %.1f%%, top-20 %.1f%% (%.0f s)", variant, seed,
+                    100 * top["1"], 100 * top["5"], 100 * top["20"], record["seconds"])
+    print(summary(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
