@@ -120,16 +120,32 @@ class PairConfig:
                 raise ConfigError(f"{name} must be in [0, 1]. Received: {name}={value}")
 
     def fractions(self, has_auxiliary: bool) -> tuple[float, float, float]:
-        given = (self.positive_fraction, self.negative_fraction, self.auxiliary_fraction)
+        """(positive, negative, auxiliary) shares summing to 1.
+
+        Unset fractions share what the set ones leave; when all are set they
+        are normalised to sum to 1. Without an auxiliary set its share is 0.
+        """
+        given = [self.positive_fraction, self.negative_fraction, self.auxiliary_fraction if has_auxiliary else 0.0]
         if all(v is None for v in given):
             return (1 / 3, 1 / 3, 1 / 3) if has_auxiliary else (0.5, 0.5, 0.0)
-        pos, neg, aux = (0.0 if v is None else float(v) for v in given)
-        if not has_auxiliary:
-            aux = 0.0
-        total = pos + neg + aux
+        free = [i for i, v in enumerate(given) if v is None]
+        rest = 1.0 - sum(float(v) for v in given if v is not None)
+        if free:
+            if rest < 0:
+                raise ConfigError(
+                    f"pair fractions given sum to more than 1 while others are left to fill the rest. "
+                    f"Received: positive={self.positive_fraction}, negative={self.negative_fraction}, auxiliary={self.auxiliary_fraction}"
+                )
+            for i in free:
+                given[i] = rest / len(free)
+        total = sum(float(v) for v in given)
         if total <= 0:
-            raise ConfigError(f"pair fractions must not all be 0. Received: positive={pos}, negative={neg}, auxiliary={aux}")
-        return pos / total, neg / total, aux / total
+            raise ConfigError(
+                f"pair fractions must not all be 0. Received: positive={self.positive_fraction}, "
+                f"negative={self.negative_fraction}, auxiliary={self.auxiliary_fraction}"
+            )
+        pos, neg, aux = (float(v) / total for v in given)
+        return pos, neg, aux
 
 
 def _box(record: Record) -> tuple[float, float, float, float]:
@@ -176,6 +192,7 @@ class PairPlanner:
         self._products_by_category: dict[str | None, list[str]] = defaultdict(list)
         for product in self._shop_products:
             self._products_by_category[self.records[self._shop_by_product[product][0]].category].append(product)
+        self._category_members = {c: set(ps) for c, ps in self._products_by_category.items()}
         # Anchors: street photos whose product has a shop photo.
         self._anchors = np.array([i for i in street if self.records[i].product_id in self._shop_by_product], dtype=np.int64)
         orphans = len(street) - len(self._anchors)
@@ -212,12 +229,10 @@ class PairPlanner:
         """The plan of ``epoch``: a pure function of (config.seed, epoch)."""
         rng = np.random.default_rng([self.config.seed, epoch])
         n = self.config.pairs_per_epoch
-        f_pos, f_neg, _ = self.config.fractions(bool(self.auxiliary))
+        f_pos, _, f_aux = self.config.fractions(bool(self.auxiliary))
         n_pos = int(round(n * f_pos))
-        n_neg = int(round(n * f_neg))
-        n_aux = n - n_pos - n_neg if self.auxiliary else 0
-        if not self.auxiliary:
-            n_neg = n - n_pos
+        n_aux = min(n - n_pos, int(round(n * f_aux)))
+        n_neg = n - n_pos - n_aux  # last, so the three always add up to n
         rows: list[tuple] = []
         rows += self._positives(rng, n_pos)
         rows += self._negatives(rng, n_neg)
@@ -240,6 +255,8 @@ class PairPlanner:
 
     def _anchor_stream(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """``n`` street anchors covering every anchor about equally often."""
+        if n <= 0:
+            return np.zeros(0, dtype=np.int64)
         reps = -(-n // len(self._anchors))
         return np.concatenate([rng.permutation(self._anchors) for _ in range(reps)])[:n]
 
@@ -265,9 +282,12 @@ class PairPlanner:
         products = self._shop_products
         for i in self._anchor_stream(rng, n):
             anchor = self.records[i]
-            same_category = [p for p in self._products_by_category.get(anchor.category, []) if p != anchor.product_id]
-            if same_category and rng.random() < self.config.hard_negative_fraction:
-                other = same_category[rng.integers(len(same_category))]
+            same_category = self._products_by_category.get(anchor.category, [])
+            own = anchor.product_id in self._category_members.get(anchor.category, ())
+            if len(same_category) > own and rng.random() < self.config.hard_negative_fraction:
+                other = anchor.product_id
+                while other == anchor.product_id:
+                    other = same_category[rng.integers(len(same_category))]
             else:
                 other = anchor.product_id
                 while other == anchor.product_id:

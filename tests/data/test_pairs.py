@@ -114,3 +114,18 @@ def test_errors():
     one_product = [r for r in make_records() if r.product_id == "p0"]
     with pytest.raises(DataError, match="at least 2 products"):
         PairPlanner(one_product)
+
+
+def test_unset_fractions_share_the_rest():
+    assert PairConfig(positive_fraction=0.3).fractions(False) == pytest.approx((0.3, 0.7, 0.0))
+    assert PairConfig(auxiliary_fraction=0.2).fractions(True) == pytest.approx((0.4, 0.4, 0.2))
+    assert PairConfig(positive_fraction=0.4, negative_fraction=0.4).fractions(True) == pytest.approx((0.4, 0.4, 0.2))
+    with pytest.raises(ConfigError, match="more than 1"):
+        PairConfig(positive_fraction=0.8, negative_fraction=0.5).fractions(True)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 7])
+def test_plan_has_exactly_pairs_per_epoch(n):
+    aux, labels = aux_records()
+    assert len(PairPlanner(make_records(), PairConfig(pairs_per_epoch=n)).plan(0)) == n
+    assert len(PairPlanner(make_records(), PairConfig(pairs_per_epoch=n), auxiliary=aux, auxiliary_labels=labels).plan(0)) == n
