@@ -108,7 +108,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from street2shop.train import train
 
     config = _resolve_train_config(args)
-    result = train(config, verbose=1 if sys.stdout.isatty() else 2)
+    result = train(config, verbose=0 if args.json else (1 if sys.stdout.isatty() else 2))
     summary = {
         "output_dir": str(result.output_dir), "best_checkpoint": str(result.best_checkpoint),
         "last_checkpoint": str(result.last_checkpoint), "epochs_run": len(next(iter(result.history.values()), [])),
@@ -239,6 +239,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                 box = normalized_box(Record(str(path), "query", "street", "query", box=Box(*boxes[i])))
             except ValueError as e:
                 raise ConfigError(f"bad --box for {photo}: {e}") from None
+            except OSError as e:
+                raise DataError(f"cannot read {photo}: {e}") from None
         vector = embedder.embed([path.read_bytes()], None if box is None else np.array([box], np.float32))[0]
         answers[photo] = index.query(vector, k=args.k)
     if args.json:
@@ -252,14 +254,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import numpy as np
-
     from street2shop.data.records import read_manifest
-    from street2shop.embed import normalized_box
     from street2shop.errors import DataError
-    from street2shop.evaluate import evaluate_embeddings
+    from street2shop.evaluate import evaluate_queries
     from street2shop.index import CatalogIndex
     from street2shop.report import headline, write_report
 
@@ -269,21 +266,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     queries = [r for r in read_manifest(args.manifest) if r.domain == "street" and r.split == args.split]
     if not queries:
         raise DataError(f"no street photo of split {args.split!r} in {args.manifest}")
-    boxes = np.array([normalized_box(r) or [0.0, 0.0, 1.0, 1.0] for r in queries], np.float32) if any(r.box for r in queries) else None
-    vectors = embedder.embed([Path(r.image_path).read_bytes() for r in queries], boxes)
-    items = index.items
-    evaluation = evaluate_embeddings(
-        vectors, [r.product_id for r in queries], None if not args.exact else index.vectors, [it.product_id for it in items],
-        query_categories=[r.category for r in queries] if args.by_category else None,
-        gallery_categories=[it.category for it in items] if args.by_category else None,
-        query_paths=[r.image_path for r in queries], gallery_paths=[it.image_path for it in items],
-        index=None if args.exact else index,
-    )
+    evaluation = evaluate_queries(queries, embedder, index, by_category=args.by_category, exact=args.exact,
+                                  batch_size=args.batch_size, progress=not args.json)
     paths = write_report({args.name: evaluation}, args.out, config={k: v for k, v in vars(args).items() if k != "func"})
     if args.json:
-        _print_json({"report": {k: str(v) for k, v in paths.items()}, **evaluation.metrics})
+        _print_json({"report": {k: str(v) for k, v in paths.items()}, "skipped": evaluation.skipped, **evaluation.metrics})
     else:
         print(f"{args.name}: {headline(evaluation)}")
+        if evaluation.skipped:
+            print(f"skipped {len(evaluation.skipped)} unreadable query images (listed in the log)")
         print(f"report: {paths['html']}")
     return 0
 
@@ -291,8 +282,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from street2shop.demo import DemoConfig, run_demo
 
-    fields = {f.name for f in dataclasses.fields(DemoConfig)}
-    config = DemoConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    fields = {f.name for f in dataclasses.fields(DemoConfig)} - {"verbose"}
+    config = DemoConfig(**{k: v for k, v in vars(args).items() if k in fields}, verbose=0 if args.json else 2)
     summary = run_demo(config)
     if args.json:
         _print_json(summary)
@@ -390,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest", help="manifest CSV with the street photos")
     p.add_argument("--index", required=True, help="index folder of the catalogue")
     _add_embedder_flags(p)
-    p.add_argument("--split", default="val", help="split of the street photos used as queries")
+    p.add_argument("--split", default="val", help="split of the street photos used as queries (Exact Street2Shop: test)")
     p.add_argument("--exact", action="store_true", help="exact search over the index's vectors instead of Annoy")
     p.add_argument("--by-category", action=argparse.BooleanOptionalAction, default=True,
                    help="search only the query's category (the Exact Street2Shop protocol)")
@@ -401,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     from street2shop.demo import DemoConfig
 
     for field in dataclasses.fields(DemoConfig):
+        if field.name == "verbose":
+            continue
         flag = "--" + field.name.replace("_", "-")
         if isinstance(field.default, bool):
             p.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=field.default)
@@ -426,6 +419,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except Street2ShopError as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"street2shop: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a permission problem: one line, not a traceback
         if getattr(args, "debug", False):
             raise
         print(f"street2shop: error: {e}", file=sys.stderr)

@@ -27,6 +27,7 @@ BACKBONES = (
     "inception_v3", "resnet50", "resnet50_v2", "mobilenet_v2", "mobilenet_v3_small",
     "mobilenet_v3_large", "efficientnet_b0", "densenet121", "xception",
 )
+MIN_IMAGE_SIZE = {"inception_v3": 75, "xception": 71}  # the others accept 32
 
 
 def _help(text: str, **kw: Any) -> dict[str, Any]:
@@ -48,9 +49,9 @@ class DataConfig:
     image_size: int = dataclasses.field(default=96, metadata=_help("square input size of the tower (InceptionV3 needs >= 75; 299 is its native size)"))
     pairs_per_epoch: int = dataclasses.field(default=2048, metadata=_help("training pairs drawn per epoch"))
     val_pairs: int = dataclasses.field(default=256, metadata=_help("validation pairs (drawn once, fixed)"))
-    positive_fraction: float = dataclasses.field(default=-1.0, metadata=_help("share of positive pairs (-1: 1/3 each with an auxiliary set, else 1/2)"))
-    negative_fraction: float = dataclasses.field(default=-1.0, metadata=_help("share of negative pairs (-1: see positive_fraction)"))
-    auxiliary_fraction: float = dataclasses.field(default=-1.0, metadata=_help("share of auxiliary pairs (-1: see positive_fraction)"))
+    positive_fraction: float = dataclasses.field(default=-1.0, metadata=_help("share of positive pairs (-1 = unset: unset shares split what the set ones leave; all unset: 1/3 each with an auxiliary set, else 1/2)"))
+    negative_fraction: float = dataclasses.field(default=-1.0, metadata=_help("share of negative pairs (-1 = unset, see positive_fraction)"))
+    auxiliary_fraction: float = dataclasses.field(default=-1.0, metadata=_help("share of auxiliary pairs (-1 = unset, see positive_fraction)"))
     street_street_fraction: float = dataclasses.field(default=0.0, metadata=_help("share of positives pairing two street photos of a product"))
     hard_negative_fraction: float = dataclasses.field(default=0.5, metadata=_help("share of negatives taken from the same category"))
     street_augment: float = dataclasses.field(default=1.0, metadata=_help("augmentation strength for street photos (0 = off)"))
@@ -131,7 +132,7 @@ class FitConfig:
     backbone_lr_multiplier: float = dataclasses.field(default=1.0, metadata=_help("the backbone learns at learning_rate times this (e.g. 0.1 for fine-tuning)"))
     weight_decay: float = dataclasses.field(default=1e-4, metadata=_help("decoupled weight decay (adamw) or L2-like decay (sgd)"))
     momentum: float = dataclasses.field(default=0.9, metadata=_help("momentum for sgd"))
-    early_stopping_patience: int = dataclasses.field(default=0, metadata=_help("stop after this many epochs without better val loss (0 = off)"))
+    early_stopping_patience: int = dataclasses.field(default=0, metadata=_help("stop after this many epochs without a better validation loss, or training loss without validation (0 = off)"))
     distribution: str = dataclasses.field(default="auto", metadata=_help("'auto', 'default' (one device), 'mirrored' (all local GPUs) or 'multi_worker' (from TF_CONFIG)"))
     seed: int = dataclasses.field(default=0, metadata=_help("seed of pair plans, weights and augmentation"))
 
@@ -158,6 +159,10 @@ class TrainConfig:
     fit: FitConfig = FitConfig()
 
     SECTIONS: typing.ClassVar[dict[str, type]] = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "fit": FitConfig}
+
+    def __post_init__(self) -> None:
+        minimum = MIN_IMAGE_SIZE.get(self.model.backbone, 32)
+        _check(self.data.image_size >= minimum, "image_size", self.data.image_size, f">= {minimum} for backbone {self.model.backbone}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> TrainConfig:

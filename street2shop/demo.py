@@ -40,6 +40,7 @@ class DemoConfig:
             categories are silhouettes, and ranking all products is the
             harder, more telling test.
         model_name: str. Name the stand-in server answers to.
+        verbose: int. Keras' fit verbosity (0 silent, 2 a line per epoch).
     """
 
     workdir: str = "demo-output"
@@ -59,6 +60,7 @@ class DemoConfig:
     bn_momentum: float = 0.9
     by_category: bool = False
     model_name: str = "street2shop"
+    verbose: int = 2
 
 
 class _Step:
@@ -72,29 +74,9 @@ class _Step:
         logger.info("[%d/%d %4.0fs] %s", self.n, self.total, time.perf_counter() - self.start, text)
 
 
-def _evaluate_through_server(records, client, index, by_category: bool, ks=(1, 5, 10, 20)):
-    from street2shop.embed import normalized_box
-    from street2shop.evaluate import evaluate_embeddings
-
-    queries = [r for r in records]
-    images = [Path(r.image_path).read_bytes() for r in queries]
-    boxes = None
-    if any(r.box is not None for r in queries):
-        import numpy as np
-
-        boxes = np.array([normalized_box(r) or [0.0, 0.0, 1.0, 1.0] for r in queries], np.float32)
-    vectors = client.embed(images, boxes)
-    return evaluate_embeddings(
-        vectors, [r.product_id for r in queries], None, [it.product_id for it in index.items],
-        query_categories=[r.category for r in queries] if by_category else None,
-        gallery_categories=[it.category for it in index.items] if by_category else None,
-        query_paths=[r.image_path for r in queries], gallery_paths=[it.image_path for it in index.items],
-        index=index, ks=ks,
-    )
-
-
 def _serve_and_evaluate(name: str, version_dir: Path, work: Path, gallery, queries, config: DemoConfig, step) -> Any:
-    from street2shop.embed import embed_catalog
+    from street2shop.embed import embed_catalog, reset
+    from street2shop.evaluate import evaluate_queries
     from street2shop.export import read_card
     from street2shop.index import CatalogIndex, Item
     from street2shop.serving.client import EmbeddingClient
@@ -105,6 +87,7 @@ def _serve_and_evaluate(name: str, version_dir: Path, work: Path, gallery, queri
         port = server.port
         step(f"{name}: stand-in TF Serving on 127.0.0.1:{port} serving {version_dir}")
         with EmbeddingClient(f"127.0.0.1:{port}", config.model_name, expected_dimension=card["dimension"]) as client:
+            reset(work / f"embeddings-{name}")  # the demo owns its workdir: a re-run starts clean
             embedded = embed_catalog(gallery, client, work / f"embeddings-{name}", fingerprint=card["fingerprint"])
             index = CatalogIndex(card["dimension"], model_fingerprint=card["fingerprint"])
             index.add(embedded.embeddings, [Item(it["product_id"], it["image_path"], it["category"]) for it in embedded.items])
@@ -112,7 +95,7 @@ def _serve_and_evaluate(name: str, version_dir: Path, work: Path, gallery, queri
             index_dir = index.save(work / f"index-{name}")
             index = CatalogIndex.load(index_dir, expected_fingerprint=card["fingerprint"], expected_dimension=card["dimension"])
             step(f"{name}: embedded {len(embedded.items)} catalogue images over gRPC, Annoy index at {index_dir}")
-            evaluation = _evaluate_through_server(queries, client, index, config.by_category)
+            evaluation = evaluate_queries(queries, client, index, by_category=config.by_category)
     return evaluation
 
 
@@ -156,7 +139,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
     untrained = build_model(train_config, None)
     untrained_dir = export_tower(untrained, work / "exports-untrained", model_name=config.model_name)
     step(f"training {config.backbone} at {config.image_size}px for {config.epochs} epochs of {config.pairs_per_epoch} pairs")
-    result = train(train_config, verbose=2)
+    result = train(train_config, verbose=config.verbose)
     version_dir = export_tower(result.model, exports, model_name=config.model_name)
     step(f"exported the trained tower to {version_dir}")
 

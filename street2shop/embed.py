@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from PIL import Image
 
 from street2shop.data.records import Record
 from street2shop.errors import BadRequestError, DataError
@@ -66,12 +67,41 @@ def normalized_box(record: Record) -> list[float] | None:
     """A record's pixel box as normalised ``[ymin, xmin, ymax, xmax]`` (reads the image size)."""
     if record.box is None:
         return None
-    from PIL import Image
-
     with Image.open(record.image_path) as im:
         w, h = im.size
     left, top, width, height = record.box.as_ltwh()
     return [top / h, left / w, (top + height) / h, (left + width) / w]
+
+
+def embed_records(
+    records: Sequence[Record], embedder: Embedder, *, batch_size: int = 32, crop_to_box: bool = True, progress: bool = False
+) -> tuple[list[int], np.ndarray, dict[str, str]]:
+    """Embeds records in batches, skipping bad images (not persisted; see embed_catalog for that).
+
+    Returns:
+        ``(rows, vectors, skipped)``: indices of the embedded records, their
+        float32 ``[len(rows), D]`` embeddings, and image path → reason for
+        each skipped one.
+    """
+    bar = None
+    if progress:
+        import keras
+
+        bar = keras.utils.Progbar(len(records), unit_name="image")
+    rows: list[int] = []
+    vectors = [np.zeros((0, embedder.dimension), np.float32)]
+    skipped: dict[str, str] = {}
+    for start in range(0, len(records), batch_size):
+        batch = records[start : start + batch_size]
+        batch_rows, batch_vectors, batch_skipped = _embed_batch(embedder, batch, crop_to_box)
+        rows += [start + r for r in batch_rows]
+        vectors.append(batch_vectors)
+        skipped.update(batch_skipped)
+        if bar is not None:
+            bar.add(len(batch))
+    if skipped:
+        logger.warning("skipped %d unreadable images (%s%s)", len(skipped), "; ".join(list(skipped)[:3]), " ..." if len(skipped) > 3 else "")
+    return rows, np.concatenate(vectors), skipped
 
 
 def _load(record: Record, use_box: bool) -> tuple[bytes, list[float] | None]:
@@ -86,8 +116,8 @@ def _embed_batch(embedder: Embedder, records: Sequence[Record], crop_to_box: boo
     for i, r in enumerate(records):
         try:
             data, box = _load(r, crop_to_box)
-        except OSError as e:
-            skipped[r.image_path] = f"cannot read: {e.strerror or e}"
+        except (OSError, Image.DecompressionBombError) as e:
+            skipped[r.image_path] = f"cannot read: {getattr(e, 'strerror', None) or e}"
             continue
         loaded.append((i, data, box))
 
@@ -152,14 +182,17 @@ def embed_catalog(
     state = {"format_version": FORMAT_VERSION, "records": _records_digest(records, chunk_size), "fingerprint": fingerprint, "dimension": int(embedder.dimension)}
     state_path = out / "state.json"
     if state_path.is_file():
-        previous = json.loads(state_path.read_text())
+        try:
+            previous = json.loads(state_path.read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read {state_path} ({e}); delete {out} to start over") from None
         if previous != state:
             raise DataError(
                 f"{out} holds an embedding run of another catalogue or model (state {previous}); "
                 f"use another --out or delete it. Received: {state}"
             )
     else:
-        state_path.write_text(json.dumps(state))
+        _write_atomic(state_path, json.dumps(state))
 
     n_chunks = -(-len(records) // chunk_size)
     done = {int(p.stem.split("-")[1]) for p in chunks_dir.glob("chunk-*.npz")}
@@ -204,15 +237,21 @@ def _assemble(records: Sequence[Record], out: Path, n_chunks: int, dimension: in
     tmp = out / ".embeddings.tmp.npy"
     np.save(tmp, embeddings)
     os.replace(tmp, out / "embeddings.npy")
-    (out / "items.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    _write_atomic(out / "items.jsonl", "".join(json.dumps(item) + "\n" for item in items))
     summary = {"fingerprint": fingerprint, "dimension": dimension, "embedded": len(items), "skipped": skipped}
-    (out / "embed.json").write_text(json.dumps(summary, indent=2))
+    _write_atomic(out / "embed.json", json.dumps(summary, indent=2))
     if skipped:
         shown = "; ".join(f"{p}: {why}" for p, why in list(skipped.items())[:3])
         logger.warning("embedded %d images, skipped %d (%s%s)", len(items), len(skipped), shown, " ..." if len(skipped) > 3 else "")
     else:
         logger.info("embedded %d images into %s", len(items), out)
     return EmbedResult(embeddings, items, skipped, out, resumed)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def load_embeddings(out_dir: str | os.PathLike[str]) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, Any]]:

@@ -164,8 +164,9 @@ def retrieval_metrics(
 def per_query_ranks(results: Sequence[QueryResult], gallery_products: Sequence[str]) -> list[int | None]:
     """Rank (1-based) of each query's product in its de-duplicated ranking, None if absent."""
     ranks = []
+    gallery_products = list(gallery_products)
     for result in results:
-        products = _dedup_products(np.asarray(result.ranking, np.int64), list(gallery_products))
+        products = _dedup_products(np.asarray(result.ranking, np.int64), gallery_products)
         ranks.append(products.index(result.product_id) + 1 if result.product_id in products else None)
     return ranks
 
@@ -214,6 +215,7 @@ class Evaluation:
     query_paths: list[str]
     gallery_products: list[str]
     gallery_paths: list[str]
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def evaluate_embeddings(
@@ -234,8 +236,8 @@ def evaluate_embeddings(
 
     Categories restrict each query's gallery to its category (the Exact
     Street2Shop protocol); pass None for both to search the whole gallery.
-    Returns metrics with 95% bootstrap intervals (over queries) of top-k,
-    mAP and MRR.
+    Returns metrics with 95% bootstrap intervals (over queries) of top-k
+    and MRR.
     """
     use_categories = query_categories is not None and gallery_categories is not None and any(c is not None for c in gallery_categories)
     qc = list(query_categories) if use_categories else None
@@ -247,7 +249,15 @@ def evaluate_embeddings(
     results = [QueryResult(p, qc[i] if qc else None, r) for i, (p, r) in enumerate(zip(query_products, rankings))]
     metrics = retrieval_metrics(results, gallery_products, gallery_categories=gc, ks=ks)
     ranks = per_query_ranks(results, gallery_products)
-    answerable = [r for r, res in zip(ranks, results) if _answerable(res, gallery_products, gc)]
+    in_gallery = set(gallery_products)
+    in_category = set(zip(gc, gallery_products)) if gc is not None else set()
+
+    def answerable_(res: QueryResult) -> bool:
+        if gc is None or res.category is None:
+            return res.product_id in in_gallery
+        return (res.category, res.product_id) in in_category
+
+    answerable = [r for r, res in zip(ranks, results) if answerable_(res)]
     intervals: dict[str, tuple[float, float]] = {}
     for k in sorted(set(ks)):
         intervals[f"top_{k}"] = bootstrap_interval([1.0 if r is not None and r <= k else 0.0 for r in answerable], samples=bootstrap_samples)
@@ -255,7 +265,35 @@ def evaluate_embeddings(
     return Evaluation(metrics, intervals, ranks, results, list(query_paths), list(gallery_products), list(gallery_paths))
 
 
-def _answerable(result: QueryResult, gallery_products: Sequence[str], gallery_categories: Sequence[str | None] | None) -> bool:
-    if gallery_categories is None or result.category is None:
-        return result.product_id in set(gallery_products)
-    return any(p == result.product_id and c == result.category for p, c in zip(gallery_products, gallery_categories))
+def evaluate_queries(
+    queries: Sequence[Any],
+    embedder: Any,
+    index: Any,
+    *,
+    by_category: bool = True,
+    exact: bool = False,
+    ks: Sequence[int] = DEFAULT_KS,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> Evaluation:
+    """Street photo records against an indexed catalogue, embedded with ``embedder``.
+
+    Queries are cropped to their box; a query whose image cannot be read or
+    decoded is skipped, counted and logged (``Evaluation.skipped``), the rest
+    go on. ``exact`` ranks by exact cosine over the index's stored vectors
+    instead of Annoy.
+    """
+    from street2shop.embed import embed_records
+
+    rows, vectors, skipped = embed_records(list(queries), embedder, batch_size=batch_size, progress=progress)
+    kept = [queries[r] for r in rows]
+    items = index.items
+    evaluation = evaluate_embeddings(
+        vectors, [r.product_id for r in kept], index.vectors if exact else None, [it.product_id for it in items],
+        query_categories=[r.category for r in kept] if by_category else None,
+        gallery_categories=[it.category for it in items] if by_category else None,
+        query_paths=[r.image_path for r in kept], gallery_paths=[it.image_path for it in items],
+        index=None if exact else index, ks=ks,
+    )
+    evaluation.skipped = skipped
+    return evaluation

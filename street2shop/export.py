@@ -68,20 +68,6 @@ def weights_fingerprint(model: Any) -> str:
     return digest.hexdigest()[:16]
 
 
-def find_tower(model: Any) -> Any:
-    """The embedding tower: the model itself, or its layer named ``tower``."""
-    try:
-        return model.get_layer("tower")
-    except ValueError:
-        pass
-    if len(model.inputs) == 1 and len(model.outputs) == 1:
-        return model
-    raise ModelError(
-        f"cannot find the embedding tower in model {model.name!r}: expected a layer named 'tower' "
-        f"or a single-input model. Received layers: {[layer.name for layer in model.layers][:10]}"
-    )
-
-
 def load_checkpoint(path: str | os.PathLike[str]) -> Any:
     """Loads a ``.keras`` checkpoint (siamese or tower) with ``safe_mode=True``."""
     import keras
@@ -184,7 +170,9 @@ def export_tower(
 
     from street2shop.data.pipeline import prepare_image
 
-    tower = find_tower(model)
+    from street2shop.model.siamese import tower_of
+
+    tower = tower_of(model)
     size = tower_image_size(tower)
     base = Path(export_base)
     base.mkdir(parents=True, exist_ok=True)
@@ -308,6 +296,9 @@ class LocalEmbedder:
             self._model = tf.saved_model.load(str(self.path))
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot load SavedModel {self.path}: {e}") from None
+        missing = {"serving_default", "embed_boxes"} - set(self._model.signatures)
+        if missing:
+            raise ModelError(f"{self.path} is not a street2shop export: it lacks the signature(s) {sorted(missing)}")
         self._default = self._model.signatures["serving_default"]
         self._boxes = self._model.signatures["embed_boxes"]
 

@@ -195,6 +195,18 @@ def build_model(config: TrainConfig, num_classes: int | None):
     return model
 
 
+def _best_logged(log_csv: Path, monitor: str) -> float | None:
+    """The lowest ``monitor`` value in a run's CSV log (None if absent)."""
+    import csv
+
+    try:
+        with open(log_csv, newline="") as f:
+            values = [float(row[monitor]) for row in csv.DictReader(f) if row.get(monitor) not in (None, "")]
+    except (OSError, ValueError):
+        return None
+    return min(values) if values else None
+
+
 def _resume_epoch(backup_dir: Path) -> int:
     """The epoch a ``BackupAndRestore`` backup will resume at (0 without one)."""
     for name in ("training_metadata.json", "training_metadata.json.bkp"):
@@ -233,6 +245,17 @@ def train(
     from street2shop.data.pipeline import AugmentConfig, pair_dataset
 
     fc = config.fit
+    # The strategy first: MultiWorkerMirroredStrategy must exist before any TF op runs.
+    strategy = strategy or get_strategy(fc.distribution)
+    replicas = strategy.num_replicas_in_sync
+    if fc.batch_size % replicas:
+        raise ConfigError(f"batch_size must be a multiple of the {replicas} replicas. Received: batch_size={fc.batch_size}")
+    steps = config.data.pairs_per_epoch // fc.batch_size
+    if steps < 1:
+        raise ConfigError(f"pairs_per_epoch must be at least batch_size. Received: pairs_per_epoch={config.data.pairs_per_epoch}, batch_size={fc.batch_size}")
+    if steps * fc.batch_size != config.data.pairs_per_epoch:
+        logger.warning("pairs_per_epoch %d is not a multiple of batch_size %d: using %d pairs per epoch",
+                       config.data.pairs_per_epoch, fc.batch_size, steps * fc.batch_size)
     train_records, val_records = load_training_records(config)  # bad data fails before anything is written
     out = Path(fc.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -245,15 +268,8 @@ def train(
         labelled = read_class_folders(config.data.auxiliary_dir, max_per_class=config.data.auxiliary_max_per_class or None, seed=fc.seed)
         auxiliary, labels = labelled.records, labelled.labels()
         num_classes = len(labelled.classes)
-    planner = PairPlanner(train_records, _pair_config(config, config.data.pairs_per_epoch, fc.seed), auxiliary=auxiliary, auxiliary_labels=labels)
-
-    strategy = strategy or get_strategy(fc.distribution)
-    replicas = strategy.num_replicas_in_sync
-    if fc.batch_size % replicas:
-        raise ConfigError(f"batch_size must be a multiple of the {replicas} replicas. Received: batch_size={fc.batch_size}")
-    steps = config.data.pairs_per_epoch // fc.batch_size
-    if steps < 1:
-        raise ConfigError(f"pairs_per_epoch must be at least batch_size. Received: pairs_per_epoch={config.data.pairs_per_epoch}, batch_size={fc.batch_size}")
+    # Whole batches per epoch, so a Keras epoch is exactly one plan (resuming relies on it).
+    planner = PairPlanner(train_records, _pair_config(config, steps * fc.batch_size, fc.seed), auxiliary=auxiliary, auxiliary_labels=labels)
 
     backup_dir = out / "backup"
     initial_epoch = _resume_epoch(backup_dir)
@@ -270,6 +286,8 @@ def train(
         pair_weights=weights,
     )
     val_ds = None
+    if val_records and 0 < config.data.val_pairs < fc.batch_size:
+        logger.warning("val_pairs %d < batch_size %d: training without validation", config.data.val_pairs, fc.batch_size)
     if val_records and config.data.val_pairs >= fc.batch_size:
         try:
             val_planner = PairPlanner(val_records, _pair_config(config, config.data.val_pairs, fc.seed + 10_000), auxiliary=auxiliary, auxiliary_labels=labels)
@@ -285,11 +303,14 @@ def train(
 
     monitor = "val_loss" if val_ds is not None else "loss"
     best, last = out / "best.keras", out / "last.keras"
+    # A resumed run appends to its log and only replaces best.keras with a better epoch;
+    # a fresh run in an old folder starts both anew.
+    best_so_far = _best_logged(out / "log.csv", monitor) if initial_epoch else None
     callbacks: list[Any] = [
         keras.callbacks.BackupAndRestore(str(backup_dir)),
-        keras.callbacks.ModelCheckpoint(str(best), monitor=monitor, save_best_only=True),
+        keras.callbacks.ModelCheckpoint(str(best), monitor=monitor, save_best_only=True, initial_value_threshold=best_so_far),
         keras.callbacks.ModelCheckpoint(str(last)),
-        keras.callbacks.CSVLogger(str(out / "log.csv"), append=True),
+        keras.callbacks.CSVLogger(str(out / "log.csv"), append=bool(initial_epoch)),
         keras.callbacks.TensorBoard(str(out / "tensorboard"), write_graph=False, profile_batch=0),
         keras.callbacks.TerminateOnNaN(),
     ]

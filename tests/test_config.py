@@ -60,3 +60,9 @@ def test_backbone_names_agree_with_the_model_registry():
     from street2shop.model.backbones import BACKBONES as REGISTRY
 
     assert set(BACKBONES) == set(REGISTRY)
+
+
+def test_image_size_must_suit_the_backbone():
+    with pytest.raises(ConfigError, match="image_size must be >= 75 for backbone inception_v3. Received: image_size=64"):
+        TrainConfig().replace(image_size=64)
+    assert TrainConfig().replace(image_size=64, backbone="resnet50").data.image_size == 64

@@ -74,22 +74,21 @@ def build_siamese(tower: Any, *, num_classes: int | None = None, name: str = "si
     return model
 
 
-def tower_of(siamese: Any) -> Any:
-    """The shared tower inside a siamese model (by the layer name ``"tower"``,
-    else the one nested model).
+def tower_of(model: Any) -> Any:
+    """The embedding tower: the layer named ``"tower"`` of a siamese model, or
+    ``model`` itself when it is a tower (one input, one output).
 
     Raises:
-        ModelError: no tower, or several nested models and none named ``"tower"``.
+        ModelError: neither.
     """
     import keras
 
-    for layer in siamese.layers:
+    for layer in model.layers:
         if layer.name == "tower" and isinstance(layer, keras.Model):
             return layer
-    nested = [layer for layer in siamese.layers if isinstance(layer, keras.Model)]
-    if len(nested) == 1:
-        return nested[0]
+    if len(model.inputs) == 1 and len(model.outputs) == 1:
+        return model
     raise ModelError(
-        "cannot find the tower: expected one nested model or a layer named 'tower'. "
-        f"Received: layers={[layer.name for layer in siamese.layers]}"
+        f"cannot find the embedding tower in model {model.name!r}: expected a layer named 'tower' "
+        f"or a single-input, single-output model. Received: layers={[layer.name for layer in model.layers][:10]}"
     )

@@ -144,6 +144,11 @@ def test_argument_errors(tower):
 
 
 def test_tower_of_without_a_tower():
-    inputs = keras.Input((4,))
-    with pytest.raises(ModelError, match="cannot find the tower"):
-        tower_of(keras.Model(inputs, keras.layers.Dense(2)(inputs)))
+    a, b = keras.Input((4,)), keras.Input((4,))
+    with pytest.raises(ModelError, match="cannot find the embedding tower"):
+        tower_of(keras.Model([a, b], keras.layers.Add()([a, b])))
+
+
+def test_tower_of_a_tower_is_itself():
+    tower = build_tower("mobilenet_v3_small", image_size=SIZE, embedding_dim=4)
+    assert tower_of(tower) is tower

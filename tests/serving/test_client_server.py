@@ -521,13 +521,16 @@ def test_serve_stops_cleanly_on_signal(export_base, model_name, signum, caplog):
     seen = {}
 
     def poke():
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            grpc.channel_ready_future(channel).result(timeout=60)
-        seen["handler_installed"] = signal.getsignal(signum) is not original
-        with EmbeddingClient(f"127.0.0.1:{port}", model_name) as client:
-            seen["status"] = client.model_status()[0]["state"]
-        # SIGINT falls back to KeyboardInterrupt if serve() installed no handler, so the test cannot hang
-        os.kill(os.getpid(), signum if seen["handler_installed"] else signal.SIGINT)
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                grpc.channel_ready_future(channel).result(timeout=120)
+            seen["handler_installed"] = signal.getsignal(signum) is not original
+            with EmbeddingClient(f"127.0.0.1:{port}", model_name) as client:
+                seen["status"] = client.model_status()[0]["state"]
+        finally:
+            # Always stop serve(), even when a step above failed, so the test cannot hang.
+            # SIGINT falls back to KeyboardInterrupt if serve() installed no handler.
+            os.kill(os.getpid(), signum if seen.get("handler_installed") else signal.SIGINT)
 
     helper = threading.Thread(target=poke, daemon=True)
     caplog.set_level("INFO", logger="street2shop.serving.server")
