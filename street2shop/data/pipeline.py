@@ -334,15 +334,18 @@ def make_augmenter(strength: float, seed: int | None = None) -> Callable[[Any], 
     import keras
 
     s = float(strength)
+    # One seed per layer: layers sharing a seed draw the same random numbers,
+    # so flip, rotation, brightness... would all move together.
+    seeds = [None] * 7 if seed is None else [int(v) for v in np.random.SeedSequence(seed).generate_state(7)]
     return keras.Sequential(
         [
-            keras.layers.RandomFlip("horizontal", seed=seed),
-            keras.layers.RandomRotation(min(0.5, 0.04 * s), fill_mode="reflect", seed=seed),
-            keras.layers.RandomZoom((-0.25 * s, 0.1 * s), fill_mode="reflect", seed=seed),
-            keras.layers.RandomTranslation(0.08 * s, 0.08 * s, fill_mode="reflect", seed=seed),
-            keras.layers.RandomContrast(min(0.9, 0.25 * s), value_range=(0, 255), seed=seed),
-            keras.layers.RandomBrightness(min(0.9, 0.2 * s), value_range=(0, 255), seed=seed),
-            keras.layers.RandomSaturation((max(0.0, 0.5 - 0.15 * s), min(1.0, 0.5 + 0.15 * s)), value_range=(0, 255), seed=seed),
+            keras.layers.RandomFlip("horizontal", seed=seeds[0]),
+            keras.layers.RandomRotation(min(0.5, 0.04 * s), fill_mode="reflect", seed=seeds[1]),
+            keras.layers.RandomZoom((-0.25 * s, 0.1 * s), fill_mode="reflect", seed=seeds[2]),
+            keras.layers.RandomTranslation(0.08 * s, 0.08 * s, fill_mode="reflect", seed=seeds[3]),
+            keras.layers.RandomContrast(min(0.9, 0.25 * s), value_range=(0, 255), seed=seeds[4]),
+            keras.layers.RandomBrightness(min(0.9, 0.2 * s), value_range=(0, 255), seed=seeds[5]),
+            keras.layers.RandomSaturation((max(0.0, 0.5 - 0.15 * s), min(1.0, 0.5 + 0.15 * s)), value_range=(0, 255), seed=seeds[6]),
         ],
         name=f"augment_{str(s).replace('.', '_')}",
     )
@@ -443,14 +446,22 @@ def pair_dataset(
     augment_street = augment_shop = None
     if augment is not None:
         augment_street = make_augmenter(augment.street, augment.seed)
-        augment_shop = make_augmenter(augment.shop, None if augment.seed is None else augment.seed + 1)
+        augment_shop = make_augmenter(augment.shop, None if augment.seed is None else augment.seed + 1_000_003)
 
     def augment_slot(images, street):
         if augment_street is None and augment_shop is None:
             return images
-        strong = augment_street(images, training=True) if augment_street is not None else images
-        weak = augment_shop(images, training=True) if augment_shop is not None else images
-        return tf.where(street[:, None, None, None], strong, weak)
+        # Each augmenter runs on its own images only: partition, augment, stitch back.
+        which = tf.cast(street, tf.int32)
+        positions = tf.dynamic_partition(tf.range(tf.shape(images)[0]), which, 2)
+        shop, strong = tf.dynamic_partition(images, which, 2)
+        if augment_shop is not None:
+            shop = augment_shop(shop, training=True)
+        if augment_street is not None:
+            strong = augment_street(strong, training=True)
+        out = tf.clip_by_value(tf.dynamic_stitch(positions, [shop, strong]), 0.0, 255.0)
+        out.set_shape(images.shape)
+        return out
 
     def finish(e):
         x = {
