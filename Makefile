@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-fast bench bench-retrieval clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,9 +26,15 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m 'not slow'
 
+# Benchmarks (see BENCHMARKS.md for the figures); the retrieval one runs about an hour.
 bench: $(STAMP)
-	$(BIN)/python tools/bench_pipeline.py
-	$(BIN)/python tools/bench_train.py
+	$(BIN)/python tools/bench_pipeline.py --image-size 128
+	$(BIN)/python tools/bench_train.py --image-size 96 --rounds 5 --steps 4
+	$(BIN)/python tools/bench_serving.py --image-size 96 128 --rounds 9
+	$(BIN)/python tools/bench_index.py --sizes 100000 1000000
+
+bench-retrieval: $(STAMP)
+	$(BIN)/python tools/bench_retrieval.py --seeds 0 1
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-output .pytest_cache

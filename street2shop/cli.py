@@ -297,6 +297,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+DEMO_HELP = {
+    "workdir": "folder for everything the demo writes (data, run, exports, indexes, report)",
+    "data": "a manifest to use instead of the generated dataset",
+    "eval_split": "split of the street photos used as queries",
+    "products": "products in the generated dataset",
+    "street_per_product": "street photos per generated product",
+    "seed": "seed of the dataset, the weights and the pairs",
+    "backbone": "tower backbone",
+    "image_size": "tower input size (InceptionV3 needs >= 75)",
+    "embedding_dim": "embedding dimension",
+    "weights": "'none' (from scratch) or 'imagenet' (needs the internet once) or a weights file",
+    "epochs": "training epochs",
+    "pairs_per_epoch": "training pairs per epoch",
+    "batch_size": "training batch size",
+    "learning_rate": "AdamW learning rate",
+    "bn_momentum": "BatchNorm momentum of the backbone (0.9 suits short runs from scratch)",
+    "by_category": "search only the query's category",
+    "model_name": "model name the stand-in server answers to",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="street2shop",
@@ -396,10 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         flag = "--" + field.name.replace("_", "-")
         if isinstance(field.default, bool):
-            p.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=field.default)
+            p.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=field.default,
+                           help=DEMO_HELP.get(field.name))
         else:
             p.add_argument(flag, dest=field.name, type=type(field.default), default=field.default,
-                           help="a manifest to use instead of the generated dataset" if field.name == "data" else None)
+                           help=DEMO_HELP.get(field.name))
     return parser
 
 

@@ -60,14 +60,17 @@ def rank_exact(
         raise ConfigError(f"embeddings must be [N, D] with the same D. Received: queries {q.shape}, gallery {g.shape}")
     qn = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
     gn = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
-    similarity = qn @ gn.T
     rankings = []
     g_cats = np.asarray(gallery_categories, dtype=object) if gallery_categories is not None else None
-    for i in range(len(q)):
-        order = np.argsort(-similarity[i], kind="stable")
-        if g_cats is not None and query_categories is not None and query_categories[i] is not None:
-            order = order[g_cats[order] == query_categories[i]]
-        rankings.append(order)
+    block = 256  # queries per matrix product: memory stays O(block x gallery)
+    for start in range(0, len(q), block):
+        similarity = qn[start : start + block] @ gn.T
+        for j in range(len(similarity)):
+            i = start + j
+            order = np.argsort(-similarity[j], kind="stable")
+            if g_cats is not None and query_categories is not None and query_categories[i] is not None:
+                order = order[g_cats[order] == query_categories[i]]
+            rankings.append(order)
     return rankings
 
 
@@ -113,6 +116,8 @@ def retrieval_metrics(
     if not ks or ks[0] < 1:
         raise ConfigError(f"ks must be positive integers. Received: ks={ks}")
     gallery_products = list(gallery_products)
+    code_of = {p: i for i, p in enumerate(dict.fromkeys(gallery_products))}
+    codes = np.array([code_of[p] for p in gallery_products], dtype=np.int64)
     count_by: dict[tuple[str | None, str], int] = defaultdict(int)
     count_all: dict[str, int] = defaultdict(int)
     for row, product in enumerate(gallery_products):
@@ -131,7 +136,7 @@ def retrieval_metrics(
             unanswerable[result.category] += 1
             continue
         ranking = np.asarray(result.ranking, dtype=np.int64)
-        relevant = np.array([gallery_products[r] == result.product_id for r in ranking], dtype=bool)
+        relevant = codes[ranking] == code_of.get(result.product_id, -1)
         products = _dedup_products(ranking, gallery_products)
         rank = products.index(result.product_id) + 1 if result.product_id in products else None
         per_query[result.category].append({
@@ -177,7 +182,10 @@ def bootstrap_interval(values: Sequence[float], *, samples: int = 2000, confiden
     if len(v) == 0:
         return (0.0, 0.0)
     rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), size=(samples, len(v)))].mean(axis=1)
+    block = max(1, 2_000_000 // len(v))  # resamples per draw: bounded memory
+    means = np.concatenate([
+        v[rng.integers(0, len(v), size=(min(block, samples - k), len(v)))].mean(axis=1) for k in range(0, samples, block)
+    ])
     alpha = (1 - confidence) / 2
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
 
