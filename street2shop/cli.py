@@ -165,9 +165,22 @@ def _add_embedder_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per request")
 
 
-def _shop_records(manifest: str, split: str):
-    from street2shop.data.records import read_manifest
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 
+
+def _shop_records(manifest: str, split: str):
+    """Shop records of a manifest, or every image of a folder (product id = file name without suffix)."""
+    from pathlib import Path
+
+    from street2shop.data.records import Record, read_manifest
+    from street2shop.errors import DataError
+
+    folder = Path(manifest)
+    if folder.is_dir():
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        if not files:
+            raise DataError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+        return [Record(str(p.resolve()), p.stem, "shop", "catalog") for p in files]
     records = read_manifest(manifest)
     splits = {s for s in split.split(",") if s}
     return [r for r in records if r.domain == "shop" and (not splits or r.split in splits)]
@@ -374,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=256, help="largest batch accepted")
 
     p = command(sub, "embed", cmd_embed, "embed the shop images of a manifest (resumable), locally or over gRPC")
-    p.add_argument("manifest", help="manifest CSV")
+    p.add_argument("manifest", help="manifest CSV, or a folder of catalogue images (product id = file name)")
     p.add_argument("--out", required=True, help="output folder (embeddings.npy, items.jsonl; chunks for resuming)")
     p.add_argument("--split", default="", help="only shop images of these comma-separated splits (default: all shop images)")
     _add_embedder_flags(p)

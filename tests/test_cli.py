@@ -59,3 +59,23 @@ def test_console_script_entry_point_is_declared():
     cfg = configparser.ConfigParser()
     cfg.read(Path(__file__).resolve().parents[1] / "setup.cfg")
     assert "street2shop = street2shop.cli:main" in cfg["options.entry_points"]["console_scripts"]
+
+
+def test_embed_and_index_a_folder_of_images(tmp_path, capsys, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    import street2shop.cli as cli
+    from tests.test_embed import FakeEmbedder
+
+    folder = tmp_path / "catalogue"
+    (folder / "sub").mkdir(parents=True)
+    for i, name in enumerate(["b.png", "a.jpg", "sub/c.png"]):
+        Image.fromarray(np.full((8, 8, 3), (40 * i, 100, 200), np.uint8)).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    monkeypatch.setattr(cli, "_open_embedder", lambda args, expected_dimension=None: (FakeEmbedder(), "fake-1"))
+    assert main(["embed", str(folder), "--out", str(tmp_path / "emb"), "--model", "unused", "--json"]) == 0
+    assert '"embedded": 3' in capsys.readouterr().out
+    assert main(["index", "build", str(tmp_path / "emb"), "--out", str(tmp_path / "index"), "--json"]) == 0
+    items = [line for line in (tmp_path / "index" / "items.jsonl").read_text().splitlines() if line]
+    assert [__import__("json").loads(line)["product_id"] for line in items] == ["a", "b", "c"]
