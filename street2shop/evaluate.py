@@ -224,6 +224,7 @@ class Evaluation:
     gallery_products: list[str]
     gallery_paths: list[str]
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    query_boxes: list[tuple[float, float, float, float] | None] = dataclasses.field(default_factory=list)
 
 
 def evaluate_embeddings(
@@ -304,4 +305,5 @@ def evaluate_queries(
         index=None if exact else index, ks=ks,
     )
     evaluation.skipped = skipped
+    evaluation.query_boxes = [r.box.as_ltwh() if r.box is not None else None for r in kept]
     return evaluation

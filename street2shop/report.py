@@ -84,17 +84,22 @@ def plot_top_k(runs: Mapping[str, Mapping[str, Any]], path: str | os.PathLike[st
     return path
 
 
-def _thumbnail(path: str, size: int = 112) -> str:
-    from PIL import Image
+def _thumbnail(path: str, size: int = 112, box: tuple[float, float, float, float] | None = None) -> str:
+    """A small JPEG as a data URI; ``box`` (pixels, left/top/width/height) is drawn in red."""
+    from PIL import Image, ImageDraw
 
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
+            if box is not None:
+                left, top, width, height = box
+                line = max(2, round(max(im.size) / 60))
+                ImageDraw.Draw(im).rectangle([left, top, left + width, top + height], outline=(230, 20, 20), width=line)
             im.thumbnail((size, size))
             buf = io.BytesIO()
             im.save(buf, format="JPEG", quality=80)
         return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-    except OSError:
+    except (OSError, Image.DecompressionBombError):
         return ""
 
 
@@ -124,7 +129,8 @@ def html_page(evaluation: Any, path: str | os.PathLike[str], *, title: str, samp
             cells.append(
                 f'<td class="{"hit" if hit else "miss"}"><img src="{src}" alt=""><br>{position}. {html.escape(product)}</td>'
             )
-        query_src = _thumbnail(evaluation.query_paths[i]) if evaluation.query_paths else ""
+        boxes = getattr(evaluation, "query_boxes", None) or []
+        query_src = _thumbnail(evaluation.query_paths[i], box=boxes[i] if i < len(boxes) else None) if evaluation.query_paths else ""
         verdict = f"rank {rank}" if rank else "not found"
         rows.append(
             f'<tr><td class="query"><img src="{query_src}" alt=""><br><b>{html.escape(result.product_id)}</b><br>{verdict}</td>'
@@ -145,7 +151,7 @@ td.miss img {{ outline: 1px solid #ccc; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <p>{overall['queries']} queries: {summary}; mAP {100 * overall['map']:.1f}%, MRR {100 * overall['mrr']:.1f}%.
-A sample of {len(chosen)} queries: the street photo, then the top {top} products; the correct product is framed in green.</p>
+A sample of {len(chosen)} queries: the street photo (its box, which the model saw, in red), then the top {top} products; the correct product is framed in green.</p>
 <table>{''.join(rows)}</table>
 </body></html>
 """
