@@ -285,7 +285,7 @@ def train(
         with_classes=bool(num_classes),
         pair_weights=weights,
     )
-    val_ds = None
+    val_ds = val_steps = None
     if val_records and 0 < config.data.val_pairs < fc.batch_size:
         logger.warning("val_pairs %d < batch_size %d: training without validation", config.data.val_pairs, fc.batch_size)
     if val_records and config.data.val_pairs >= fc.batch_size:
@@ -295,6 +295,7 @@ def train(
             logger.warning("no validation pairs: %s", e)
         else:
             val_plan = val_planner.plan(0)
+            val_steps = len(val_plan) // fc.batch_size
             val_ds = pair_dataset(lambda _epoch: val_plan, image_size=config.data.image_size, batch_size=fc.batch_size,
                                   epochs=1, with_classes=bool(num_classes), pair_weights=weights)
 
@@ -325,7 +326,8 @@ def train(
     )
     start = time.perf_counter()
     history = model.fit(
-        train_ds, epochs=fc.epochs, steps_per_epoch=steps, validation_data=val_ds,
+        train_ds, epochs=fc.epochs, steps_per_epoch=steps, validation_data=val_ds, validation_steps=val_steps,
+        shuffle=False,  # the pair plans are shuffled; tf.data input is not reshuffled by Keras anyway
         callbacks=callbacks, verbose=verbose,
     )
     seconds = time.perf_counter() - start
