@@ -107,6 +107,7 @@ class LossConfig:
     positive_threshold: float = dataclasses.field(default=0.0, metadata=_help("robust: drop positives with d >= this fixed threshold (0 = not used)"))
     positive_quantile: float = dataclasses.field(default=0.9, metadata=_help("robust: drop positives beyond this quantile of the batch's positive distances (0 = not used)"))
     negative_floor: float = dataclasses.field(default=0.0, metadata=_help("robust: drop negatives with d < this floor, probable label noise (0 = not used)"))
+    drop_warmup_epochs: int = dataclasses.field(default=0, metadata=_help("robust: train this many epochs with the plain contrastive loss before dropping any pair"))
     w_pair: float = dataclasses.field(default=1.0, metadata=_help("weight of the contrastive loss on product pairs"))
     w_aux: float = dataclasses.field(default=1.0, metadata=_help("weight of the contrastive loss on auxiliary pairs"))
     w_cls: float = dataclasses.field(default=0.5, metadata=_help("weight of each softmax loss on auxiliary images"))
@@ -117,6 +118,7 @@ class LossConfig:
         _check(0.0 <= self.positive_threshold <= 2.0, "positive_threshold", self.positive_threshold, "in [0, 2]")
         _check(0.0 <= self.positive_quantile <= 1.0, "positive_quantile", self.positive_quantile, "in [0, 1]")
         _check(0.0 <= self.negative_floor < self.margin, "negative_floor", self.negative_floor, f"in [0, margin={self.margin})")
+        _check(self.drop_warmup_epochs >= 0, "drop_warmup_epochs", self.drop_warmup_epochs, ">= 0")
         for name in ("w_pair", "w_aux", "w_cls"):
             v = getattr(self, name)
             _check(v >= 0.0 and math.isfinite(v), name, v, ">= 0")

@@ -143,6 +143,7 @@ def robust_contrastive_terms(
     positive_threshold: float | None = None,
     negative_floor: float | None = None,
     positive_quantile: float | None = None,
+    active: Any = None,
 ) -> tuple[Any, Any, Any]:
     """The robust contrastive loss per pair, and which pairs it dropped.
 
@@ -160,7 +161,8 @@ def robust_contrastive_terms(
     - neither: nothing (the plain contrastive loss).
 
     A negative pair is dropped when ``d < negative_floor`` (``d == ν`` is kept).
-    Dropped pairs have a loss of exactly 0 and a gradient of exactly 0: the
+    While ``active`` is false (a warm-up), nothing is dropped: the loss is the
+    plain contrastive loss. Dropped pairs have a loss of exactly 0 and a gradient of exactly 0: the
     masks come from comparisons on stop-gradient distances and multiply
     ``d²`` (resp. the hinge), so no gradient flows through them. Negatives at
     ``d ≥ margin`` have a zero loss and a zero gradient through the hinge.
@@ -172,6 +174,8 @@ def robust_contrastive_terms(
         positive_threshold: float or None. τ in (0, 2].
         negative_floor: float or None. ν in (0, margin).
         positive_quantile: float or None. q in (0, 1].
+        active: None (always active) or a scalar boolean tensor: whether
+            pairs may be dropped at all (false during a warm-up).
 
     Returns:
         ``(loss, positive_dropped, negative_dropped)``: float ``[B]`` and two
@@ -200,12 +204,23 @@ def robust_contrastive_terms(
         negative_dropped = ops.zeros_like(is_negative)
     else:
         negative_dropped = ops.logical_and(is_negative, ops.less(d_const, ops.cast(negative_floor, d.dtype)))
+    if active is not None:
+        active = ops.cast(active, "bool")
+        positive_dropped = ops.logical_and(positive_dropped, active)
+        negative_dropped = ops.logical_and(negative_dropped, active)
 
     positive_kept = ops.cast(ops.logical_and(is_positive, ops.logical_not(positive_dropped)), d.dtype)
     negative_kept = ops.cast(ops.logical_and(is_negative, ops.logical_not(negative_dropped)), d.dtype)
     hinge = ops.maximum(ops.cast(margin, d.dtype) - d, 0.0)
     loss = positive_kept * ops.square(d) + negative_kept * ops.square(hinge)
     return loss, positive_dropped, negative_dropped
+
+
+def drop_active(active: Any) -> Any:
+    """``active`` (None, a bool, or a 0/1 scalar variable) as what :func:`robust_contrastive_terms` takes."""
+    if active is None:
+        return None
+    return ops.greater(ops.convert_to_tensor(active, dtype="float32"), 0.5)
 
 
 def robust_contrastive_loss(
@@ -330,6 +345,15 @@ class RobustContrastiveLoss(keras.losses.Loss):
     positives at every stage (the label noise and the views too different to
     match), and nothing from a batch with fewer than 10 positives.
 
+    Warm-up: set :attr:`active` to a scalar variable (1 = may drop, 0 =
+    plain contrastive loss) and switch it on after a few epochs; that is what
+    ``street2shop train --drop-warmup-epochs N`` does (see
+    :class:`street2shop.train.DropWarmup`). The quantile at initialisation
+    ranks distances that are all ≈1.2 and mostly noise, so the pairs it
+    drops there are not yet the hard or mislabelled ones. ``active`` is
+    runtime state, not configuration: it is not in :meth:`get_config`, and a
+    reloaded loss drops from the first step.
+
     Args:
         margin: float. m > 0. Defaults to 1.0.
         positive_threshold: float or None. Fixed τ in (0, 2]. Defaults to None.
@@ -361,11 +385,13 @@ class RobustContrastiveLoss(keras.losses.Loss):
         self.margin, self.positive_threshold, self.negative_floor, self.positive_quantile = check_robust_args(
             margin, positive_threshold, negative_floor, positive_quantile
         )
+        self.active: Any = None
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
-        return robust_contrastive_loss(
-            y_true, y_pred, self.margin, self.positive_threshold, self.negative_floor, self.positive_quantile
-        )
+        return robust_contrastive_terms(
+            y_true, y_pred, self.margin, self.positive_threshold, self.negative_floor, self.positive_quantile,
+            active=drop_active(self.active),
+        )[0]
 
     def get_config(self) -> dict[str, Any]:
         return {
@@ -376,6 +402,32 @@ class RobustContrastiveLoss(keras.losses.Loss):
             "negative_floor": self.negative_floor,
             "positive_quantile": self.positive_quantile,
         }
+
+
+def drop_switch(on: bool = False) -> Any:
+    """A scalar variable for :attr:`RobustContrastiveLoss.active` (create it under the strategy's scope)."""
+    return keras.Variable(1.0 if on else 0.0, dtype="float32", trainable=False, name="robust_drop_active")
+
+
+class DropWarmup(keras.callbacks.Callback):
+    """Lets the robust loss drop pairs only from epoch ``warmup_epochs`` (0-based) on.
+
+    Sets the loss's ``active`` switch (a scalar variable read by the loss and
+    its drop-rate metrics) at the start of every epoch, from the epoch
+    number, so a resumed run gets it right too. Until then the robust loss is
+    the plain contrastive loss and the drop rates read 0.
+    """
+
+    def __init__(self, active: Any, warmup_epochs: int) -> None:
+        super().__init__()
+        self.active = active
+        self.warmup_epochs = int(warmup_epochs)
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        on = epoch >= self.warmup_epochs
+        if on and epoch == self.warmup_epochs:
+            logger.info("robust loss: warm-up over, dropping pairs from epoch %d on", epoch + 1)
+        self.active.assign(1.0 if on else 0.0)
 
 
 @keras.saving.register_keras_serializable(package="street2shop")

@@ -29,7 +29,7 @@ import keras
 from keras import ops
 
 from street2shop.errors import ConfigError
-from street2shop.losses import _check_optional, pair_distances, check_robust_args, pair_labels, robust_contrastive_terms
+from street2shop.losses import _check_optional, check_robust_args, drop_active, pair_distances, pair_labels, robust_contrastive_terms
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,16 @@ class _RatioMetric(keras.metrics.Metric):
 
     def result(self) -> Any:
         return ops.divide_no_nan(self.total, self.count)
+
+
+def _untracked(metric: Any, name: str, value: Any) -> None:
+    """Set an attribute that Keras must not track as the metric's own state.
+
+    The robust loss's warm-up switch is a variable owned by the loss; tracked
+    by a metric it would be zeroed by ``reset_state`` every epoch and saved
+    as the metric's weight.
+    """
+    object.__setattr__(metric, name, value)
 
 
 @keras.saving.register_keras_serializable(package="street2shop")
@@ -174,19 +184,27 @@ class PositiveDropRate(_RatioMetric):
         super().__init__(name=name, dtype=dtype)
         self.positive_threshold = threshold
         self.positive_quantile = quantile
+        _untracked(self, "active", None)
 
     @classmethod
     def from_loss(cls, loss: Any, name: str = "positive_drop_rate") -> PositiveDropRate:
-        """The drop rate of ``loss`` (a RobustContrastiveLoss; any loss without these attributes gives 0)."""
-        return cls(
+        """The drop rate of ``loss`` (a RobustContrastiveLoss; any loss without these attributes gives 0).
+
+        Shares the loss's warm-up switch (``loss.active``) as it is now: set
+        the loss's ``active`` before calling this.
+        """
+        metric = cls(
             positive_threshold=getattr(loss, "positive_threshold", None),
             positive_quantile=getattr(loss, "positive_quantile", None),
             name=name,
         )
+        _untracked(metric, "active", getattr(loss, "active", None))
+        return metric
 
     def terms(self, y_true: Any, distance: Any) -> tuple[Any, Any]:
         _, dropped, _ = robust_contrastive_terms(
-            y_true, distance, positive_threshold=self.positive_threshold, positive_quantile=self.positive_quantile
+            y_true, distance, positive_threshold=self.positive_threshold, positive_quantile=self.positive_quantile,
+            active=drop_active(self.active),
         )
         return dropped, pair_labels(y_true)
 
@@ -218,15 +236,20 @@ class NegativeDropRate(_RatioMetric):
         floor = _check_optional("negative_floor", negative_floor, 0.0, 2.0)
         super().__init__(name=name, dtype=dtype)
         self.negative_floor = floor
+        _untracked(self, "active", None)
 
     @classmethod
     def from_loss(cls, loss: Any, name: str = "negative_drop_rate") -> NegativeDropRate:
-        """The drop rate of ``loss`` (a RobustContrastiveLoss; any loss without a floor gives 0)."""
-        return cls(negative_floor=getattr(loss, "negative_floor", None), name=name)
+        """The drop rate of ``loss`` (a RobustContrastiveLoss; any loss without a floor gives 0); shares ``loss.active``."""
+        metric = cls(negative_floor=getattr(loss, "negative_floor", None), name=name)
+        _untracked(metric, "active", getattr(loss, "active", None))
+        return metric
 
     def terms(self, y_true: Any, distance: Any) -> tuple[Any, Any]:
         # The floor's rule does not depend on the margin; pass one above any floor.
-        _, _, dropped = robust_contrastive_terms(y_true, distance, margin=3.0, negative_floor=self.negative_floor)
+        _, _, dropped = robust_contrastive_terms(
+            y_true, distance, margin=3.0, negative_floor=self.negative_floor, active=drop_active(self.active)
+        )
         return dropped, ops.logical_not(pair_labels(y_true))
 
     def get_config(self) -> dict[str, Any]:

@@ -140,6 +140,9 @@ def build_losses_and_metrics(config: TrainConfig, num_classes: int | None):
             positive_quantile=lc.positive_quantile or None,
             negative_floor=lc.negative_floor or None,
         )
+        if lc.drop_warmup_epochs:
+            # Switched on by DropWarmup; created here, under the caller's strategy scope.
+            pair_loss.active = losses.drop_switch()
     else:
         pair_loss = losses.ContrastiveLoss(margin=lc.margin)
     pair_metrics: list[Any] = [
@@ -315,6 +318,14 @@ def train(
         keras.callbacks.TensorBoard(str(out / "tensorboard"), write_graph=False, profile_batch=0),
         keras.callbacks.TerminateOnNaN(),
     ]
+    drop_switch = getattr(model.loss.get("distance") if isinstance(model.loss, dict) else None, "active", None)
+    if drop_switch is not None:
+        from street2shop.losses import DropWarmup
+
+        callbacks.append(DropWarmup(drop_switch, config.loss.drop_warmup_epochs))
+        if config.loss.drop_warmup_epochs >= fc.epochs:
+            logger.warning("drop_warmup_epochs %d >= epochs %d: the robust loss never drops a pair (it is the plain one)",
+                           config.loss.drop_warmup_epochs, fc.epochs)
     if fc.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, patience=fc.early_stopping_patience, restore_best_weights=False))
     callbacks += list(extra_callbacks or [])

@@ -350,3 +350,28 @@ def test_masked_ce_gradient_is_zero_for_unlabelled_samples():
 
 def test_masked_ce_is_keras_builtin_with_ignore_class():
     assert isinstance(MaskedSparseCategoricalCrossentropy(), keras.losses.SparseCategoricalCrossentropy)
+
+
+@pytest.mark.parametrize("active", [False, True])
+def test_inactive_robust_terms_are_the_plain_loss(active):
+    y = np.array([1, 1, 1, 1, 0, 0], "float32")
+    d = np.array([0.1, 0.4, 0.9, 1.3, 0.2, 0.7], "float32")
+    loss, pos_drop, neg_drop = robust_contrastive_terms(y, d, positive_threshold=0.8, negative_floor=0.3, active=active)
+    expected = ref_robust(y, d, tau=0.8, nu=0.3) if active else ref_robust(y, d)
+    np.testing.assert_allclose(np.asarray(loss), expected[0], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(pos_drop), expected[1])
+    np.testing.assert_array_equal(np.asarray(neg_drop), expected[2])
+    assert np.asarray(pos_drop).any() == active
+
+
+def test_loss_reads_its_switch_at_run_time_inside_a_compiled_function():
+    from street2shop.losses import drop_switch
+
+    loss = RobustContrastiveLoss(positive_threshold=0.8, positive_quantile=None)
+    loss.active = drop_switch()
+    fn = tf.function(lambda y, d: loss(y, d))
+    y, d = np.array([1.0, 1.0, 0.0], "float32"), np.array([0.5, 0.9, 0.3], "float32")
+    assert float(fn(y, d)) == pytest.approx((0.25 + 0.81 + 0.49) / 3, rel=1e-6)  # plain: nothing dropped
+    loss.active.assign(1.0)
+    assert float(fn(y, d)) == pytest.approx((0.25 + 0.0 + 0.49) / 3, rel=1e-6)  # the same trace, now robust
+    assert "active" not in loss.get_config()

@@ -239,3 +239,47 @@ def test_fit_trains_and_compiled_model_round_trips(tmp_path):
     assert loaded.loss["distance"].get_config() == loss.get_config()
     assert isinstance(loaded.loss["logits_a"], MaskedSparseCategoricalCrossentropy)
     np.testing.assert_allclose(np.asarray(loaded(x)["distance"]), np.asarray(model(x)["distance"]), rtol=1e-6)
+
+
+def test_drop_warmup_is_the_plain_loss_until_switched_on_and_metrics_follow():
+    from street2shop.losses import DropWarmup, drop_switch
+
+    keras.utils.set_random_seed(0)
+    model = _tiny_siamese()
+    loss = RobustContrastiveLoss(margin=1.0, positive_quantile=0.5, negative_floor=0.4)
+    loss.active = drop_switch()
+    _compile(model, loss, lr=0.0)  # no update: both epochs see the same distances
+    x, y, sw = _data()
+    d = np.asarray(model(x)["distance"]).reshape(-1)
+    yd, w = y["distance"], sw["distance"]
+    ds = tf.data.Dataset.from_tensor_slices((x, y, sw)).batch(8)
+    history = model.fit(ds, epochs=3, verbose=0, shuffle=False, callbacks=[DropWarmup(loss.active, 2)]).history
+    plain = [ref_robust(yd[i:i + 8], d[i:i + 8], 1.0) for i in (0, 8)]
+    robust = [ref_robust(yd[i:i + 8], d[i:i + 8], 1.0, nu=0.4, q=0.5) for i in (0, 8)]
+
+    def epoch_loss(batches):
+        return np.mean([(w[i:i + 8] * b[0]).sum() / 8 for i, b in zip((0, 8), batches)])
+
+    assert epoch_loss(plain) != pytest.approx(epoch_loss(robust), rel=1e-3)  # the test can tell them apart
+    for epoch in (0, 1):
+        assert history["distance_loss"][epoch] == pytest.approx(epoch_loss(plain), rel=1e-4)
+        assert history["distance_positive_drop_rate"][epoch] == 0.0
+        assert history["distance_negative_drop_rate"][epoch] == 0.0
+    assert history["distance_loss"][2] == pytest.approx(epoch_loss(robust), rel=1e-4)
+    pos_drop = np.concatenate([b[1] for b in robust])
+    assert history["distance_positive_drop_rate"][2] == pytest.approx(pos_drop.sum() / (yd == 1).sum(), rel=1e-5)
+    assert float(loss.active.numpy()) == 1.0  # not reset with the metrics at the epoch's start
+    assert not any(v is loss.active for m in model.metrics for v in m.variables)  # not a metric's state
+
+
+def test_drop_rate_metrics_do_not_own_the_loss_switch():
+    from street2shop.losses import drop_switch
+
+    loss = RobustContrastiveLoss(positive_quantile=0.5, negative_floor=0.4)
+    loss.active = drop_switch(on=True)
+    for metric in (PositiveDropRate.from_loss(loss), NegativeDropRate.from_loss(loss)):
+        assert metric.active is loss.active
+        assert len(metric.variables) == 2  # its own counts only
+        metric.reset_state()
+        assert float(loss.active.numpy()) == 1.0
+        assert "active" not in metric.get_config()

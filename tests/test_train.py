@@ -117,3 +117,10 @@ def test_cli_bad_value_is_one_line_exit_2(capsys):
     assert err == "street2shop: error: margin must be in (0, 2]. Received: margin=-1.0"
     assert main(["train", "--weights", "none"]) == 2
     assert "manifest is required" in capsys.readouterr().err
+
+
+def test_drop_warmup_epochs_keep_the_robust_loss_plain_at_first(synth_dataset, tmp_path):
+    config = tiny_config(synth_dataset, tmp_path / "run", epochs=2, val_pairs=0, positive_quantile=0.5, drop_warmup_epochs=1)
+    history = train(config, verbose=0).history
+    assert history["positive_drop_rate"][0] == 0.0
+    assert history["positive_drop_rate"][1] > 0.0  # q = 0.5 drops about half the positives of every batch

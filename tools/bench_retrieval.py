@@ -12,6 +12,10 @@ number of training pairs):
 5. ``robust_multitask``: robust contrastive + auxiliary pairs and softmax on a
    class-per-folder set (../shared/data/coil100/images).
 
+Extra variants, run only when named in ``--variants``: ``robust_warmup`` and
+``robust_multitask_warmup``, the same with ``--drop-warmup-epochs`` epochs of
+the plain loss before the robust loss drops anything.
+
 Each (variant, seed) result is a JSON file under ``--out``; a run started
 again skips finished ones (and a killed training resumes via
 BackupAndRestore), so it can run in the background and be resumed.
@@ -37,8 +41,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data"
-VARIANTS = ("histogram", "untrained", "plain", "robust", "robust_multitask")
-TRAINED = ("plain", "robust", "robust_multitask")
+DEFAULT_VARIANTS = ("histogram", "untrained", "plain", "robust", "robust_multitask")
+VARIANTS = DEFAULT_VARIANTS + ("robust_warmup", "robust_multitask_warmup")
 
 logger = logging.getLogger("bench_retrieval")
 
@@ -94,7 +98,8 @@ def run_one(variant, seed, args, queries, gallery):
         pairs_per_epoch=pairs_per_epoch, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=seed,
         output_dir=str(Path(args.out) / "runs" / f"{variant}-seed{seed}"),
         loss="contrastive" if variant == "plain" else "robust",
-        auxiliary_dir=args.aux_dir if variant == "robust_multitask" else "",
+        auxiliary_dir=args.aux_dir if variant.startswith("robust_multitask") else "",
+        drop_warmup_epochs=args.drop_warmup_epochs if variant.endswith("_warmup") else 0,
         street_street_fraction=args.street_street_fraction, hard_negative_fraction=args.hard_negative_fraction,
     )
     if variant == "untrained":
@@ -153,18 +158,14 @@ def summary(out: Path) -> str:
             runs[f"{variant} (seed {r['seed']})"] = {"metrics": {"overall": {"top_k": {int(k): v for k, v in r["top_k"].items()}}}}
     plot_top_k(runs, out / "topk.png", title="grocery val: street photos vs 81 catalogue photos")
     per_query = ""
-    paired = _paired_difference(results, "robust", "plain") if results else None
-    if paired:
-        per_query = (
-            f"\nPaired per-query difference robust − plain in top-1 over the same queries and seeds: "
-            f"{100 * paired[0]:+.1f} points, 95% bootstrap interval [{100 * paired[1]:+.1f}, {100 * paired[2]:+.1f}].\n"
-        )
-    paired_mt = _paired_difference(results, "robust_multitask", "plain") if results else None
-    if paired_mt:
-        per_query += (
-            f"Paired per-query difference robust_multitask − plain in top-1: {100 * paired_mt[0]:+.1f} points, "
-            f"95% interval [{100 * paired_mt[1]:+.1f}, {100 * paired_mt[2]:+.1f}].\n"
-        )
+    for variant in VARIANTS[3:]:
+        paired = _paired_difference(results, variant, "plain") if results else None
+        if paired:
+            per_query += (
+                f"{'' if per_query else chr(10)}Paired per-query difference {variant} − plain in top-1 over the same queries "
+                f"and seeds: {100 * paired[0]:+.1f} points, 95% bootstrap interval "
+                f"[{100 * paired[1]:+.1f}, {100 * paired[2]:+.1f}].\n"
+            )
     text = "\n".join(lines) + "\n\nMean over seeds, per-seed values in parentheses; with one seed, brackets give the 95% bootstrap interval over queries.\n" + per_query
     (out / "summary.md").write_text(text)
     return text
@@ -194,7 +195,7 @@ def main() -> int:
     parser.add_argument("--train-split", default="train")
     parser.add_argument("--eval-split", default="val")
     parser.add_argument("--aux-dir", default=str(SHARED / "coil100" / "images"))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--backbone", default="inception_v3")
     parser.add_argument("--weights", default="none", help="'none' here (no internet); 'imagenet' where it can download")
@@ -207,6 +208,7 @@ def main() -> int:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--street-street-fraction", type=float, default=0.0)
     parser.add_argument("--hard-negative-fraction", type=float, default=0.5)
+    parser.add_argument("--drop-warmup-epochs", type=int, default=2, help="plain-loss epochs before dropping, *_warmup variants only")
     parser.add_argument("--out", default=str(ROOT / "bench-output" / "retrieval"))
     parser.add_argument("--summary", action="store_true", help="only write summary.md and topk.png from finished results")
     args = parser.parse_args()
