@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo test test-fast bench bench-retrieval clean
+.PHONY: install demo test test-serial test-fast bench bench-retrieval clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/street2shop demo --workdir demo-output
 
+# Two workers, whole files per worker (module fixtures such as the exported model are built once).
 test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+test-serial: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
