@@ -119,74 +119,95 @@ def run_one(variant, seed, args, queries, gallery):
     return record
 
 
+def _per_query(rows):
+    """Per-query hits at 1/5/20 and reciprocal rank, averaged over the seeds in ``rows`` (unanswerable queries left out)."""
+    import numpy as np
+
+    ranks = np.array([[np.nan if x is None else x for x in r["ranks"]] for r in rows], dtype=float)
+    answerable = ~np.isnan(ranks).all(axis=0)
+    ranks = np.where(np.isnan(ranks), np.inf, ranks)[:, answerable]
+    values = {f"top-{k}": (ranks <= k).astype(float) for k in (1, 5, 20)}
+    values["MRR"] = 1.0 / ranks
+    return {name: v.mean(axis=0) for name, v in values.items()}
+
+
+def _bootstrap(v, samples=4000):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    means = np.array([v[rng.integers(0, len(v), len(v))].mean() for _ in range(samples)])
+    return float(v.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
 def summary(out: Path) -> str:
     import numpy as np
 
     from street2shop.report import plot_top_k
 
     results = [json.loads(p.read_text()) for p in sorted(out.glob("result-*.json"))]
+    metrics = ("top-1", "top-5", "top-20", "MRR")
     lines = [
-        "| variant | seeds | top-1 | top-5 | top-20 | mAP | MRR | pairs/s | train s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | seeds | " + " | ".join(metrics) + " | pairs/s | train s |",
+        "|---|---|" + "---|" * len(metrics) + "---|---|",
     ]
+    seed_lines = ["| variant | seed | top-1 | top-5 | top-20 | MRR | pairs/s | train s | load (1/5/15 min) |", "|---|---|---|---|---|---|---|---|---|"]
     runs = {}
     for variant in VARIANTS:
         rows = [r for r in results if r["variant"] == variant]
         if not rows:
             continue
-
-        def cell(key, k=None):
-            values = [100 * (r["top_k"][k] if k else r[key]) for r in rows]
-            text = f"{np.mean(values):.1f}"
-            if len(values) > 1:
-                text += f" ({', '.join(f'{v:.1f}' for v in values)})"
-            if k and len(rows) == 1:
-                low, high = rows[0]["intervals"][f"top_{k}"]
-                text += f" [{100 * low:.1f}, {100 * high:.1f}]"
-            return text
-
-        pps = [r.get("pairs_per_second") for r in rows if r.get("pairs_per_second")]
-        train_s = [r.get("train_seconds", 0.0) for r in rows]
-        lines.append(
-            f"| {variant} | {', '.join(str(r['seed']) for r in rows)} | {cell('top', '1')} | {cell('top', '5')} | "
-            f"{cell('top', '20')} | {cell('map')} | {cell('mrr')} | {np.mean(pps):.1f} | {np.mean(train_s):.0f} |"
-            if pps else
-            f"| {variant} | {', '.join(str(r['seed']) for r in rows)} | {cell('top', '1')} | {cell('top', '5')} | "
-            f"{cell('top', '20')} | {cell('map')} | {cell('mrr')} | - | - |"
-        )
+        per_query = _per_query(rows)
+        cells = []
+        for name in metrics:
+            mean, low, high = _bootstrap(per_query[name])
+            cells.append(f"{100 * mean:.1f} [{100 * low:.1f}, {100 * high:.1f}]")
+        pps = [r["pairs_per_second"] for r in rows if r.get("pairs_per_second")]
+        train_s = [r["train_seconds"] for r in rows if r.get("pairs_per_second")]
+        timing = f"{np.mean(pps):.1f} | {np.mean(train_s):.0f}" if pps else "- | -"
+        lines.append(f"| {variant} | {', '.join(str(r['seed']) for r in rows)} | " + " | ".join(cells) + f" | {timing} |")
         for r in rows:
+            top = r["top_k"]
+            load = "/".join(f"{x:.1f}" for x in r.get("uptime", []))
+            seed_timing = f"{r['pairs_per_second']:.1f} | {r['train_seconds']:.0f}" if r.get("pairs_per_second") else "- | -"
+            seed_lines.append(
+                f"| {variant} | {r['seed']} | {100 * top['1']:.1f} | {100 * top['5']:.1f} | {100 * top['20']:.1f} | "
+                f"{100 * r['mrr']:.1f} | {seed_timing} | {load} |"
+            )
             runs[f"{variant} (seed {r['seed']})"] = {"metrics": {"overall": {"top_k": {int(k): v for k, v in r["top_k"].items()}}}}
     plot_top_k(runs, out / "topk.png", title="grocery val: street photos vs 81 catalogue photos")
-    per_query = ""
+    paired = ""
     for variant in VARIANTS[3:]:
-        paired = _paired_difference(results, variant, "plain") if results else None
-        if paired:
-            per_query += (
-                f"{'' if per_query else chr(10)}Paired per-query difference {variant} − plain in top-1 over the same queries "
-                f"and seeds: {100 * paired[0]:+.1f} points, 95% bootstrap interval "
-                f"[{100 * paired[1]:+.1f}, {100 * paired[2]:+.1f}].\n"
-            )
-    text = "\n".join(lines) + "\n\nMean over seeds, per-seed values in parentheses; with one seed, brackets give the 95% bootstrap interval over queries.\n" + per_query
+        for k in (1, 5):
+            diff = _paired_difference(results, variant, "plain", k) if results else None
+            if diff:
+                paired += (
+                    f"| {variant} − plain | top-{k} | {diff[3]} | {100 * diff[0]:+.1f} | "
+                    f"[{100 * diff[1]:+.1f}, {100 * diff[2]:+.1f}] |\n"
+                )
+    if paired:
+        paired = "| comparison | metric | seeds paired | mean difference (points) | 95% interval |\n|---|---|---|---|---|\n" + paired
+    text = (
+        "\n".join(lines)
+        + "\n\nMean over the seeds; brackets: 95% bootstrap interval over queries of the per-query value averaged over "
+        "the seeds. mAP equals MRR here (one relevant product per query), so it is not repeated.\n\n"
+        + "\n".join(seed_lines) + "\n\n" + paired
+    )
     (out / "summary.md").write_text(text)
     return text
 
 
-def _paired_difference(results, a, b, samples=4000):
-    """Mean per-query top-1 difference a − b over matching (seed, query) and its bootstrap interval."""
+def _paired_difference(results, a, b, k=1, samples=4000):
+    """Mean per-query top-k difference a − b over the seeds both have, its bootstrap interval over queries, the seeds."""
     import numpy as np
 
     by = {(r["variant"], r["seed"]): r for r in results}
-    diffs = []
-    for (variant, seed), r in by.items():
-        if variant == a and (b, seed) in by:
-            ra, rb = r["ranks"], by[(b, seed)]["ranks"]
-            diffs += [float(x == 1) - float(y == 1) for x, y in zip(ra, rb) if x is not None or y is not None]
-    if not diffs:
+    seeds = sorted(seed for (variant, seed) in by if variant == a and (b, seed) in by)
+    if not seeds:
         return None
-    d = np.asarray(diffs)
-    rng = np.random.default_rng(0)
-    means = d[rng.integers(0, len(d), (samples, len(d)))].mean(1)
-    return float(d.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+    hit_a = _per_query([by[(a, s)] for s in seeds])[f"top-{k}"]
+    hit_b = _per_query([by[(b, s)] for s in seeds])[f"top-{k}"]
+    mean, low, high = _bootstrap(hit_a - hit_b, samples)
+    return mean, low, high, ", ".join(map(str, seeds))
 
 
 def main() -> int:
