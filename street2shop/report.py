@@ -73,7 +73,7 @@ def plot_top_k(runs: Mapping[str, Mapping[str, Any]], path: str | os.PathLike[st
     ax.set_xticks(ks)
     ax.set_xticklabels([str(k) for k in ks])
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
     ax.set_title(title)
     fig.tight_layout()
     buf = io.BytesIO()
