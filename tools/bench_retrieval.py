@@ -14,7 +14,9 @@ number of training pairs):
 
 Extra variants, run only when named in ``--variants``: ``robust_warmup`` and
 ``robust_multitask_warmup``, the same with ``--drop-warmup-epochs`` epochs of
-the plain loss before the robust loss drops anything.
+the plain loss before the robust loss drops anything; ``robust_tau``, the
+robust loss with a fixed threshold ``--robust-tau`` as well as the quantile
+(a positive is dropped only when it is beyond both).
 
 Each (variant, seed) result is a JSON file under ``--out``; a run started
 again skips finished ones (and a killed training resumes via
@@ -42,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data"
 DEFAULT_VARIANTS = ("histogram", "untrained", "plain", "robust", "robust_multitask")
-VARIANTS = DEFAULT_VARIANTS + ("robust_warmup", "robust_multitask_warmup")
+VARIANTS = DEFAULT_VARIANTS + ("robust_warmup", "robust_multitask_warmup", "robust_tau")
 
 logger = logging.getLogger("bench_retrieval")
 
@@ -100,6 +102,7 @@ def run_one(variant, seed, args, queries, gallery):
         loss="contrastive" if variant == "plain" else "robust",
         auxiliary_dir=args.aux_dir if variant.startswith("robust_multitask") else "",
         drop_warmup_epochs=args.drop_warmup_epochs if variant.endswith("_warmup") else 0,
+        positive_threshold=args.robust_tau if variant == "robust_tau" else 0.0,
         street_street_fraction=args.street_street_fraction, hard_negative_fraction=args.hard_negative_fraction,
     )
     if variant == "untrained":
@@ -232,6 +235,7 @@ def main() -> int:
     parser.add_argument("--street-street-fraction", type=float, default=0.0)
     parser.add_argument("--hard-negative-fraction", type=float, default=0.5)
     parser.add_argument("--drop-warmup-epochs", type=int, default=2, help="plain-loss epochs before dropping, *_warmup variants only")
+    parser.add_argument("--robust-tau", type=float, default=0.8, help="fixed positive threshold of the robust_tau variant")
     parser.add_argument("--out", default=str(ROOT / "bench-output" / "retrieval"))
     parser.add_argument("--summary", action="store_true", help="only write summary.md and topk.png from finished results")
     args = parser.parse_args()
