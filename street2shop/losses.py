@@ -333,7 +333,8 @@ class RobustContrastiveLoss(keras.losses.Loss):
     :func:`robust_contrastive_terms` for the rules, including
     ``max(τ, τ_batch)`` when both ``positive_threshold`` and
     ``positive_quantile`` are given. The quantile is taken over every positive
-    of the batch, whatever its sample weight.
+    of the batch, whatever its sample weight; under a distribution strategy,
+    over each replica's share of the batch.
 
     Why these defaults: margin 1.0 as in :class:`ContrastiveLoss` (negatives
     closer than 60° are pushed out). ``positive_quantile=0.9`` and no fixed
@@ -348,7 +349,7 @@ class RobustContrastiveLoss(keras.losses.Loss):
     Warm-up: set :attr:`active` to a scalar variable (1 = may drop, 0 =
     plain contrastive loss) and switch it on after a few epochs; that is what
     ``street2shop train --drop-warmup-epochs N`` does (see
-    :class:`street2shop.train.DropWarmup`). The quantile at initialisation
+    :class:`DropWarmup`). The quantile at initialisation
     ranks distances that are all ≈1.2 and mostly noise, so the pairs it
     drops there are not yet the hard or mislabelled ones. ``active`` is
     runtime state, not configuration: it is not in :meth:`get_config`, and a
@@ -416,17 +417,31 @@ class DropWarmup(keras.callbacks.Callback):
     its drop-rate metrics) at the start of every epoch, from the epoch
     number, so a resumed run gets it right too. Until then the robust loss is
     the plain contrastive loss and the drop rates read 0.
+
+    The robust loss of given weights is lower than their plain loss (dropped
+    pairs count 0), so the two cannot be compared: when the warm-up ends, the
+    callbacks in ``restart`` (``ModelCheckpoint(save_best_only=True)``,
+    ``EarlyStopping``, anything with a ``best``) forget their best value and
+    start again, or a warm-up epoch could never be "best" and a robust one
+    always would.
     """
 
-    def __init__(self, active: Any, warmup_epochs: int) -> None:
+    def __init__(self, active: Any, warmup_epochs: int, restart: Any = ()) -> None:
         super().__init__()
         self.active = active
         self.warmup_epochs = int(warmup_epochs)
+        self.restart = list(restart)
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         on = epoch >= self.warmup_epochs
-        if on and epoch == self.warmup_epochs:
-            logger.info("robust loss: warm-up over, dropping pairs from epoch %d on", epoch + 1)
+        if on and epoch == self.warmup_epochs and self.warmup_epochs > 0:
+            logger.info("robust loss: warm-up over, dropping pairs from epoch %d on; best-value tracking starts again", epoch + 1)
+            for callback in self.restart:
+                callback.best = None
+                if hasattr(callback, "wait"):
+                    callback.wait = 0
+                if hasattr(callback, "best_weights"):
+                    callback.best_weights = None
         self.active.assign(1.0 if on else 0.0)
 
 

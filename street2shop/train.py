@@ -198,13 +198,14 @@ def build_model(config: TrainConfig, num_classes: int | None):
     return model
 
 
-def _best_logged(log_csv: Path, monitor: str) -> float | None:
-    """The lowest ``monitor`` value in a run's CSV log (None if absent)."""
+def _best_logged(log_csv: Path, monitor: str, from_epoch: int = 0) -> float | None:
+    """The lowest ``monitor`` value in a run's CSV log from epoch ``from_epoch`` (0-based) on (None if absent)."""
     import csv
 
     try:
         with open(log_csv, newline="") as f:
-            values = [float(row[monitor]) for row in csv.DictReader(f) if row.get(monitor) not in (None, "")]
+            values = [float(row[monitor]) for row in csv.DictReader(f)
+                      if row.get(monitor) not in (None, "") and int(row.get("epoch") or 0) >= from_epoch]
     except (OSError, ValueError):
         return None
     return min(values) if values else None
@@ -309,25 +310,34 @@ def train(
     best, last = out / "best.keras", out / "last.keras"
     # A resumed run appends to its log and only replaces best.keras with a better epoch;
     # a fresh run in an old folder starts both anew.
-    best_so_far = _best_logged(out / "log.csv", monitor) if initial_epoch else None
+    # With a robust-loss warm-up, warm-up epochs compare only with each other, and the
+    # epochs after it only with each other (see losses.DropWarmup).
+    warmup = config.loss.drop_warmup_epochs if config.loss.loss == "robust" else 0
+    from_epoch = warmup if initial_epoch > warmup else 0
+    best_so_far = _best_logged(out / "log.csv", monitor, from_epoch=from_epoch) if initial_epoch else None
+    best_checkpoint = keras.callbacks.ModelCheckpoint(str(best), monitor=monitor, save_best_only=True, initial_value_threshold=best_so_far)
     callbacks: list[Any] = [
         keras.callbacks.BackupAndRestore(str(backup_dir)),
-        keras.callbacks.ModelCheckpoint(str(best), monitor=monitor, save_best_only=True, initial_value_threshold=best_so_far),
+        best_checkpoint,
         keras.callbacks.ModelCheckpoint(str(last)),
         keras.callbacks.CSVLogger(str(out / "log.csv"), append=bool(initial_epoch)),
         keras.callbacks.TensorBoard(str(out / "tensorboard"), write_graph=False, profile_batch=0),
         keras.callbacks.TerminateOnNaN(),
     ]
+    if fc.early_stopping_patience:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, patience=fc.early_stopping_patience, restore_best_weights=False))
     drop_switch = getattr(model.loss.get("distance") if isinstance(model.loss, dict) else None, "active", None)
     if drop_switch is not None:
         from street2shop.losses import DropWarmup
 
-        callbacks.append(DropWarmup(drop_switch, config.loss.drop_warmup_epochs))
+        restart = [best_checkpoint] + [c for c in callbacks if isinstance(c, keras.callbacks.EarlyStopping)]
+        callbacks.append(DropWarmup(drop_switch, config.loss.drop_warmup_epochs, restart=restart))
         if config.loss.drop_warmup_epochs >= fc.epochs:
             logger.warning("drop_warmup_epochs %d >= epochs %d: the robust loss never drops a pair (it is the plain one)",
                            config.loss.drop_warmup_epochs, fc.epochs)
-    if fc.early_stopping_patience:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, patience=fc.early_stopping_patience, restore_best_weights=False))
+    elif config.loss.drop_warmup_epochs:
+        logger.warning("drop_warmup_epochs %d ignored: it applies to the robust loss, and this run uses the %s loss",
+                       config.loss.drop_warmup_epochs, config.loss.loss)
     callbacks += list(extra_callbacks or [])
 
     logger.info(

@@ -253,7 +253,8 @@ def test_drop_warmup_is_the_plain_loss_until_switched_on_and_metrics_follow():
     d = np.asarray(model(x)["distance"]).reshape(-1)
     yd, w = y["distance"], sw["distance"]
     ds = tf.data.Dataset.from_tensor_slices((x, y, sw)).batch(8)
-    history = model.fit(ds, epochs=3, verbose=0, shuffle=False, callbacks=[DropWarmup(loss.active, 2)]).history
+    history = model.fit(ds, epochs=3, verbose=0, shuffle=False, validation_data=ds,
+                        callbacks=[DropWarmup(loss.active, 2)]).history
     plain = [ref_robust(yd[i:i + 8], d[i:i + 8], 1.0) for i in (0, 8)]
     robust = [ref_robust(yd[i:i + 8], d[i:i + 8], 1.0, nu=0.4, q=0.5) for i in (0, 8)]
 
@@ -268,6 +269,9 @@ def test_drop_warmup_is_the_plain_loss_until_switched_on_and_metrics_follow():
     assert history["distance_loss"][2] == pytest.approx(epoch_loss(robust), rel=1e-4)
     pos_drop = np.concatenate([b[1] for b in robust])
     assert history["distance_positive_drop_rate"][2] == pytest.approx(pos_drop.sum() / (yd == 1).sum(), rel=1e-5)
+    # validation runs after the epoch's metrics were reset: a switch tracked by a metric would read 0 here
+    assert history["val_distance_positive_drop_rate"][2] == pytest.approx(pos_drop.sum() / (yd == 1).sum(), rel=1e-5)
+    assert history["val_distance_positive_drop_rate"][1] == 0.0
     assert float(loss.active.numpy()) == 1.0  # not reset with the metrics at the epoch's start
     assert not any(v is loss.active for m in model.metrics for v in m.variables)  # not a metric's state
 

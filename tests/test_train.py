@@ -123,3 +123,14 @@ def test_cli_bad_value_is_one_line_exit_2(capsys):
     assert main(["train", "--weights", "none"]) == 2
     assert "manifest is required" in capsys.readouterr().err
 
+
+
+def test_best_logged_value_of_a_resumed_run_skips_the_warmup_epochs(tmp_path):
+    from street2shop.train import _best_logged
+
+    log = tmp_path / "log.csv"
+    log.write_text("epoch,loss,val_loss\n0,0.9,0.8\n1,0.7,0.6\n2,0.5,0.65\n3,0.4,0.7\n")
+    assert _best_logged(log, "val_loss") == 0.6
+    assert _best_logged(log, "val_loss", from_epoch=2) == 0.65
+    assert _best_logged(log, "loss", from_epoch=2) == 0.4
+    assert _best_logged(tmp_path / "missing.csv", "val_loss") is None
