@@ -194,13 +194,15 @@ def summary(out: Path) -> str:
             )
     plot_top_k(runs, out / "topk.png", title="grocery val: street photos vs 81 catalogue photos")
     paired = ""
-    for variant in VARIANTS[3:]:
+    # Each variant against plain, and multi-task against pairs only (the same robust loss).
+    comparisons = [(variant, "plain") for variant in VARIANTS[3:]] + [("robust_multitask", "robust")]
+    for variant, reference in comparisons:
         for k in (1, 5):
-            diff = _paired_difference(results, variant, "plain", k) if results else None
+            diff = _paired_difference(results, variant, reference, k) if results else None
             if diff:
                 per_seed = ", ".join(f"{100 * v:+.1f}" for v in diff[3].values())
                 paired += (
-                    f"| {variant} − plain | top-{k} | {', '.join(map(str, diff[3]))} | {100 * diff[0]:+.1f} | "
+                    f"| {variant} − {reference} | top-{k} | {', '.join(map(str, diff[3]))} | {100 * diff[0]:+.1f} | "
                     f"[{100 * diff[1]:+.1f}, {100 * diff[2]:+.1f}] | {per_seed} |\n"
                 )
     if paired:
