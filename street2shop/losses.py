@@ -162,10 +162,11 @@ def robust_contrastive_terms(
 
     A negative pair is dropped when ``d < negative_floor`` (``d == ν`` is kept).
     While ``active`` is false (a warm-up), nothing is dropped: the loss is the
-    plain contrastive loss. Dropped pairs have a loss of exactly 0 and a gradient of exactly 0: the
-    masks come from comparisons on stop-gradient distances and multiply
-    ``d²`` (resp. the hinge), so no gradient flows through them. Negatives at
-    ``d ≥ margin`` have a zero loss and a zero gradient through the hinge.
+    plain contrastive loss. Dropped pairs have a loss of exactly 0 and a
+    gradient of exactly 0: the masks come from comparisons on stop-gradient
+    distances and multiply ``d²`` (resp. the hinge), so no gradient flows
+    through them. Negatives at ``d ≥ margin`` have a zero loss and a zero
+    gradient through the hinge.
 
     Args:
         y_true: ``[B]`` or ``[B, 1]``, 1 for a matching pair, 0 otherwise.
