@@ -16,7 +16,8 @@ Extra variants, run only when named in ``--variants``: ``robust_warmup`` and
 ``robust_multitask_warmup``, the same with ``--drop-warmup-epochs`` epochs of
 the plain loss before the robust loss drops anything; ``robust_tau``, the
 robust loss with a fixed threshold ``--robust-tau`` as well as the quantile
-(a positive is dropped only when it is beyond both).
+(a positive is dropped only when it is beyond both); ``plain_multitask``,
+the plain loss with the auxiliary task.
 
 Each (variant, seed) result is a JSON file under ``--out``; a run started
 again skips finished ones (and a killed training resumes via
@@ -44,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data"
 DEFAULT_VARIANTS = ("histogram", "untrained", "plain", "robust", "robust_multitask")
-VARIANTS = DEFAULT_VARIANTS + ("robust_warmup", "robust_multitask_warmup", "robust_tau")
+VARIANTS = DEFAULT_VARIANTS + ("robust_warmup", "robust_multitask_warmup", "robust_tau", "plain_multitask")
 
 logger = logging.getLogger("bench_retrieval")
 
@@ -99,8 +100,8 @@ def run_one(variant, seed, args, queries, gallery):
         image_size=size, embedding_dim=args.embedding_dim, bn_momentum=args.bn_momentum, epochs=args.epochs,
         pairs_per_epoch=pairs_per_epoch, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=seed,
         output_dir=str(Path(args.out) / "runs" / f"{variant}-seed{seed}"),
-        loss="contrastive" if variant == "plain" else "robust",
-        auxiliary_dir=args.aux_dir if variant.startswith("robust_multitask") else "",
+        loss="contrastive" if variant.startswith("plain") else "robust",
+        auxiliary_dir=args.aux_dir if "multitask" in variant else "",
         drop_warmup_epochs=args.drop_warmup_epochs if variant.endswith("_warmup") else 0,
         positive_threshold=args.robust_tau if variant == "robust_tau" else 0.0,
         street_street_fraction=args.street_street_fraction, hard_negative_fraction=args.hard_negative_fraction,
@@ -195,7 +196,8 @@ def summary(out: Path) -> str:
     plot_top_k(runs, out / "topk.png", title="grocery val: street photos vs 81 catalogue photos")
     paired = ""
     # Each variant against plain, and multi-task against pairs only (the same robust loss).
-    comparisons = [(variant, "plain") for variant in VARIANTS[3:]] + [("robust_multitask", "robust")]
+    comparisons = [(variant, "plain") for variant in VARIANTS[3:]] + [
+        ("robust_multitask", "robust"), ("robust_multitask", "plain_multitask")]
     for variant, reference in comparisons:
         for k in (1, 5):
             diff = _paired_difference(results, variant, reference, k) if results else None
