@@ -310,9 +310,10 @@ def train(
     best, last = out / "best.keras", out / "last.keras"
     # A resumed run appends to its log and only replaces best.keras with a better epoch;
     # a fresh run in an old folder starts both anew.
-    # With a robust-loss warm-up, warm-up epochs compare only with each other, and the
-    # epochs after it only with each other (see losses.DropWarmup).
-    warmup = config.loss.drop_warmup_epochs if config.loss.loss == "robust" else 0
+    # The robust loss's warm-up switch (None without a warm-up). Warm-up epochs compare only
+    # with each other, and the epochs after it only with each other (see losses.DropWarmup).
+    drop_switch = getattr(model.loss.get("distance") if isinstance(model.loss, dict) else None, "active", None)
+    warmup = config.loss.drop_warmup_epochs if drop_switch is not None else 0
     from_epoch = warmup if initial_epoch > warmup else 0
     best_so_far = _best_logged(out / "log.csv", monitor, from_epoch=from_epoch) if initial_epoch else None
     best_checkpoint = keras.callbacks.ModelCheckpoint(str(best), monitor=monitor, save_best_only=True, initial_value_threshold=best_so_far)
@@ -326,7 +327,6 @@ def train(
     ]
     if fc.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, patience=fc.early_stopping_patience, restore_best_weights=False))
-    drop_switch = getattr(model.loss.get("distance") if isinstance(model.loss, dict) else None, "active", None)
     if drop_switch is not None:
         from street2shop.losses import DropWarmup
 

@@ -124,7 +124,6 @@ def test_cli_bad_value_is_one_line_exit_2(capsys):
     assert "manifest is required" in capsys.readouterr().err
 
 
-
 def test_best_logged_value_of_a_resumed_run_skips_the_warmup_epochs(tmp_path):
     from street2shop.train import _best_logged
 
