@@ -110,7 +110,8 @@ class LossConfig:
     drop_warmup_epochs: int = dataclasses.field(default=0, metadata=_help("robust: train this many epochs with the plain contrastive loss before dropping any pair"))
     w_pair: float = dataclasses.field(default=1.0, metadata=_help("weight of the contrastive loss on product pairs"))
     w_aux: float = dataclasses.field(default=1.0, metadata=_help("weight of the contrastive loss on auxiliary pairs"))
-    w_cls: float = dataclasses.field(default=0.5, metadata=_help("weight of each softmax loss on auxiliary images"))
+    w_cls: float = dataclasses.field(default=0.5, metadata=_help("weight of each softmax loss (on auxiliary images, and on product images with product_softmax)"))
+    product_softmax: bool = dataclasses.field(default=False, metadata=_help("also classify the training products: a softmax over their ids on every image of a product pair (weight w_cls), with or without an auxiliary set"))
 
     def __post_init__(self) -> None:
         _check(self.loss in ("robust", "contrastive"), "loss", self.loss, "'robust' or 'contrastive'")

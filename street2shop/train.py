@@ -45,9 +45,18 @@ class TrainResult:
     best_checkpoint: Path
     last_checkpoint: Path
     initial_epoch: int
-    num_classes: int | None
+    num_classes: int | None  # classes of the softmax head (auxiliary, then products); None without one
     seconds: float
     pairs_per_second: float
+
+
+def _multitask_description(auxiliary, labels, product_labels) -> str:
+    tasks = []
+    if auxiliary:
+        tasks.append(f"{len(set(labels))} auxiliary classes")
+    if product_labels:
+        tasks.append(f"{len(product_labels)} product classes")
+    return f", multi-task with {' and '.join(tasks)}" if tasks else ""
 
 
 def get_strategy(name: str = "auto"):
@@ -272,8 +281,15 @@ def train(
         labelled = read_class_folders(config.data.auxiliary_dir, max_per_class=config.data.auxiliary_max_per_class or None, seed=fc.seed)
         auxiliary, labels = labelled.records, labelled.labels()
         num_classes = len(labelled.classes)
+    product_labels = None
+    if config.loss.product_softmax:
+        # The training products get the classes after the auxiliary ones, in one shared head.
+        products = sorted({r.product_id for r in train_records})
+        product_labels = {p: (num_classes or 0) + i for i, p in enumerate(products)}
+        num_classes = (num_classes or 0) + len(products)
     # Whole batches per epoch, so a Keras epoch is exactly one plan (resuming relies on it).
-    planner = PairPlanner(train_records, _pair_config(config, steps * fc.batch_size, fc.seed), auxiliary=auxiliary, auxiliary_labels=labels)
+    planner = PairPlanner(train_records, _pair_config(config, steps * fc.batch_size, fc.seed), auxiliary=auxiliary,
+                          auxiliary_labels=labels, product_labels=product_labels)
 
     backup_dir = out / "backup"
     initial_epoch = _resume_epoch(backup_dir)
@@ -294,7 +310,8 @@ def train(
         logger.warning("val_pairs %d < batch_size %d: training without validation", config.data.val_pairs, fc.batch_size)
     if val_records and config.data.val_pairs >= fc.batch_size:
         try:
-            val_planner = PairPlanner(val_records, _pair_config(config, config.data.val_pairs, fc.seed + 10_000), auxiliary=auxiliary, auxiliary_labels=labels)
+            val_planner = PairPlanner(val_records, _pair_config(config, config.data.val_pairs, fc.seed + 10_000), auxiliary=auxiliary,
+                                      auxiliary_labels=labels, product_labels=product_labels)
         except DataError as e:
             logger.warning("no validation pairs: %s", e)
         else:
@@ -343,7 +360,7 @@ def train(
     logger.info(
         "training %s: %d pairs/epoch, %d epochs, batch %d over %d replica(s), %s loss%s",
         config.model.backbone, config.data.pairs_per_epoch, fc.epochs, fc.batch_size, replicas, config.loss.loss,
-        f", multi-task with {num_classes} auxiliary classes" if num_classes else "",
+        _multitask_description(auxiliary, labels, product_labels),
     )
     start = time.perf_counter()
     history = model.fit(

@@ -89,6 +89,30 @@ def test_multitask_run_writes_outputs_and_reports_metrics(synth_dataset, tmp_pat
     assert set(model.output.keys() if isinstance(model.output, dict) else model.output_names) == {"distance", "logits_a", "logits_b"}
 
 
+@pytest.mark.parametrize("with_auxiliary", [False, True])
+def test_product_softmax_adds_one_class_per_training_product(synth_dataset, tmp_path, with_auxiliary):
+    from PIL import Image
+
+    with open(synth_dataset) as f:
+        products = {row["product_id"] for row in csv.DictReader(f) if row["split"] in ("train", "catalog")}
+    extra = {}
+    if with_auxiliary:
+        aux = tmp_path / "aux"
+        rng = np.random.default_rng(0)
+        for c in range(3):
+            (aux / f"class{c}").mkdir(parents=True)
+            for k in range(3):
+                Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(aux / f"class{c}" / f"{k}.png")
+        extra["auxiliary_dir"] = str(aux)
+    config = tiny_config(synth_dataset, tmp_path / "run", epochs=1, pairs_per_epoch=24, product_softmax=True, **extra)
+    result = train(config, verbose=0)
+    expected = len(products) + (3 if with_auxiliary else 0)
+    assert result.num_classes == expected
+    assert result.model.get_layer("classifier").units == expected
+    for key in ("logits_a_loss", "logits_b_loss", "logits_a_accuracy"):
+        assert np.isfinite(result.history[key][0]), key
+
+
 def test_mirrored_strategy_over_two_logical_cpus_trains_a_step(synth_dataset, tmp_path):
     script = textwrap.dedent(
         f"""

@@ -17,7 +17,9 @@ Extra variants, run only when named in ``--variants``: ``robust_warmup`` and
 the plain loss before the robust loss drops anything; ``robust_tau``, the
 robust loss with a fixed threshold ``--robust-tau`` as well as the quantile
 (a positive is dropped only when it is beyond both); ``plain_multitask``,
-the plain loss with the auxiliary task.
+the plain loss with the auxiliary task; ``robust_products``,
+``robust_multitask_products`` and ``plain_multitask_products``, the same with
+a softmax over the training products as well (``--product-softmax``).
 
 Each (variant, seed) result is a JSON file under ``--out``; a run started
 again skips finished ones (and a killed training resumes via
@@ -45,7 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data"
 DEFAULT_VARIANTS = ("histogram", "untrained", "plain", "robust", "robust_multitask")
-VARIANTS = DEFAULT_VARIANTS + ("robust_warmup", "robust_multitask_warmup", "robust_tau", "plain_multitask")
+VARIANTS = DEFAULT_VARIANTS + ("robust_warmup", "robust_multitask_warmup", "robust_tau", "plain_multitask",
+                               "robust_products", "robust_multitask_products", "plain_multitask_products")
 
 logger = logging.getLogger("bench_retrieval")
 
@@ -85,7 +88,7 @@ def run_one(variant, seed, args, queries, gallery):
 
     started = time.perf_counter()
     size = args.image_size
-    record = {"variant": variant, "seed": seed, "image_size": size, "backbone": args.backbone, "pairs": args.pairs}
+    record = {"variant": variant, "seed": seed, "image_size": size, "backbone": args.backbone, "pairs": args.pairs, "settings": args.set}
     if variant == "histogram":
         from street2shop.baselines import colour_histogram_embeddings
 
@@ -104,8 +107,9 @@ def run_one(variant, seed, args, queries, gallery):
         auxiliary_dir=args.aux_dir if "multitask" in variant else "",
         drop_warmup_epochs=args.drop_warmup_epochs if variant.endswith("_warmup") else 0,
         positive_threshold=args.robust_tau if variant == "robust_tau" else 0.0,
+        product_softmax=variant.endswith("_products"),
         street_street_fraction=args.street_street_fraction, hard_negative_fraction=args.hard_negative_fraction,
-    )
+    ).replace(**args.set)
     if variant == "untrained":
         keras.utils.set_random_seed(seed)
         tower = build_model(config, None).get_layer("tower")
@@ -197,7 +201,8 @@ def summary(out: Path) -> str:
     paired = ""
     # Each variant against plain, and multi-task against pairs only (the same robust loss).
     comparisons = [(variant, "plain") for variant in VARIANTS[3:]] + [
-        ("robust_multitask", "robust"), ("robust_multitask", "plain_multitask")]
+        ("robust_multitask", "robust"), ("robust_multitask", "plain_multitask"),
+        ("robust_multitask_products", "robust_multitask"), ("robust_multitask_products", "plain_multitask_products")]
     for variant, reference in comparisons:
         for k in (1, 5):
             diff = _paired_difference(results, variant, reference, k) if results else None
@@ -234,6 +239,26 @@ def _paired_difference(results, a, b, k=1, samples=4000):
     return mean, low, high, dict(zip(seeds, difference.mean(axis=1)))
 
 
+def _parse_settings(items):
+    """``["a=1", "b=x"]`` → ``{"a": "1", "b": "x"}``, checked against the config's fields (values are checked by it)."""
+    from street2shop.config import TrainConfig, field_owners
+
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set takes FIELD=VALUE. Received: {item!r}")
+        settings[key.strip().replace("-", "_")] = value.strip()
+    unknown = sorted(set(settings) - set(field_owners()))
+    if unknown:
+        raise ValueError(f"--set: unknown config field(s) {', '.join(unknown)}")
+    try:
+        TrainConfig().replace(**settings)
+    except Exception as e:  # a ConfigError naming the field and value
+        raise ValueError(f"--set: {e}") from None
+    return settings
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", default=str(SHARED / "grocery" / "manifest.csv"))
@@ -255,9 +280,16 @@ def main() -> int:
     parser.add_argument("--hard-negative-fraction", type=float, default=0.5)
     parser.add_argument("--drop-warmup-epochs", type=int, default=2, help="plain-loss epochs before dropping, *_warmup variants only")
     parser.add_argument("--robust-tau", type=float, default=0.8, help="fixed positive threshold of the robust_tau variant")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="any other training config field, for every trained variant, e.g. --set shop_augment=1.0 "
+                             "(see `street2shop train --help`); use a separate --out per setting")
     parser.add_argument("--out", default=str(ROOT / "bench-output" / "retrieval"))
     parser.add_argument("--summary", action="store_true", help="only write summary.md and topk.png from finished results")
     args = parser.parse_args()
+    try:
+        args.set = _parse_settings(args.set)
+    except ValueError as e:
+        parser.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,9 @@ Three kinds of pairs, in configurable proportions:
   each carrying its class label for the softmax task of multi-task
   fine-tuning.
 
+Product images can carry class labels too (their product's index), for a
+softmax over the training products alongside the contrastive loss.
+
 A plan is a few NumPy arrays; :class:`PairPlanner` draws a fresh one for every
 epoch from ``(seed, epoch)``, so plans are reshuffled each epoch and a
 resumed run sees exactly the plans the interrupted one would have.
@@ -20,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -42,8 +45,9 @@ class PairPlan:
         box_a, box_b: float32 [P, 4]. Pixel boxes ``left, top, width, height``;
             all -1 for no box.
         label: float32. 1 for a matching pair, 0 otherwise.
-        class_a, class_b: int32. Class index of each image in the auxiliary
-            set, -1 for product images.
+        class_a, class_b: int32. Class index of each image: its auxiliary
+            class, or its product's class when the planner has
+            ``product_labels``; -1 for no class (ignored by the softmax loss).
         kind: int32. 0 for a product pair, 1 for an auxiliary pair.
         street_a, street_b: bool. Whether each image is a street photo (it
             gets the street augmentation strength).
@@ -161,6 +165,10 @@ class PairPlanner:
         config: PairConfig.
         auxiliary: sequence of Record or None. Images of a labelled set.
         auxiliary_labels: int array aligned with ``auxiliary``: class indices.
+        product_labels: mapping product id → class index, or None. With it,
+            each image of a product pair carries its product's class (-1 for
+            a product not in the mapping), for a softmax over the products;
+            without it, product images carry -1 (no class).
 
     Example:
 
@@ -177,8 +185,10 @@ class PairPlanner:
         *,
         auxiliary: Sequence[Record] | None = None,
         auxiliary_labels: Sequence[int] | np.ndarray | None = None,
+        product_labels: Mapping[str, int] | None = None,
     ) -> None:
         self.config = config
+        self.product_labels = dict(product_labels or {})
         self.records = list(records)
         street = [i for i, r in enumerate(self.records) if r.domain == "street"]
         shop = [i for i, r in enumerate(self.records) if r.domain == "shop"]
@@ -261,6 +271,8 @@ class PairPlanner:
         return np.concatenate([rng.permutation(self._anchors) for _ in range(reps)])[:n]
 
     def _row(self, a: Record, b: Record, label: int, kind: int = PRODUCT, class_a: int = -1, class_b: int = -1) -> tuple:
+        if kind == PRODUCT:
+            class_a, class_b = self.product_labels.get(a.product_id, -1), self.product_labels.get(b.product_id, -1)
         return (a.image_path, _box(a), b.image_path, _box(b), label, class_a, class_b, kind, a.domain == "street", b.domain == "street")
 
     def _positives(self, rng: np.random.Generator, n: int) -> list[tuple]:

@@ -85,6 +85,26 @@ def test_auxiliary_pairs_carry_class_labels():
         assert path.startswith(f"/aux/c{c}/")
 
 
+def test_product_labels_label_product_images_and_leave_auxiliary_classes_alone():
+    aux, labels = aux_records(n_classes=4)
+    # p5 is left out of the mapping: its images carry no class.
+    product_labels = {f"p{p}": 4 + p for p in range(5)}
+    planner = PairPlanner(make_records(), PairConfig(pairs_per_epoch=300, street_street_fraction=0.3), auxiliary=aux,
+                          auxiliary_labels=labels, product_labels=product_labels)
+    plan = planner.plan(0)
+    a = plan.kind == AUXILIARY
+    for paths, classes in ((plan.path_a, plan.class_a), (plan.path_b, plan.class_b)):
+        for path, c in zip(paths[~a], classes[~a]):
+            assert c == product_labels.get(product_of(path), -1), (path, c)
+        for path, c in zip(paths[a], classes[a]):
+            assert path.startswith(f"/aux/c{c}/")
+    assert set(plan.class_a[~a].tolist()) == {-1, 4, 5, 6, 7, 8}  # every street anchor is used, p5's too
+    # The labels do not change which pairs are drawn.
+    plain = PairPlanner(make_records(), PairConfig(pairs_per_epoch=300, street_street_fraction=0.3), auxiliary=aux,
+                        auxiliary_labels=labels).plan(0)
+    assert np.array_equal(plain.path_a, plan.path_a) and np.array_equal(plain.path_b, plan.path_b)
+
+
 def test_reproducible_by_seed_and_reshuffled_per_epoch():
     records = make_records()
     p1 = PairPlanner(records, PairConfig(pairs_per_epoch=50, seed=7))
