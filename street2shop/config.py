@@ -84,6 +84,7 @@ class ModelConfig:
     bn_momentum: float = dataclasses.field(default=0.0, metadata=_help("momentum of the backbone's BatchNorm statistics (0 = the backbone's own, 0.99); ~0.9 for short runs from scratch"))
     dropout: float = dataclasses.field(default=0.0, metadata=_help("dropout before the projection"))
     pooling: str = dataclasses.field(default="avg", metadata=_help("global pooling: avg or max"))
+    classifier_scale: float = dataclasses.field(default=16.0, metadata=_help("softmax head of multi-task: a cosine classifier with logits scale·cos(embedding, class); 0 = a plain Dense layer"))
 
     def __post_init__(self) -> None:
         _check(self.backbone in BACKBONES, "backbone", self.backbone, f"one of {', '.join(BACKBONES)}")
@@ -94,6 +95,7 @@ class ModelConfig:
         _check(not (self.trainable_from and self.trainable_layers >= 0), "trainable_from", self.trainable_from,
                "empty when trainable_layers is set (give one of them)")
         _check(self.pooling in ("avg", "max"), "pooling", self.pooling, "'avg' or 'max'")
+        _check(self.classifier_scale >= 0.0 and math.isfinite(self.classifier_scale), "classifier_scale", self.classifier_scale, ">= 0")
 
     @property
     def weights_arg(self) -> str | None:

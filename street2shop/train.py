@@ -199,7 +199,7 @@ def build_model(config: TrainConfig, num_classes: int | None):
         dropout=mc.dropout,
         pooling=mc.pooling,
     )
-    model = build_siamese(tower, num_classes=num_classes)
+    model = build_siamese(tower, num_classes=num_classes, classifier_scale=mc.classifier_scale or None)
     loss, loss_weights, metric_map = build_losses_and_metrics(config, num_classes)
     optimizer = build_optimizer(config)
     optimizer.set_backbone_variables(tower.get_layer("backbone").trainable_variables)

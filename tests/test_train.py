@@ -89,6 +89,15 @@ def test_multitask_run_writes_outputs_and_reports_metrics(synth_dataset, tmp_pat
     assert set(model.output.keys() if isinstance(model.output, dict) else model.output_names) == {"distance", "logits_a", "logits_b"}
 
 
+def test_classifier_scale_picks_the_head(synth_dataset, tmp_path):
+    from street2shop.model.layers import CosineClassifier
+
+    head = build_model(tiny_config(synth_dataset, tmp_path), 5).get_layer("classifier")
+    assert isinstance(head, CosineClassifier) and head.scale == 16.0 and head.units == 5  # the default
+    head = build_model(tiny_config(synth_dataset, tmp_path, classifier_scale=0.0), 5).get_layer("classifier")
+    assert type(head) is keras.layers.Dense and head.units == 5
+
+
 @pytest.mark.parametrize("with_auxiliary", [False, True])
 def test_product_softmax_adds_one_class_per_training_product(synth_dataset, tmp_path, with_auxiliary):
     from PIL import Image

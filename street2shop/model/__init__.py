@@ -5,7 +5,7 @@ Importing this package registers the custom Keras layers, which loading a
 """
 
 from street2shop.model.backbones import BACKBONES, build_backbone, set_trainable
-from street2shop.model.layers import BackbonePreprocess, L2Normalize, PairDistance
+from street2shop.model.layers import BackbonePreprocess, CosineClassifier, L2Normalize, PairDistance
 from street2shop.model.siamese import OUTPUT_KEYS, build_siamese, tower_of
 from street2shop.model.tower import build_tower, tower_spec
 
@@ -13,6 +13,7 @@ __all__ = [
     "BACKBONES",
     "OUTPUT_KEYS",
     "BackbonePreprocess",
+    "CosineClassifier",
     "L2Normalize",
     "PairDistance",
     "build_backbone",

@@ -4,7 +4,7 @@
 
     image_a ─┐                ┌─ embedding_a ─┬─ PairDistance ──────────── "distance"  [B]
              ├─ tower (shared) ┤               │
-    image_b ─┘                └─ embedding_b ─┴─ classifier (shared Dense) ─ "logits_a", "logits_b"  [B, C]
+    image_b ─┘                └─ embedding_b ─┴─ classifier (shared) ─────── "logits_a", "logits_b"  [B, C]
 
 The outputs are a dict, so ``model.fit`` takes ``y`` (and ``sample_weight``)
 as dicts with the same keys, as ``street2shop.data.pipeline.pair_dataset``
@@ -14,7 +14,9 @@ images without a class, to be masked by the loss).
 
 The classifier sits on the L2-normalised embeddings (not on the pooled
 backbone features), so the softmax task of multi-task fine-tuning shapes the
-very space the retrieval uses.
+very space the retrieval uses. Training builds it as a cosine classifier with
+a fixed scale (``classifier_scale``; see ``CosineClassifier``), since a plain
+``Dense`` on unit vectors learns slowly.
 """
 
 from __future__ import annotations
@@ -23,24 +25,26 @@ import logging
 from typing import Any
 
 from street2shop.errors import ConfigError, ModelError
-from street2shop.model.layers import PairDistance
+from street2shop.model.layers import CosineClassifier, PairDistance
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_KEYS = ("distance", "logits_a", "logits_b")
 
 
-def build_siamese(tower: Any, *, num_classes: int | None = None, name: str = "siamese") -> Any:
+def build_siamese(tower: Any, *, num_classes: int | None = None, classifier_scale: float | None = None, name: str = "siamese") -> Any:
     """The siamese training model around one shared tower.
 
     Args:
         tower: keras.Model. From ``build_tower``: one image input, one
             embedding output. Both inputs go through this same object (one
             set of weights).
-        num_classes: int or None. With a number (>= 2), a shared
-            ``Dense(num_classes)`` head named ``"classifier"`` on both
-            embeddings adds the ``logits_a`` and ``logits_b`` outputs
-            (unnormalised logits).
+        num_classes: int or None. With a number (>= 2), a shared head
+            named ``"classifier"`` on both embeddings adds the ``logits_a``
+            and ``logits_b`` outputs (unnormalised logits).
+        classifier_scale: float or None. With a number, the head is a
+            ``CosineClassifier`` with that scale (logits ``s·cos``); with
+            None, a plain ``Dense(num_classes)``.
         name: str. The model's name.
 
     Returns:
@@ -66,7 +70,10 @@ def build_siamese(tower: Any, *, num_classes: int | None = None, name: str = "si
     embedding_b = tower(image_b)
     outputs = {"distance": PairDistance(name="distance")([embedding_a, embedding_b])}
     if num_classes is not None:
-        classifier = keras.layers.Dense(num_classes, name="classifier")
+        if classifier_scale is None:
+            classifier = keras.layers.Dense(num_classes, name="classifier")
+        else:
+            classifier = CosineClassifier(num_classes, scale=classifier_scale, name="classifier")
         outputs["logits_a"] = keras.layers.Identity(name="logits_a")(classifier(embedding_a))
         outputs["logits_b"] = keras.layers.Identity(name="logits_b")(classifier(embedding_b))
     model = keras.Model({"image_a": image_a, "image_b": image_b}, outputs, name=name)

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from street2shop.errors import ConfigError, ModelError
-from street2shop.model.layers import PairDistance
+from street2shop.model.layers import CosineClassifier, PairDistance
 from street2shop.model.siamese import build_siamese, tower_of
 from street2shop.model.tower import build_tower, tower_spec
 from tests.keras_helpers import assert_config_round_trip, assert_keras_file_round_trip
@@ -82,6 +82,47 @@ def test_outputs_with_classes(tower):
     kernel, bias = (np.asarray(w) for w in model.get_layer("classifier").weights)
     a = _pixels((3, SIZE, SIZE, 3), 1)
     np.testing.assert_allclose(np.asarray(model({"image_a": a, "image_b": a})["logits_a"]), np.asarray(tower(a)) @ kernel + bias, rtol=1e-4, atol=1e-5)
+
+
+def test_cosine_classifier_by_hand_and_vs_numpy():
+    layer = CosineClassifier(2, scale=10.0)
+    layer.build((None, 2))
+    layer.kernel.assign(np.array([[3.0, 0.0], [4.0, -2.0]], "float32"))  # columns (3, 4) and (0, -2)
+    x = np.array([[0.0, 5.0], [1.0, 0.0]], "float32")
+    # cos((0, 1), (0.6, 0.8)) = 0.8, cos((0, 1), (0, -1)) = -1; cos((1, 0), ·) = 0.6 and 0
+    np.testing.assert_allclose(np.asarray(layer(x)), [[8.0, -10.0], [6.0, 0.0]], rtol=1e-6)
+    rng = np.random.default_rng(0)
+    layer = CosineClassifier(7, scale=16.0)
+    x = rng.normal(size=(5, 12)).astype("float32") * 3
+    out = np.asarray(layer(x))
+    w = np.asarray(layer.kernel)
+    expected = 16.0 * (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (w / np.linalg.norm(w, axis=0, keepdims=True))
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    assert np.abs(out).max() <= 16.0 + 1e-4
+
+
+def test_cosine_classifier_config_and_arguments():
+    layer = CosineClassifier(4, scale=8.0, name="c")
+    again = CosineClassifier.from_config(layer.get_config())
+    assert (again.units, again.scale, again.name) == (4, 8.0, "c")
+    for bad in (dict(units=1), dict(units=True), dict(units=3, scale=0.0), dict(units=3, scale=-1.0)):
+        with pytest.raises(ConfigError):
+            CosineClassifier(**bad)
+
+
+def test_cosine_head_is_shared_and_round_trips(tower, tmp_path):
+    model = build_siamese(tower, num_classes=4, classifier_scale=12.0)
+    head = model.get_layer("classifier")
+    assert isinstance(head, CosineClassifier) and head.scale == 12.0
+    assert len(model.weights) == len(tower.weights) + 1  # one kernel, no bias
+    a = _pixels((3, SIZE, SIZE, 3), 1)
+    out = model({"image_a": a, "image_b": a})
+    np.testing.assert_array_equal(np.asarray(out["logits_a"]), np.asarray(out["logits_b"]))
+    kernel = np.asarray(head.kernel)
+    e = np.asarray(tower(a))
+    np.testing.assert_allclose(np.asarray(out["logits_a"]), 12.0 * e @ (kernel / np.linalg.norm(kernel, axis=0)), rtol=1e-4, atol=1e-4)
+    loaded = assert_keras_file_round_trip(model, {"image_a": a, "image_b": _pixels((3, SIZE, SIZE, 3), 2)}, tmp_path)
+    assert isinstance(loaded.get_layer("classifier"), CosineClassifier)
 
 
 def test_tower_is_one_shared_object(tower):
