@@ -95,7 +95,7 @@ class ModelConfig:
         _check(not (self.trainable_from and self.trainable_layers >= 0), "trainable_from", self.trainable_from,
                "empty when trainable_layers is set (give one of them)")
         _check(self.pooling in ("avg", "max"), "pooling", self.pooling, "'avg' or 'max'")
-        _check(self.classifier_scale >= 0.0 and math.isfinite(self.classifier_scale), "classifier_scale", self.classifier_scale, ">= 0")
+        _check(self.classifier_scale >= 0.0 and math.isfinite(self.classifier_scale), "classifier_scale", self.classifier_scale, "finite and >= 0")
 
     @property
     def weights_arg(self) -> str | None:
@@ -113,7 +113,7 @@ class LossConfig:
     w_pair: float = dataclasses.field(default=1.0, metadata=_help("weight of the contrastive loss on product pairs"))
     w_aux: float = dataclasses.field(default=1.0, metadata=_help("weight of the contrastive loss on auxiliary pairs"))
     w_cls: float = dataclasses.field(default=0.5, metadata=_help("weight of each softmax loss (on auxiliary images, and on product images with product_softmax)"))
-    product_softmax: bool = dataclasses.field(default=False, metadata=_help("also classify the training products: a softmax over their ids on every image of a product pair (weight w_cls), with or without an auxiliary set"))
+    product_softmax: bool = dataclasses.field(default=False, metadata=_help("also classify the training products (those of the training split's street photos): a softmax over them on every image of a product pair, in the auxiliary set's head (weight w_cls, averaged over all labelled images), with or without an auxiliary set"))
 
     def __post_init__(self) -> None:
         _check(self.loss in ("robust", "contrastive"), "loss", self.loss, "'robust' or 'contrastive'")

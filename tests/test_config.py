@@ -29,8 +29,8 @@ def test_replace_by_field_name_and_types_coerced_from_strings():
         ("loss", "triplet", "Received: loss='triplet'"),
         ("positive_quantile", 1.5, "positive_quantile"),
         ("batch_size", "lots", "batch_size must be int. Received: batch_size='lots'"),
-        ("classifier_scale", -2.0, "classifier_scale must be >= 0. Received: classifier_scale=-2.0"),
-        ("classifier_scale", float("inf"), "classifier_scale must be >= 0. Received: classifier_scale=inf"),
+        ("classifier_scale", -2.0, "classifier_scale must be finite and >= 0. Received: classifier_scale=-2.0"),
+        ("classifier_scale", float("inf"), "classifier_scale must be finite and >= 0. Received: classifier_scale=inf"),
     ],
 )
 def test_bad_values_name_the_field(field, value, expected):

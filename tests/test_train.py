@@ -102,8 +102,17 @@ def test_classifier_scale_picks_the_head(synth_dataset, tmp_path):
 def test_product_softmax_adds_one_class_per_training_product(synth_dataset, tmp_path, with_auxiliary):
     from PIL import Image
 
+    # A catalogue-only product (a shop photo, no street photo in the training split) gets no class.
     with open(synth_dataset) as f:
-        products = {row["product_id"] for row in csv.DictReader(f) if row["split"] in ("train", "catalog")}
+        rows = list(csv.DictReader(f))
+    products = {row["product_id"] for row in rows if row["split"] == "train" and row["domain"] == "street"}
+    extra_row = dict(next(row for row in rows if row["domain"] == "shop"), product_id="catalogue_only")
+    manifest = tmp_path / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows + [extra_row]:
+            writer.writerow(dict(row, image_path=str(synth_dataset.parent / row["image_path"])))
     extra = {}
     if with_auxiliary:
         aux = tmp_path / "aux"
@@ -113,13 +122,15 @@ def test_product_softmax_adds_one_class_per_training_product(synth_dataset, tmp_
             for k in range(3):
                 Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(aux / f"class{c}" / f"{k}.png")
         extra["auxiliary_dir"] = str(aux)
-    config = tiny_config(synth_dataset, tmp_path / "run", epochs=1, pairs_per_epoch=24, product_softmax=True, **extra)
+    config = tiny_config(manifest, tmp_path / "run", epochs=1, pairs_per_epoch=24, product_softmax=True, **extra)
     result = train(config, verbose=0)
     expected = len(products) + (3 if with_auxiliary else 0)
-    assert result.num_classes == expected
+    assert len(products) == 6 and result.num_classes == expected
     assert result.model.get_layer("classifier").units == expected
     for key in ("logits_a_loss", "logits_b_loss", "logits_a_accuracy"):
         assert np.isfinite(result.history[key][0]), key
+    # Product images carry labels: with no auxiliary set, only they can give the softmax a (positive) loss.
+    assert result.history["logits_a_loss"][0] > 0.1 and result.history["logits_b_loss"][0] > 0.1
 
 
 def test_mirrored_strategy_over_two_logical_cpus_trains_a_step(synth_dataset, tmp_path):

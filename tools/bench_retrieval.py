@@ -50,6 +50,13 @@ DEFAULT_VARIANTS = ("histogram", "untrained", "plain", "robust", "robust_multita
 VARIANTS = DEFAULT_VARIANTS + ("robust_warmup", "robust_multitask_warmup", "robust_tau", "plain_multitask",
                                "robust_products", "robust_multitask_products", "plain_multitask_products")
 
+# Config fields run_one sets itself: from a flag of this tool, or by the variant.
+RESERVED = frozenset({
+    "manifest", "train_split", "val_split", "backbone", "weights", "image_size", "embedding_dim", "bn_momentum",
+    "epochs", "pairs_per_epoch", "batch_size", "learning_rate", "seed", "output_dir", "loss", "auxiliary_dir",
+    "drop_warmup_epochs", "positive_threshold", "product_softmax", "street_street_fraction", "hard_negative_fraction",
+})
+
 logger = logging.getLogger("bench_retrieval")
 
 
@@ -202,7 +209,9 @@ def summary(out: Path) -> str:
     # Each variant against plain, and multi-task against pairs only (the same robust loss).
     comparisons = [(variant, "plain") for variant in VARIANTS[3:]] + [
         ("robust_multitask", "robust"), ("robust_multitask", "plain_multitask"),
-        ("robust_multitask_products", "robust_multitask"), ("robust_multitask_products", "plain_multitask_products")]
+        ("robust_products", "robust"), ("robust_multitask_products", "robust_products"),
+        ("robust_multitask_products", "robust_multitask"), ("robust_multitask_products", "plain_multitask_products"),
+        ("plain_multitask_products", "plain_multitask")]
     for variant, reference in comparisons:
         for k in (1, 5):
             diff = _paired_difference(results, variant, reference, k) if results else None
@@ -252,6 +261,9 @@ def _parse_settings(items):
     unknown = sorted(set(settings) - set(field_owners()))
     if unknown:
         raise ValueError(f"--set: unknown config field(s) {', '.join(unknown)}")
+    reserved = sorted(set(settings) & RESERVED)
+    if reserved:
+        raise ValueError(f"--set: {', '.join(reserved)} are set by this tool (a flag of its own, or what a variant means)")
     try:
         TrainConfig().replace(**settings)
     except Exception as e:  # a ConfigError naming the field and value
@@ -280,9 +292,10 @@ def main() -> int:
     parser.add_argument("--hard-negative-fraction", type=float, default=0.5)
     parser.add_argument("--drop-warmup-epochs", type=int, default=2, help="plain-loss epochs before dropping, *_warmup variants only")
     parser.add_argument("--robust-tau", type=float, default=0.8, help="fixed positive threshold of the robust_tau variant")
-    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
-                        help="any other training config field, for every trained variant, e.g. --set shop_augment=1.0 "
-                             "(see `street2shop train --help`); use a separate --out per setting")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
+                        help="another training config field, for every trained variant, e.g. --set shop_augment=1.0 "
+                             "(see `street2shop train --help`; not the fields this tool sets itself); use a separate "
+                             "--out per setting")
     parser.add_argument("--out", default=str(ROOT / "bench-output" / "retrieval"))
     parser.add_argument("--summary", action="store_true", help="only write summary.md and topk.png from finished results")
     args = parser.parse_args()
@@ -308,6 +321,10 @@ def main() -> int:
     for variant, seed in order:
         path = out / f"result-{variant}-seed{seed}.json"
         if path.is_file():
+            earlier = json.loads(path.read_text()).get("settings", {})
+            if variant != "histogram" and earlier != args.set:
+                logger.error("%s ran with --set %s, this command has --set %s: use another --out", path, earlier, args.set)
+                return 2
             logger.info("done already: %s", path.name)
             continue
         logger.info("running %s, seed %d", variant, seed)

@@ -232,7 +232,7 @@ class PairPlanner:
 
     @property
     def num_classes(self) -> int | None:
-        """Number of auxiliary classes, or None without an auxiliary set."""
+        """Number of auxiliary classes, or None without an auxiliary set (product classes, if any, are not counted)."""
         return int(self.auxiliary_labels.max()) + 1 if self.auxiliary else None
 
     def plan(self, epoch: int) -> PairPlan:

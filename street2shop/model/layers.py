@@ -8,6 +8,7 @@ files that contain them load with ``safe_mode=True`` once
 from __future__ import annotations
 
 import logging
+import numbers
 from typing import Any
 
 import keras
@@ -180,6 +181,9 @@ class CosineClassifier(keras.layers.Layer):
     classes needs ``scale ≳ log(p (C − 1) / (1 − p))``: about 7.4 for
     p = 0.9 and C = 180; the default 16 leaves room.
 
+    Computes in float32 (like ``L2Normalize``), also under a mixed-precision
+    policy, so the softmax sees full-precision logits.
+
     Args:
         units: int. Number of classes (>= 2).
         scale: float. The logits' bound (> 0). Defaults to 16.
@@ -193,9 +197,10 @@ class CosineClassifier(keras.layers.Layer):
     def __init__(self, units: int, scale: float = 16.0, epsilon: float = 1e-12, **kwargs: Any) -> None:
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
-        if isinstance(units, bool) or not isinstance(units, int) or units < 2:
+        if isinstance(units, bool) or not isinstance(units, numbers.Integral) or units < 2:
             raise ConfigError(f"units must be an int >= 2. Received: units={units!r}")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        units = int(units)
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 < scale < float("inf"):
             raise ConfigError(f"scale must be a positive number. Received: scale={scale!r}")
         self.units = units
         self.scale = float(scale)

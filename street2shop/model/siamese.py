@@ -42,9 +42,9 @@ def build_siamese(tower: Any, *, num_classes: int | None = None, classifier_scal
         num_classes: int or None. With a number (>= 2), a shared head
             named ``"classifier"`` on both embeddings adds the ``logits_a``
             and ``logits_b`` outputs (unnormalised logits).
-        classifier_scale: float or None. With a number, the head is a
-            ``CosineClassifier`` with that scale (logits ``s·cos``); with
-            None, a plain ``Dense(num_classes)``.
+        classifier_scale: float or None. With a positive number, the head
+            is a ``CosineClassifier`` with that scale (logits ``s·cos``);
+            with None or 0, a plain ``Dense(num_classes)``.
         name: str. The model's name.
 
     Returns:
@@ -70,7 +70,7 @@ def build_siamese(tower: Any, *, num_classes: int | None = None, classifier_scal
     embedding_b = tower(image_b)
     outputs = {"distance": PairDistance(name="distance")([embedding_a, embedding_b])}
     if num_classes is not None:
-        if classifier_scale is None:
+        if not classifier_scale:
             classifier = keras.layers.Dense(num_classes, name="classifier")
         else:
             classifier = CosineClassifier(num_classes, scale=classifier_scale, name="classifier")

@@ -105,7 +105,9 @@ def test_cosine_classifier_config_and_arguments():
     layer = CosineClassifier(4, scale=8.0, name="c")
     again = CosineClassifier.from_config(layer.get_config())
     assert (again.units, again.scale, again.name) == (4, 8.0, "c")
-    for bad in (dict(units=1), dict(units=True), dict(units=3, scale=0.0), dict(units=3, scale=-1.0)):
+    assert CosineClassifier(np.int64(3)).units == 3
+    for bad in (dict(units=1), dict(units=True), dict(units=3.0), dict(units=3, scale=0.0), dict(units=3, scale=-1.0),
+                dict(units=3, scale=float("inf"))):
         with pytest.raises(ConfigError):
             CosineClassifier(**bad)
 
@@ -123,6 +125,7 @@ def test_cosine_head_is_shared_and_round_trips(tower, tmp_path):
     np.testing.assert_allclose(np.asarray(out["logits_a"]), 12.0 * e @ (kernel / np.linalg.norm(kernel, axis=0)), rtol=1e-4, atol=1e-4)
     loaded = assert_keras_file_round_trip(model, {"image_a": a, "image_b": _pixels((3, SIZE, SIZE, 3), 2)}, tmp_path)
     assert isinstance(loaded.get_layer("classifier"), CosineClassifier)
+    assert type(build_siamese(tower, num_classes=4, classifier_scale=0).get_layer("classifier")) is keras.layers.Dense
 
 
 def test_tower_is_one_shared_object(tower):
