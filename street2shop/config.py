@@ -112,8 +112,8 @@ class LossConfig:
     drop_warmup_epochs: int = dataclasses.field(default=0, metadata=_help("robust: train this many epochs with the plain contrastive loss before dropping any pair"))
     w_pair: float = dataclasses.field(default=1.0, metadata=_help("weight of the contrastive loss on product pairs"))
     w_aux: float = dataclasses.field(default=1.0, metadata=_help("weight of the contrastive loss on auxiliary pairs"))
-    w_cls: float = dataclasses.field(default=0.5, metadata=_help("weight of each softmax loss (on auxiliary images, and on product images with product_softmax)"))
-    product_softmax: bool = dataclasses.field(default=False, metadata=_help("also classify the training products (those of the training split's street photos): a softmax over them on every image of a product pair, in the auxiliary set's head (weight w_cls, averaged over all labelled images), with or without an auxiliary set"))
+    w_cls: float = dataclasses.field(default=0.5, metadata=_help("weight of each softmax loss on auxiliary images"))
+    w_product: float = dataclasses.field(default=0.0, metadata=_help("weight of each softmax loss on product images: a softmax over the training products (those of the training split's street photos), in the auxiliary set's head if there is one; 0 = off"))
 
     def __post_init__(self) -> None:
         _check(self.loss in ("robust", "contrastive"), "loss", self.loss, "'robust' or 'contrastive'")
@@ -122,7 +122,7 @@ class LossConfig:
         _check(0.0 <= self.positive_quantile <= 1.0, "positive_quantile", self.positive_quantile, "in [0, 1]")
         _check(0.0 <= self.negative_floor < self.margin, "negative_floor", self.negative_floor, f"in [0, margin={self.margin})")
         _check(self.drop_warmup_epochs >= 0, "drop_warmup_epochs", self.drop_warmup_epochs, ">= 0")
-        for name in ("w_pair", "w_aux", "w_cls"):
+        for name in ("w_pair", "w_aux", "w_cls", "w_product"):
             v = getattr(self, name)
             _check(v >= 0.0 and math.isfinite(v), name, v, ">= 0")
 

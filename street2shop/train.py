@@ -167,7 +167,7 @@ def build_losses_and_metrics(config: TrainConfig, num_classes: int | None):
     if num_classes:
         for key in ("logits_a", "logits_b"):
             loss[key] = losses.MaskedSparseCategoricalCrossentropy()
-            loss_weights[key] = lc.w_cls
+            loss_weights[key] = 1.0  # w_cls and w_product are per-image sample weights (pair_dataset)
             metric_map[key] = [metrics.MaskedSparseCategoricalAccuracy(name="accuracy")]
     return loss, loss_weights, metric_map
 
@@ -282,7 +282,7 @@ def train(
         auxiliary, labels = labelled.records, labelled.labels()
         num_classes = len(labelled.classes)
     product_labels = None
-    if config.loss.product_softmax:
+    if config.loss.w_product > 0:
         # The products of the training split's street photos get the classes after the auxiliary
         # ones, in one shared head. Catalogue-only products (the gallery of val/test products) stay -1.
         products = sorted({r.product_id for r in train_records if r.domain == "street"})
@@ -297,6 +297,7 @@ def train(
     if initial_epoch:
         logger.info("resuming %s at epoch %d", out, initial_epoch + 1)
     weights = (config.loss.w_pair, config.loss.w_aux)
+    class_weights = (config.loss.w_product, config.loss.w_cls)
     train_ds = pair_dataset(
         planner.plan,
         image_size=config.data.image_size,
@@ -305,6 +306,7 @@ def train(
         augment=AugmentConfig(street=config.data.street_augment, shop=config.data.shop_augment, seed=fc.seed),
         with_classes=bool(num_classes),
         pair_weights=weights,
+        class_weights=class_weights,
     )
     val_ds = val_steps = None
     if val_records and 0 < config.data.val_pairs < fc.batch_size:
@@ -319,7 +321,8 @@ def train(
             val_plan = val_planner.plan(0)
             val_steps = len(val_plan) // fc.batch_size
             val_ds = pair_dataset(lambda _epoch: val_plan, image_size=config.data.image_size, batch_size=fc.batch_size,
-                                  epochs=1, with_classes=bool(num_classes), pair_weights=weights)
+                                  epochs=1, with_classes=bool(num_classes), pair_weights=weights,
+                                  class_weights=class_weights)
 
     with strategy.scope():
         model = build_model(config, num_classes)

@@ -25,7 +25,7 @@ def test_settings_are_parsed_and_checked(bench):
         (["no_such_field=1"], "unknown config field"),
         (["shop_augment=lots"], "shop_augment must be float"),
         (["seed=3"], "set by this tool"),
-        (["product_softmax=true"], "set by this tool"),
+        (["w_product=1"], "set by this tool"),
     ):
         with pytest.raises(ValueError, match=message):
             bench._parse_settings(items)

@@ -122,7 +122,7 @@ def test_product_softmax_adds_one_class_per_training_product(synth_dataset, tmp_
             for k in range(3):
                 Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(aux / f"class{c}" / f"{k}.png")
         extra["auxiliary_dir"] = str(aux)
-    config = tiny_config(manifest, tmp_path / "run", epochs=1, pairs_per_epoch=24, product_softmax=True, **extra)
+    config = tiny_config(manifest, tmp_path / "run", epochs=1, pairs_per_epoch=24, w_product=0.5, **extra)
     result = train(config, verbose=0)
     expected = len(products) + (3 if with_auxiliary else 0)
     assert len(products) == 6 and result.num_classes == expected
@@ -177,3 +177,36 @@ def test_best_logged_value_of_a_resumed_run_skips_the_warmup_epochs(tmp_path):
     assert _best_logged(log, "val_loss", from_epoch=2) == 0.65
     assert _best_logged(log, "loss", from_epoch=2) == 0.4
     assert _best_logged(tmp_path / "missing.csv", "val_loss") is None
+
+
+def test_total_loss_weights_each_task_as_documented(synth_dataset, tmp_path):
+    """Total = mean(w_pair or w_aux · contrastive) + per logits output Σ w·CE / n_labelled (reference in NumPy)."""
+    rng = np.random.default_rng(1)
+    records = [r for r in read_manifest(synth_dataset) if r.split in ("train", "catalog")]
+    products = sorted({r.product_id for r in records if r.domain == "street"})
+    aux = [r for r in records if r.domain == "shop"][:4]
+    aux_labels = [0, 0, 1, 1]
+    config = tiny_config(synth_dataset, tmp_path, loss="contrastive", w_pair=1.0, w_aux=0.5, w_cls=0.25, w_product=2.0)
+    planner = PairPlanner(records, PairConfig(pairs_per_epoch=16, seed=3), auxiliary=aux, auxiliary_labels=aux_labels,
+                          product_labels={p: 2 + i for i, p in enumerate(products)})
+    ds = pair_dataset(planner.plan, image_size=32, batch_size=16, epochs=1, with_classes=True, pair_weights=(1.0, 0.5),
+                      class_weights=(2.0, 0.25))
+    x, y, w = next(iter(ds))
+    model = build_model(config, 2 + len(products))
+    model.get_layer("classifier").kernel.assign(rng.normal(size=model.get_layer("classifier").kernel.shape).astype("float32"))
+    out = model(x, training=False)
+    d = out["distance"].numpy()
+    label = y["distance"].numpy()
+    contrastive = label * d**2 + (1 - label) * np.maximum(0.0, 1.0 - d) ** 2
+    expected = np.mean(w["distance"].numpy() * contrastive)
+    for key in ("logits_a", "logits_b"):
+        logits = out[key].numpy().astype(np.float64)
+        classes = y[key].numpy()
+        log_p = logits - logits.max(axis=1, keepdims=True)
+        log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+        labelled = classes >= 0
+        ce = -log_p[np.arange(len(classes)), np.where(labelled, classes, 0)]
+        expected += np.sum((w[key].numpy() * ce)[labelled]) / labelled.sum()
+    assert set(np.unique(w["logits_a"].numpy())) == {0.25, 2.0}  # both kinds in the batch
+    total = model.evaluate(x, y, sample_weight=w, batch_size=16, verbose=0, return_dict=True)["loss"]
+    assert total == pytest.approx(expected, rel=1e-4)

@@ -19,7 +19,7 @@ robust loss with a fixed threshold ``--robust-tau`` as well as the quantile
 (a positive is dropped only when it is beyond both); ``plain_multitask``,
 the plain loss with the auxiliary task; ``robust_products``,
 ``robust_multitask_products`` and ``plain_multitask_products``, the same with
-a softmax over the training products as well (``--product-softmax``).
+a softmax over the training products as well (``--w-product``).
 
 Each (variant, seed) result is a JSON file under ``--out``; a run started
 again skips finished ones (and a killed training resumes via
@@ -54,7 +54,7 @@ VARIANTS = DEFAULT_VARIANTS + ("robust_warmup", "robust_multitask_warmup", "robu
 RESERVED = frozenset({
     "manifest", "train_split", "val_split", "backbone", "weights", "image_size", "embedding_dim", "bn_momentum",
     "epochs", "pairs_per_epoch", "batch_size", "learning_rate", "seed", "output_dir", "loss", "auxiliary_dir",
-    "drop_warmup_epochs", "positive_threshold", "product_softmax", "street_street_fraction", "hard_negative_fraction",
+    "drop_warmup_epochs", "positive_threshold", "w_product", "street_street_fraction", "hard_negative_fraction",
 })
 
 logger = logging.getLogger("bench_retrieval")
@@ -114,7 +114,7 @@ def run_one(variant, seed, args, queries, gallery):
         auxiliary_dir=args.aux_dir if "multitask" in variant else "",
         drop_warmup_epochs=args.drop_warmup_epochs if variant.endswith("_warmup") else 0,
         positive_threshold=args.robust_tau if variant == "robust_tau" else 0.0,
-        product_softmax=variant.endswith("_products"),
+        w_product=args.w_product if variant.endswith("_products") else 0.0,
         street_street_fraction=args.street_street_fraction, hard_negative_fraction=args.hard_negative_fraction,
     ).replace(**args.set)
     if variant == "untrained":
@@ -291,6 +291,7 @@ def main() -> int:
     parser.add_argument("--street-street-fraction", type=float, default=0.0)
     parser.add_argument("--hard-negative-fraction", type=float, default=0.5)
     parser.add_argument("--drop-warmup-epochs", type=int, default=2, help="plain-loss epochs before dropping, *_warmup variants only")
+    parser.add_argument("--w-product", type=float, default=0.5, help="weight of the product softmax, *_products variants only")
     parser.add_argument("--robust-tau", type=float, default=0.8, help="fixed positive threshold of the robust_tau variant")
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
                         help="another training config field, for every trained variant, e.g. --set shop_augment=1.0 "

@@ -370,6 +370,7 @@ def pair_dataset(
     augment: AugmentConfig | None = None,
     with_classes: bool = False,
     pair_weights: tuple[float, float] = (1.0, 1.0),
+    class_weights: tuple[float, float] = (1.0, 1.0),
     drop_remainder: bool = True,
 ) -> tf.data.Dataset:
     """The training (or validation) dataset of pair batches.
@@ -396,6 +397,10 @@ def pair_dataset(
         with_classes: bool. Include the ``logits_a``/``logits_b`` targets.
         pair_weights: (w_pair, w_aux). Sample weights of product and
             auxiliary pairs on the ``distance`` output.
+        class_weights: (w_product, w_cls). Sample weights of product and
+            auxiliary images on the ``logits_a``/``logits_b`` outputs. An
+            image whose weight is 0 gets class -1, so it is not counted by the
+            masked loss's average either.
         drop_remainder: bool. Whole batches only (what distribution needs).
     """
     tf = _tf()
@@ -405,6 +410,7 @@ def pair_dataset(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1. Received: batch_size={batch_size}")
     w_pair, w_aux = (float(w) for w in pair_weights)
+    w_product, w_cls = (float(w) for w in class_weights)
 
     def plan_arrays(epoch):
         return plan_for_epoch(int(epoch)).as_arrays()
@@ -423,13 +429,16 @@ def pair_dataset(
         image_a, valid_a = _load_slot(path_a, box_a, size)
         image_b, valid_b = _load_slot(path_b, box_b, size)
         weight = tf.where(tf.equal(kind, 1), w_aux, w_pair)
+        class_weight = tf.where(tf.equal(kind, 1), w_cls, w_product)
+        no_class = tf.constant(-1, class_a.dtype)
         return {
             "image_a": image_a,
             "image_b": image_b,
             "label": tf.cast(label, tf.float32),
-            "class_a": class_a,
-            "class_b": class_b,
+            "class_a": tf.where(class_weight > 0, class_a, no_class),
+            "class_b": tf.where(class_weight > 0, class_b, no_class),
             "weight": tf.cast(weight, tf.float32),
+            "class_weight": tf.cast(class_weight, tf.float32),
             "street_a": street_a,
             "street_b": street_b,
             "valid": tf.logical_and(valid_a, valid_b),
@@ -472,8 +481,7 @@ def pair_dataset(
         sample_weight = {"distance": e["weight"]}
         if with_classes:
             y.update(logits_a=e["class_a"], logits_b=e["class_b"])
-            ones = tf.ones_like(e["weight"])
-            sample_weight.update(logits_a=ones, logits_b=ones)
+            sample_weight.update(logits_a=e["class_weight"], logits_b=e["class_weight"])
         return x, y, sample_weight
 
     ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)

@@ -153,6 +153,26 @@ def test_pair_dataset_with_classes_and_weights(tmp_path):
     assert np.all(plan.class_a[plan.kind == 0] == -1) and np.all(plan.class_a[plan.kind == 1] >= 0)
 
 
+def test_pair_dataset_class_weights_per_image_and_zero_means_unlabelled(tmp_path):
+    records = write_images(tmp_path)
+    aux = [Record(r.image_path, f"class{i % 2}", "shop", "aux") for i, r in enumerate(records)]
+    labels = [i % 2 for i in range(len(aux))]
+    products = sorted({r.product_id for r in records})
+    planner = PairPlanner(records, PairConfig(pairs_per_epoch=12, seed=0), auxiliary=aux, auxiliary_labels=labels,
+                          product_labels={p: 2 + i for i, p in enumerate(products)})
+    plan = planner.plan(0)
+    assert np.all(plan.class_a >= 0) and set(plan.kind.tolist()) == {0, 1}  # every image labelled, both kinds
+    ds = pipeline.pair_dataset(planner.plan, image_size=75, batch_size=12, epochs=1, with_classes=True, class_weights=(0.5, 0.25))
+    _, y, w = next(iter(ds))
+    np.testing.assert_array_equal(y["logits_a"].numpy(), plan.class_a)
+    for key in ("logits_a", "logits_b"):
+        np.testing.assert_allclose(w[key].numpy(), np.where(plan.kind == 1, 0.25, 0.5))
+    # A weight of 0 turns the images of that kind into unlabelled ones (class -1).
+    ds = pipeline.pair_dataset(planner.plan, image_size=75, batch_size=12, epochs=1, with_classes=True, class_weights=(0.5, 0.0))
+    _, y, _ = next(iter(ds))
+    np.testing.assert_array_equal(y["logits_b"].numpy(), np.where(plan.kind == 1, -1, plan.class_b))
+
+
 def test_corrupt_file_in_plan_is_skipped_not_fatal(tmp_path):
     records = write_images(tmp_path)
     # Break an image after planning: the pipeline must skip its pairs, not stop.
