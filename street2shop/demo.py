@@ -35,6 +35,9 @@ class DemoConfig:
         epochs, pairs_per_epoch, batch_size, learning_rate: the brief training.
         bn_momentum: float. BatchNorm momentum of the backbone (0.9 suits a
             short run from scratch; see ModelConfig.bn_momentum).
+        w_product: float. Weight of the softmax over the training products
+            (0 = pairs only); it gave the best results on real photos
+            (BENCHMARKS.md).
         by_category: bool. Search only the query's category (the Exact
             Street2Shop protocol). Off by default here: the synthetic
             categories are silhouettes, and ranking all products is the
@@ -58,6 +61,7 @@ class DemoConfig:
     batch_size: int = 32
     learning_rate: float = 1e-3
     bn_momentum: float = 0.9
+    w_product: float = 0.5
     by_category: bool = False
     model_name: str = "street2shop"
     verbose: int = 2
@@ -132,6 +136,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
         image_size=config.image_size, embedding_dim=config.embedding_dim, epochs=config.epochs,
         pairs_per_epoch=config.pairs_per_epoch, batch_size=config.batch_size, learning_rate=config.learning_rate,
         output_dir=str(work / "run"), seed=config.seed, val_pairs=4 * config.batch_size, bn_momentum=config.bn_momentum,
+        w_product=config.w_product,
     )
     exports = work / "exports"
     # The untrained tower, for comparison: same architecture and seed, no training.

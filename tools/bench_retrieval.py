@@ -10,16 +10,22 @@ number of training pairs):
 3. ``plain``: plain contrastive loss on product pairs;
 4. ``robust``: robust contrastive loss on product pairs;
 5. ``robust_multitask``: robust contrastive + auxiliary pairs and softmax on a
-   class-per-folder set (../shared/data/coil100/images).
+   class-per-folder set (../shared/data/coil100/images);
+6. ``robust_multitask_products``: the same, plus a softmax over the training
+   products on the product images (``--w-product``): the best variant found.
 
 Extra variants, run only when named in ``--variants``: ``robust_warmup`` and
 ``robust_multitask_warmup``, the same with ``--drop-warmup-epochs`` epochs of
 the plain loss before the robust loss drops anything; ``robust_tau``, the
 robust loss with a fixed threshold ``--robust-tau`` as well as the quantile
 (a positive is dropped only when it is beyond both); ``plain_multitask``,
-the plain loss with the auxiliary task; ``robust_products``,
-``robust_multitask_products`` and ``plain_multitask_products``, the same with
-a softmax over the training products as well (``--w-product``).
+the plain loss with the auxiliary task; ``robust_products`` and
+``plain_multitask_products``, robust and plain_multitask with the product
+softmax as well.
+
+Any other training knob goes to every trained variant with ``--set FIELD=VALUE``
+(one ``--out`` per setting: a finished result run with other settings is
+refused, not mixed in).
 
 Each (variant, seed) result is a JSON file under ``--out``; a run started
 again skips finished ones (and a killed training resumes via
@@ -46,9 +52,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data"
-DEFAULT_VARIANTS = ("histogram", "untrained", "plain", "robust", "robust_multitask")
+DEFAULT_VARIANTS = ("histogram", "untrained", "plain", "robust", "robust_multitask", "robust_multitask_products")
 VARIANTS = DEFAULT_VARIANTS + ("robust_warmup", "robust_multitask_warmup", "robust_tau", "plain_multitask",
-                               "robust_products", "robust_multitask_products", "plain_multitask_products")
+                               "robust_products", "plain_multitask_products")
 
 # Config fields run_one sets itself: from a flag of this tool, or by the variant.
 RESERVED = frozenset({
