@@ -283,9 +283,11 @@ def train(
         num_classes = len(labelled.classes)
     product_labels = None
     if config.loss.w_product > 0:
-        # The products of the training split's street photos get the classes after the auxiliary
-        # ones, in one shared head. Catalogue-only products (the gallery of val/test products) stay -1.
-        products = sorted({r.product_id for r in train_records if r.domain == "street"})
+        # The products of the training split's street photos that have a shop photo (those positive
+        # pairs are drawn for) get the classes after the auxiliary ones, in one shared head.
+        # Catalogue-only products (the gallery of val/test products) stay -1.
+        shop_products = {r.product_id for r in train_records if r.domain == "shop"}
+        products = sorted({r.product_id for r in train_records if r.domain == "street"} & shop_products)
         product_labels = {p: (num_classes or 0) + i for i, p in enumerate(products)}
         num_classes = (num_classes or 0) + len(products)
     # Whole batches per epoch, so a Keras epoch is exactly one plan (resuming relies on it).

@@ -102,16 +102,18 @@ def test_classifier_scale_picks_the_head(synth_dataset, tmp_path):
 def test_product_softmax_adds_one_class_per_training_product(synth_dataset, tmp_path, with_auxiliary):
     from PIL import Image
 
-    # A catalogue-only product (a shop photo, no street photo in the training split) gets no class.
+    # A catalogue-only product (a shop photo, no street photo in the training split) and a street-only
+    # one (no shop photo: no pair is ever drawn for it) get no class.
     with open(synth_dataset) as f:
         rows = list(csv.DictReader(f))
     products = {row["product_id"] for row in rows if row["split"] == "train" and row["domain"] == "street"}
-    extra_row = dict(next(row for row in rows if row["domain"] == "shop"), product_id="catalogue_only")
+    extra_rows = [dict(next(row for row in rows if row["domain"] == "shop"), product_id="catalogue_only"),
+                  dict(next(row for row in rows if row["split"] == "train"), product_id="street_only")]
     manifest = tmp_path / "manifest.csv"
     with open(manifest, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
-        for row in rows + [extra_row]:
+        for row in rows + extra_rows:
             writer.writerow(dict(row, image_path=str(synth_dataset.parent / row["image_path"])))
     extra = {}
     if with_auxiliary:
