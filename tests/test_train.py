@@ -24,6 +24,18 @@ def tiny_config(manifest, out, **kw):
     return TrainConfig().replace(**values)
 
 
+def write_auxiliary_set(root, classes=3, per_class=3):
+    """A class-per-folder set of random 20x20 PNGs."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for k in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(root / f"class{c}" / f"{k}.png")
+    return root
+
+
 class Interrupt(keras.callbacks.Callback):
     """Kills the run at the end of an epoch, after BackupAndRestore wrote its backup."""
 
@@ -67,14 +79,7 @@ def test_interrupted_run_resumes_at_the_next_epoch(synth_dataset, tmp_path):
 
 
 def test_multitask_run_writes_outputs_and_reports_metrics(synth_dataset, tmp_path):
-    from PIL import Image
-
-    aux = tmp_path / "aux"
-    rng = np.random.default_rng(0)
-    for c in range(3):
-        (aux / f"class{c}").mkdir(parents=True)
-        for k in range(3):
-            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(aux / f"class{c}" / f"{k}.png")
+    aux = write_auxiliary_set(tmp_path / "aux")
     run = tmp_path / "run"
     result = train(tiny_config(synth_dataset, run, epochs=1, auxiliary_dir=str(aux), pairs_per_epoch=24), verbose=0)
     for name in ("config.toml", "best.keras", "last.keras", "log.csv"):
@@ -100,8 +105,6 @@ def test_classifier_scale_picks_the_head(synth_dataset, tmp_path):
 
 @pytest.mark.parametrize("with_auxiliary", [False, True])
 def test_product_softmax_adds_one_class_per_training_product(synth_dataset, tmp_path, with_auxiliary):
-    from PIL import Image
-
     # A catalogue-only product (a shop photo, no street photo in the training split) and a street-only
     # one (no shop photo: no pair is ever drawn for it) get no class.
     with open(synth_dataset) as f:
@@ -117,13 +120,7 @@ def test_product_softmax_adds_one_class_per_training_product(synth_dataset, tmp_
             writer.writerow(dict(row, image_path=str(synth_dataset.parent / row["image_path"])))
     extra = {}
     if with_auxiliary:
-        aux = tmp_path / "aux"
-        rng = np.random.default_rng(0)
-        for c in range(3):
-            (aux / f"class{c}").mkdir(parents=True)
-            for k in range(3):
-                Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(aux / f"class{c}" / f"{k}.png")
-        extra["auxiliary_dir"] = str(aux)
+        extra["auxiliary_dir"] = str(write_auxiliary_set(tmp_path / "aux"))
     config = tiny_config(manifest, tmp_path / "run", epochs=1, pairs_per_epoch=24, w_product=0.5, **extra)
     result = train(config, verbose=0)
     expected = len(products) + (3 if with_auxiliary else 0)
