@@ -102,6 +102,8 @@ def run_one(variant, seed, args, queries, gallery):
     started = time.perf_counter()
     size = args.image_size
     record = {"variant": variant, "seed": seed, "image_size": size, "backbone": args.backbone, "pairs": args.pairs, "settings": args.set}
+    if variant.endswith("_products"):
+        record["w_product"] = args.w_product
     if variant == "histogram":
         from street2shop.baselines import colour_histogram_embeddings
 
