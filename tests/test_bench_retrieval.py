@@ -66,3 +66,13 @@ def test_paired_difference_pairs_seeds_and_queries(bench):
     mean, low, high, per_seed = bench._paired_difference(results, "a", "b", k=1, samples=500)
     assert per_seed == {0: 0.25, 1: -0.25} and mean == 0.0 and low < 0 < high
     assert bench._paired_difference(results, "a", "c") is None
+
+
+def test_the_histogram_pairs_with_every_seed(bench):
+    results = [
+        _result("histogram", 0, [1, 9, 9, 9]),
+        _result("a", 0, [1, 1, 9, 9]),  # +1/4 at top-1
+        _result("a", 5, [9, 9, 9, 9]),  # -1/4
+    ]
+    mean, _, _, per_seed = bench._paired_difference(results, "a", "histogram", k=1, samples=200)
+    assert per_seed == {0: 0.25, 5: -0.25} and mean == 0.0

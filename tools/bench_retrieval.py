@@ -56,6 +56,8 @@ DEFAULT_VARIANTS = ("histogram", "untrained", "plain", "robust", "robust_multita
 VARIANTS = DEFAULT_VARIANTS + ("robust_warmup", "robust_multitask_warmup", "robust_tau", "plain_multitask",
                                "robust_products", "plain_multitask_products")
 
+NO_SEED = ("histogram",)  # variants without randomness: run once, for the first seed
+
 # Config fields run_one sets itself: from a flag of this tool, or by the variant.
 RESERVED = frozenset({
     "manifest", "train_split", "val_split", "backbone", "weights", "image_size", "embedding_dim", "bn_momentum",
@@ -219,7 +221,7 @@ def summary(out: Path) -> str:
         ("robust_multitask", "robust"), ("robust_multitask", "plain_multitask"),
         ("robust_products", "robust"), ("robust_multitask_products", "robust_products"),
         ("robust_multitask_products", "robust_multitask"), ("robust_multitask_products", "plain_multitask_products"),
-        ("plain_multitask_products", "plain_multitask")]
+        ("plain_multitask_products", "plain_multitask"), ("robust_multitask_products", "histogram")]
     for variant, reference in comparisons:
         for k in (1, 5):
             diff = _paired_difference(results, variant, reference, k) if results else None
@@ -244,8 +246,15 @@ def summary(out: Path) -> str:
 
 
 def _paired_difference(results, a, b, k=1, samples=4000):
-    """Top-k difference a − b over the seeds both have: mean, 95% interval (seeds and queries resampled in pairs), per seed."""
+    """Top-k difference a − b over the seeds both have: mean, 95% interval (seeds and queries resampled in pairs), per seed.
+
+    The histogram baseline has no seed (it is computed once): its one result
+    pairs with every seed of ``a``.
+    """
     by = {(r["variant"], r["seed"]): r for r in results}
+    deterministic = [r for r in results if r["variant"] == b and b in NO_SEED]
+    if deterministic:
+        by.update({(b, seed): deterministic[0] for (variant, seed) in list(by) if variant == a})
     seeds = sorted(seed for (variant, seed) in by if variant == a and (b, seed) in by)
     if not seeds:
         return None
@@ -326,12 +335,12 @@ def main() -> int:
     gallery = [r for r in records if r.domain == "shop"]
     logger.info("%d queries (%s street photos) against %d shop photos", len(queries), args.eval_split, len(gallery))
     (out / "command.json").write_text(json.dumps({"argv": sys.argv, "args": vars(args)}, indent=2))
-    order = [(v, s) for s in args.seeds for v in args.variants if not (v == "histogram" and s != args.seeds[0])]
+    order = [(v, s) for s in args.seeds for v in args.variants if not (v in NO_SEED and s != args.seeds[0])]
     for variant, seed in order:
         path = out / f"result-{variant}-seed{seed}.json"
         if path.is_file():
             earlier = json.loads(path.read_text()).get("settings", {})
-            if variant != "histogram" and earlier != args.set:
+            if variant not in NO_SEED and earlier != args.set:
                 logger.error("%s ran with --set %s, this command has --set %s: use another --out", path, earlier, args.set)
                 return 2
             logger.info("done already: %s", path.name)
