@@ -339,9 +339,12 @@ def main() -> int:
     for variant, seed in order:
         path = out / f"result-{variant}-seed{seed}.json"
         if path.is_file():
-            earlier = json.loads(path.read_text()).get("settings", {})
-            if variant not in NO_SEED and earlier != args.set:
-                logger.error("%s ran with --set %s, this command has --set %s: use another --out", path, earlier, args.set)
+            earlier = json.loads(path.read_text())
+            if variant not in NO_SEED and earlier.get("settings", {}) != args.set:
+                logger.error("%s ran with --set %s, this command has --set %s: use another --out", path, earlier.get("settings", {}), args.set)
+                return 2
+            if variant.endswith("_products") and earlier.get("w_product", args.w_product) != args.w_product:
+                logger.error("%s ran with --w-product %s, this command has %s: use another --out", path, earlier["w_product"], args.w_product)
                 return 2
             logger.info("done already: %s", path.name)
             continue
