@@ -50,15 +50,6 @@ class TrainResult:
     pairs_per_second: float
 
 
-def _multitask_description(auxiliary, labels, product_labels) -> str:
-    tasks = []
-    if auxiliary:
-        tasks.append(f"{len(set(labels))} auxiliary classes")
-    if product_labels:
-        tasks.append(f"{len(product_labels)} product classes")
-    return f", multi-task with {' and '.join(tasks)}" if tasks else ""
-
-
 def get_strategy(name: str = "auto"):
     """The ``tf.distribute`` strategy for ``name`` (see ``FitConfig.distribution``)."""
     import tensorflow as tf
@@ -281,6 +272,7 @@ def train(
         labelled = read_class_folders(config.data.auxiliary_dir, max_per_class=config.data.auxiliary_max_per_class or None, seed=fc.seed)
         auxiliary, labels = labelled.records, labelled.labels()
         num_classes = len(labelled.classes)
+    auxiliary_classes = num_classes or 0
     product_labels = None
     if config.loss.w_product > 0:
         # The products of the training split's street photos that have a shop photo (those positive
@@ -288,8 +280,8 @@ def train(
         # Catalogue-only products (the gallery of val/test products) stay -1.
         shop_products = {r.product_id for r in train_records if r.domain == "shop"}
         products = sorted({r.product_id for r in train_records if r.domain == "street"} & shop_products)
-        product_labels = {p: (num_classes or 0) + i for i, p in enumerate(products)}
-        num_classes = (num_classes or 0) + len(products)
+        product_labels = {p: auxiliary_classes + i for i, p in enumerate(products)}
+        num_classes = auxiliary_classes + len(products)
     # Whole batches per epoch, so a Keras epoch is exactly one plan (resuming relies on it).
     planner = PairPlanner(train_records, _pair_config(config, steps * fc.batch_size, fc.seed), auxiliary=auxiliary,
                           auxiliary_labels=labels, product_labels=product_labels)
@@ -363,10 +355,11 @@ def train(
                        config.loss.drop_warmup_epochs, config.loss.loss)
     callbacks += list(extra_callbacks or [])
 
+    tasks = " and ".join(f"{n} {kind} classes" for n, kind in ((auxiliary_classes, "auxiliary"), (len(product_labels or ()), "product")) if n)
     logger.info(
-        "training %s: %d pairs/epoch, %d epochs, batch %d over %d replica(s), %s loss%s",
+        "training %s: %d pairs/epoch, %d epochs, batch %d over %d replica(s), %s loss%s%s",
         config.model.backbone, config.data.pairs_per_epoch, fc.epochs, fc.batch_size, replicas, config.loss.loss,
-        _multitask_description(auxiliary, labels, product_labels),
+        ", multi-task with " if tasks else "", tasks,
     )
     start = time.perf_counter()
     history = model.fit(

@@ -24,6 +24,11 @@ TORCH_MEAN_RGB = (0.485, 0.456, 0.406)
 TORCH_STD_RGB = (0.229, 0.224, 0.225)
 
 
+def _l2_normalize(x: Any, axis: int, epsilon: float) -> Any:
+    """``x / sqrt(max(sum(x²), epsilon))`` along ``axis``: a zero vector stays zero."""
+    return x * ops.rsqrt(ops.maximum(ops.sum(ops.square(x), axis=axis, keepdims=True), epsilon))
+
+
 def _check_epsilon(epsilon: Any) -> float:
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
         raise ConfigError(f"epsilon must be a positive number. Received: epsilon={epsilon!r}")
@@ -113,9 +118,7 @@ class L2Normalize(keras.layers.Layer):
         self.supports_masking = True
 
     def call(self, inputs: Any) -> Any:
-        x = ops.cast(inputs, self.compute_dtype)
-        squared = ops.sum(ops.square(x), axis=self.axis, keepdims=True)
-        return x * ops.rsqrt(ops.maximum(squared, self.epsilon))
+        return _l2_normalize(ops.cast(inputs, self.compute_dtype), self.axis, self.epsilon)
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         return input_shape
@@ -212,9 +215,8 @@ class CosineClassifier(keras.layers.Layer):
         )
 
     def call(self, inputs: Any) -> Any:
-        x = ops.cast(inputs, self.compute_dtype)
-        x = x / ops.sqrt(ops.maximum(ops.sum(ops.square(x), axis=-1, keepdims=True), self.epsilon))
-        w = self.kernel / ops.sqrt(ops.maximum(ops.sum(ops.square(self.kernel), axis=0, keepdims=True), self.epsilon))
+        x = _l2_normalize(ops.cast(inputs, self.compute_dtype), -1, self.epsilon)
+        w = _l2_normalize(self.kernel, 0, self.epsilon)
         return self.scale * ops.matmul(x, w)
 
     def compute_output_shape(self, input_shape: Any) -> Any:
