@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo test test-serial test-fast bench bench-retrieval clean
+.PHONY: install demo test lint test-serial test-fast bench bench-retrieval clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,12 @@ demo: $(STAMP)
 	$(BIN)/street2shop demo --workdir demo-output
 
 # Two workers, whole files per worker (module fixtures such as the exported model are built once).
-test: $(STAMP)
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# Undefined names, unused imports, syntax errors.
+lint: $(STAMP)
+	$(BIN)/ruff check --select F,E9 street2shop tools tests
 
 test-serial: $(STAMP)
 	$(BIN)/python -m pytest -q

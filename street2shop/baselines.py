@@ -8,7 +8,6 @@ colour histogram by a wide margin, it has learned colour, not products.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -16,6 +15,7 @@ from PIL import Image
 
 from street2shop.data.records import Record
 from street2shop.errors import ConfigError, DataError
+from street2shop.index import ranking
 
 logger = logging.getLogger(__name__)
 
@@ -85,24 +85,14 @@ def colour_histogram_embeddings(
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read image {record.image_path}: {e}") from None
         if crop_to_box and record.box is not None:
-            image = image.crop(_clamped(record, image.size))
+            bounds = record.box.pixel_bounds(*image.size)
+            if bounds is None:
+                raise DataError(f"box lies outside the image {record.image_path} of size {image.size[0]}x{image.size[1]}. Received: box={record.box.as_ltwh()}")
+            image = image.crop(bounds)
         rows.append(colour_histogram(np.asarray(image), bins))
     if not rows:
         return np.zeros((0, int(np.prod(bins))), np.float32)
     return np.stack(rows)
-
-
-def _clamped(record: Record, size: tuple[int, int]) -> tuple[int, int, int, int]:
-    left, top, width, height = record.box.as_ltwh()
-    w, h = size
-    x0, y0 = max(0, math.floor(left)), max(0, math.floor(top))
-    x1, y1 = min(w, math.ceil(left + width)), min(h, math.ceil(top + height))
-    if x1 <= x0 or y1 <= y0:
-        raise DataError(
-            f"box lies outside the image {record.image_path} of size {w}x{h}. "
-            f"Received: box={record.box.as_ltwh()}"
-        )
-    return x0, y0, x1, y1
 
 
 def _check_bins(bins: Sequence[int]) -> None:
@@ -166,22 +156,11 @@ def top_k_accuracy(
         )
     if q.shape[0] == 0:
         raise DataError("top_k_accuracy needs at least one query. Received: 0 queries")
-    sims = _unit(q) @ _unit(g).T  # (Q, G)
-    order = np.argsort(-sims, axis=1, kind="stable")
-    gallery_products = np.asarray([str(p) for p in gallery_products], dtype=object)
-    ranks = np.full(q.shape[0], np.inf)
+    sims = ranking.cosine_matrix(q, g)  # (Q, G)
+    gallery_products = [str(p) for p in gallery_products]
+    all_rows = np.arange(len(gallery_products))
+    ranks = []
     for i, product in enumerate(query_products):
-        seen: dict[str, None] = {}
-        for j in order[i]:
-            p = gallery_products[j]
-            if p not in seen:
-                if p == str(product):
-                    ranks[i] = len(seen)
-                    break
-                seen[p] = None
-    return {int(k): float(np.mean(ranks < k)) for k in ks}
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+        rows, _ = ranking.order(all_rows, sims[i])
+        ranks.append(ranking.product_rank(rows, gallery_products.__getitem__, str(product)))
+    return {int(k): float(np.mean([r is not None and r <= k for r in ranks])) for k in ks}

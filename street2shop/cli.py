@@ -58,21 +58,15 @@ def cmd_data_import_street2shop(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from street2shop.data.pipeline import check_images
-    from street2shop.data.records import read_manifest
+    from street2shop.data.records import check_dataset
 
-    records = read_manifest(args.manifest, strict=args.strict)
-    good, report = check_images(records.records)
-    result = {
-        "manifest": args.manifest, "records": len(records), "missing": records.missing,
-        "unreadable": report.bad_images, "empty_boxes": [p for p, _ in report.empty_boxes], "usable": len(good),
-    }
+    check = check_dataset(args.manifest, strict=args.strict)
     if args.json:
-        _print_json(result)
+        _print_json(check.to_dict())
     else:
-        print(records.summary())
-        print(report.summary())
-        for path, error in report.bad_images.items():
+        print(check.records.summary())
+        print(check.images.summary())
+        for path, error in check.images.bad_images.items():
             print(f"  unreadable: {path}: {error}")
     return 0
 
@@ -80,15 +74,20 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- train / export / serve
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, defaults: Any = None, skip: frozenset[str] = frozenset()) -> None:
+    """A flag per config field (``--image-size`` for ``image_size``), its default from ``defaults`` (a TrainConfig)."""
     from street2shop.config import TrainConfig
 
+    defaults = defaults or TrainConfig()
     parser.add_argument("--config", help="TOML or JSON config file; flags given here override it")
     for section, kind in TrainConfig.SECTIONS.items():
         group = parser.add_argument_group(f"[{section}]")
         for field in dataclasses.fields(kind):
+            if field.name in skip:
+                continue
             flag = "--" + field.name.replace("_", "-")
-            kwargs: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS, "help": f"{field.metadata.get('help', '')} (default: {field.default!r})"}
+            default = getattr(getattr(defaults, section), field.name)
+            kwargs: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS, "help": f"{field.metadata.get('help', '')} (default: {default!r})"}
             if field.type in (bool, "bool"):
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
@@ -96,10 +95,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, **kwargs)
 
 
-def _resolve_train_config(args: argparse.Namespace):
+def _resolve_train_config(args: argparse.Namespace, defaults: Any = None):
     from street2shop.config import TrainConfig, field_owners, load_config
 
-    config = load_config(args.config) if args.config else TrainConfig()
+    config = load_config(args.config) if args.config else (defaults or TrainConfig())
     overrides = {k: v for k, v in vars(args).items() if k in field_owners()}
     return config.replace(**overrides)
 
@@ -120,12 +119,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from street2shop.export import export_tower, load_checkpoint, read_card
+    from street2shop.export import export_checkpoint
 
-    model = load_checkpoint(args.checkpoint)
-    path = export_tower(model, args.export_base, version=args.version, model_name=args.model_name)
-    card = read_card(path)
-    _print_json({"path": str(path), **card}) if args.json else print(f"exported {path} (dimension {card['dimension']}, fingerprint {card['fingerprint']})")
+    card = export_checkpoint(args.checkpoint, args.export_base, version=args.version, model_name=args.model_name)
+    _print_json(card) if args.json else print(f"exported {card['path']} (version {card['version']}, dimension {card['dimension']}, fingerprint {card['fingerprint']})")
     return 0
 
 
@@ -140,24 +137,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- embed / index / search / evaluate / demo
 
 
-def _open_embedder(args: argparse.Namespace, expected_dimension: int | None = None):
-    """A LocalEmbedder (--model) or an EmbeddingClient (--server), and the model fingerprint if known."""
-    from street2shop.errors import ConfigError
-
-    if bool(args.model) == bool(args.server):
-        raise ConfigError("give exactly one of --model EXPORT_DIR (embed in this process) or --server HOST:PORT (TF Serving). "
-                          f"Received: model={args.model!r}, server={args.server!r}")
-    if args.model:
-        from street2shop.export import LocalEmbedder
-
-        embedder = LocalEmbedder(args.model, batch_size=args.batch_size)
-        return embedder, embedder.fingerprint
-    from street2shop.serving.client import EmbeddingClient
-
-    client = EmbeddingClient(args.server, args.model_name, expected_dimension=expected_dimension, batch_size=args.batch_size)
-    return client, None
-
-
 def _add_embedder_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="", help="exported model: an export base or version folder (embeds in this process)")
     p.add_argument("--server", default="", help="TF Serving gRPC address HOST:PORT (instead of --model)")
@@ -165,123 +144,59 @@ def _add_embedder_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per request")
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
-
-
-def _shop_records(manifest: str, split: str):
-    """Shop records of a manifest, or every image of a folder (product id = file name without suffix)."""
-    from pathlib import Path
-
-    from street2shop.data.records import Record, read_manifest
-    from street2shop.errors import DataError
-
-    folder = Path(manifest)
-    if folder.is_dir():
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-        if not files:
-            raise DataError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
-        return [Record(str(p.resolve()), p.stem, "shop", "catalog") for p in files]
-    records = read_manifest(manifest)
-    splits = {s for s in split.split(",") if s}
-    return [r for r in records if r.domain == "shop" and (not splits or r.split in splits)]
-
-
 def cmd_embed(args: argparse.Namespace) -> int:
-    from street2shop.embed import embed_catalog
+    from street2shop.embed import embed_source
 
-    records = _shop_records(args.manifest, args.split)
-    embedder, fingerprint = _open_embedder(args)
-    result = embed_catalog(records, embedder, args.out, chunk_size=args.chunk_size, batch_size=args.batch_size,
-                           in_flight=args.in_flight, crop_to_box=not args.no_crop, progress=not args.json,
-                           fingerprint=fingerprint or args.fingerprint or None)
-    summary = {"out": args.out, "embedded": len(result.items), "skipped": len(result.skipped), "resumed_chunks": result.resumed_chunks}
-    _print_json(summary) if args.json else print(f"embedded {summary['embedded']} images ({summary['skipped']} skipped) into {args.out}")
+    result = embed_source(
+        args.manifest, args.out, split=args.split, model=args.model or None, server=args.server or None,
+        model_name=args.model_name, batch_size=args.batch_size, chunk_size=args.chunk_size, in_flight=args.in_flight,
+        crop_to_box=not args.no_crop, progress=not args.json,
+    )
+    summary = {"out": args.out, "embedded": len(result.items), "skipped": len(result.skipped), "resumed_chunks": result.resumed_chunks,
+               "model": result.identity.to_dict()}
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"embedded {summary['embedded']} images ({summary['skipped']} skipped) with {result.identity} into {args.out}")
     return 0
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from street2shop.embed import load_embeddings
-    from street2shop.index import CatalogIndex, Item
+    from street2shop.index.build import build_index
 
-    embeddings, items, summary = load_embeddings(args.embeddings)
-    kwargs = {k: v for k, v in (("n_trees", args.n_trees), ("search_k", args.search_k)) if v is not None}
-    index = CatalogIndex(int(summary["dimension"]), model_fingerprint=summary.get("fingerprint") or None, **kwargs)
-    index.add(embeddings, [Item(it["product_id"], it["image_path"], it.get("category")) for it in items])
-    index.build()
-    path = index.save(args.out)
-    _print_json({"index": str(path), **index.config()}) if args.json else print(f"built index of {len(index)} images at {path}")
+    built = build_index(args.embeddings, args.out, kind=args.kind, n_trees=args.n_trees, search_k=args.search_k)
+    _print_json(built) if args.json else print(f"built {built['kind']} index of {built['count']} images of model {built['model_fingerprint']} at {built['index']}")
     return 0
-
-
-def _parse_box(text: str) -> tuple[float, float, float, float]:
-    from street2shop.errors import ConfigError
-
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 4:
-        raise ConfigError(f"--box must be LEFT,TOP,WIDTH,HEIGHT in pixels. Received: --box {text!r}")
-    return values  # type: ignore[return-value]
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from street2shop.search import search_photos
 
-    import numpy as np
-
-    from street2shop.data.records import Box, Record
-    from street2shop.embed import normalized_box
-    from street2shop.errors import ConfigError, DataError
-    from street2shop.index import CatalogIndex
-
-    manifest = CatalogIndex.read_manifest(args.index)
-    embedder, fingerprint = _open_embedder(args, expected_dimension=int(manifest["dimension"]))
-    index = CatalogIndex.load(args.index, expected_fingerprint=fingerprint, expected_dimension=getattr(embedder, "dimension", None))
-    boxes = [_parse_box(b) for b in (args.box or [])]
-    if boxes and len(boxes) != len(args.photos):
-        raise ConfigError(f"give one --box per photo or none. Received: {len(args.photos)} photos, {len(boxes)} boxes")
-    answers = {}
-    for i, photo in enumerate(args.photos):
-        path = Path(photo)
-        if not path.is_file():
-            raise DataError(f"photo not found: {photo}")
-        box = None
-        if boxes:
-            try:
-                box = normalized_box(Record(str(path), "query", "street", "query", box=Box(*boxes[i])))
-            except ValueError as e:
-                raise ConfigError(f"bad --box for {photo}: {e}") from None
-            except OSError as e:
-                raise DataError(f"cannot read {photo}: {e}") from None
-        vector = embedder.embed([path.read_bytes()], None if box is None else np.array([box], np.float32))[0]
-        answers[photo] = index.query(vector, k=args.k)
+    answers = search_photos(
+        args.photos, index=args.index, model=args.model or None, server=args.server or None, model_name=args.model_name,
+        boxes=args.box, k=args.k, category=args.category or None, batch_size=args.batch_size,
+    )
     if args.json:
-        _print_json({p: [dataclasses.asdict(r) for r in rs] for p, rs in answers.items()})
+        _print_json({a.photo: ([dataclasses.asdict(r) for r in a.results] if a.error is None else {"error": a.error}) for a in answers})
     else:
-        for photo, results in answers.items():
-            print(photo)
-            for r in results:
+        for answer in answers:
+            print(answer.photo)
+            if answer.error is not None:
+                print(f"  error: {answer.error}")
+            for r in answer.results:
                 print(f"  {r.rank:>3}. {r.product_id:<24} {r.similarity:6.3f}  {r.image_path}")
-    return 0
+    return 0 if all(a.error is None for a in answers) else 1
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from street2shop.data.records import read_manifest
-    from street2shop.errors import DataError
-    from street2shop.evaluate import evaluate_queries
-    from street2shop.index import CatalogIndex
-    from street2shop.report import headline, write_report
+    from street2shop.evaluate import evaluate_manifest
+    from street2shop.report import headline
 
-    index_manifest = CatalogIndex.read_manifest(args.index)
-    embedder, fingerprint = _open_embedder(args, expected_dimension=int(index_manifest["dimension"]))
-    index = CatalogIndex.load(args.index, expected_fingerprint=fingerprint, expected_dimension=getattr(embedder, "dimension", None))
-    queries = [r for r in read_manifest(args.manifest) if r.domain == "street" and r.split == args.split]
-    if not queries:
-        raise DataError(f"no street photo of split {args.split!r} in {args.manifest}")
-    evaluation = evaluate_queries(queries, embedder, index, by_category=args.by_category, exact=args.exact,
-                                  batch_size=args.batch_size, progress=not args.json)
-    paths = write_report({args.name: evaluation}, args.out, config={k: v for k, v in vars(args).items() if k != "func"})
+    evaluation, paths = evaluate_manifest(
+        args.manifest, index=args.index, split=args.split, model=args.model or None, server=args.server or None,
+        model_name=args.model_name, batch_size=args.batch_size, by_category=args.by_category, exact=args.exact,
+        out=args.out, name=args.name, progress=not args.json, config={k: v for k, v in vars(args).items() if k != "func"},
+    )
     if args.json:
         _print_json({"report": {k: str(v) for k, v in paths.items()}, "skipped": evaluation.skipped, **evaluation.metrics})
     else:
@@ -293,10 +208,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from street2shop.demo import DemoConfig, run_demo
+    from street2shop.demo import DEMO_TRAINING, DemoConfig, run_demo
 
-    fields = {f.name for f in dataclasses.fields(DemoConfig)} - {"verbose"}
-    config = DemoConfig(**{k: v for k, v in vars(args).items() if k in fields}, verbose=0 if args.json else 2)
+    fields = {f.name for f in dataclasses.fields(DemoConfig)} - {"verbose", "train"}
+    config = DemoConfig(**{k: v for k, v in vars(args).items() if k in fields}, verbose=0 if args.json else 2,
+                        train=_resolve_train_config(args, DEMO_TRAINING))
     summary = run_demo(config)
     if args.json:
         _print_json(summary)
@@ -316,16 +232,6 @@ DEMO_HELP = {
     "eval_split": "split of the street photos used as queries",
     "products": "products in the generated dataset",
     "street_per_product": "street photos per generated product",
-    "seed": "seed of the dataset, the weights and the pairs",
-    "backbone": "tower backbone",
-    "image_size": "tower input size (InceptionV3 needs >= 75)",
-    "embedding_dim": "embedding dimension",
-    "weights": "'none' (from scratch) or 'imagenet' (needs the internet once) or a weights file",
-    "epochs": "training epochs",
-    "pairs_per_epoch": "training pairs per epoch",
-    "batch_size": "training batch size",
-    "learning_rate": "AdamW learning rate",
-    "bn_momentum": "BatchNorm momentum of the backbone (0.9 suits short runs from scratch)",
     "by_category": "search only the query's category",
     "model_name": "model name the stand-in server answers to",
 }
@@ -394,13 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-flight", type=int, default=2, help="requests in flight at once")
     p.add_argument("--chunk-size", type=int, default=256, help="images per saved chunk (the unit of resuming)")
     p.add_argument("--no-crop", action="store_true", help="ignore boxes of shop images")
-    p.add_argument("--fingerprint", default="", help="model fingerprint to record when embedding over --server")
 
     index = sub.add_parser("index", help="build Annoy indexes", formatter_class=_Formatter)
     index_sub = index.add_subparsers(dest="index_command", metavar="INDEX_COMMAND", required=True)
-    p = command(index_sub, "build", cmd_index_build, "build an Annoy index from an embed output folder")
-    p.add_argument("embeddings", help="output folder of `street2shop embed`")
+    p = command(index_sub, "build", cmd_index_build, "build an index from embed output folders (all of one model)")
+    p.add_argument("embeddings", nargs="+", help="output folder(s) of `street2shop embed`")
     p.add_argument("--out", required=True, help="index folder to write (atomically replaced)")
+    p.add_argument("--kind", choices=("annoy", "exact"), default="annoy", help="Annoy (approximate, fast at scale) or exact search")
     p.add_argument("--n-trees", type=int, default=None, help="Annoy trees (default: the index's)")
     p.add_argument("--search-k", type=int, default=None, help="Annoy search_k (default: the index's)")
 
@@ -410,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_embedder_flags(p)
     p.add_argument("--box", action="append", help="LEFT,TOP,WIDTH,HEIGHT in pixels, once per photo")
     p.add_argument("-k", type=int, default=20, help="number of products")
+    p.add_argument("--category", default="", help="search only this category")
 
     p = command(sub, "evaluate", cmd_evaluate, "top-k accuracy, recall@k, mAP, MRR of street photos against the indexed catalogue")
     p.add_argument("manifest", help="manifest CSV with the street photos")
@@ -423,10 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="model", help="name of this run in the report")
 
     p = command(sub, "demo", cmd_demo, "the whole pipeline end to end on a generated dataset (or --data)")
-    from street2shop.demo import DemoConfig
+    from street2shop.demo import DEMO_SETS, DEMO_TRAINING, DemoConfig
 
     for field in dataclasses.fields(DemoConfig):
-        if field.name == "verbose":
+        if field.name in ("verbose", "train"):
             continue
         flag = "--" + field.name.replace("_", "-")
         if isinstance(field.default, bool):
@@ -435,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument(flag, dest=field.name, type=type(field.default), default=field.default,
                            help=DEMO_HELP.get(field.name))
+    _add_config_flags(p, DEMO_TRAINING, skip=DEMO_SETS)
     return parser
 
 

@@ -20,18 +20,27 @@ from pathlib import Path
 from typing import Any
 
 from street2shop.errors import ConfigError
+from street2shop.fileio import write_atomic
+from street2shop.model.backbones import BACKBONES  # the registry; imports no Keras
 
-# Kept in step with street2shop.model.backbones.BACKBONES (a test checks), so
-# reading a config does not import Keras.
-BACKBONES = (
-    "inception_v3", "resnet50", "resnet50_v2", "mobilenet_v2", "mobilenet_v3_small",
-    "mobilenet_v3_large", "efficientnet_b0", "densenet121", "xception",
-)
-MIN_IMAGE_SIZE = {"inception_v3": 75, "xception": 71}  # the others accept 32
+_UNSET = object()
 
 
-def _help(text: str, **kw: Any) -> dict[str, Any]:
-    return {"help": text, **kw}
+def _help(text: str, unset: Any = _UNSET) -> dict[str, Any]:
+    """Field metadata: its help text and, for a field that can be left unset, the value that spells it."""
+    return {"help": text} if unset is _UNSET else {"help": text, "unset": unset}
+
+
+class _Section:
+    """What every config section knows of its own fields."""
+
+    def get(self, name: str) -> Any:
+        """The value of field ``name``, or None where it holds its "unset" value (TOML has no null: 0, -1 or '')."""
+        field = next((f for f in dataclasses.fields(self) if f.name == name), None)  # type: ignore[arg-type]
+        if field is None:
+            raise ConfigError(f"{type(self).__name__} has no field {name!r}. Received: name={name!r}")
+        value = getattr(self, name)
+        return None if "unset" in field.metadata and value == field.metadata["unset"] else value
 
 
 def _check(condition: bool, field: str, value: Any, expected: str) -> None:
@@ -40,18 +49,18 @@ def _check(condition: bool, field: str, value: Any, expected: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Section):
     manifest: str = dataclasses.field(default="", metadata=_help("manifest CSV of product photos (street and shop)"))
     train_split: str = dataclasses.field(default="train", metadata=_help("manifest split(s) to train on, comma-separated; shop photos of split 'catalog' are always added"))
-    val_split: str = dataclasses.field(default="val", metadata=_help("manifest split for validation pairs ('' for none)"))
-    auxiliary_dir: str = dataclasses.field(default="", metadata=_help("class-per-folder labelled set for multi-task fine-tuning ('' for none)"))
-    auxiliary_max_per_class: int = dataclasses.field(default=0, metadata=_help("use at most this many images per auxiliary class (0 = all)"))
+    val_split: str = dataclasses.field(default="val", metadata=_help("manifest split for validation pairs ('' for none)", unset=""))
+    auxiliary_dir: str = dataclasses.field(default="", metadata=_help("class-per-folder labelled set for multi-task fine-tuning ('' for none)", unset=""))
+    auxiliary_max_per_class: int = dataclasses.field(default=0, metadata=_help("use at most this many images per auxiliary class (0 = all)", unset=0))
     image_size: int = dataclasses.field(default=96, metadata=_help("square input size of the tower (InceptionV3 needs >= 75; 299 is its native size)"))
     pairs_per_epoch: int = dataclasses.field(default=2048, metadata=_help("training pairs drawn per epoch"))
     val_pairs: int = dataclasses.field(default=256, metadata=_help("validation pairs (drawn once, fixed)"))
-    positive_fraction: float = dataclasses.field(default=-1.0, metadata=_help("share of positive pairs (-1 = unset: unset shares split what the set ones leave; all unset: 1/3 each with an auxiliary set, else 1/2)"))
-    negative_fraction: float = dataclasses.field(default=-1.0, metadata=_help("share of negative pairs (-1 = unset, see positive_fraction)"))
-    auxiliary_fraction: float = dataclasses.field(default=-1.0, metadata=_help("share of auxiliary pairs (-1 = unset, see positive_fraction)"))
+    positive_fraction: float = dataclasses.field(default=-1.0, metadata=_help("share of positive pairs (-1 = unset: unset shares split what the set ones leave; all unset: 1/3 each with an auxiliary set, else 1/2)", unset=-1.0))
+    negative_fraction: float = dataclasses.field(default=-1.0, metadata=_help("share of negative pairs (-1 = unset, see positive_fraction)", unset=-1.0))
+    auxiliary_fraction: float = dataclasses.field(default=-1.0, metadata=_help("share of auxiliary pairs (-1 = unset, see positive_fraction)", unset=-1.0))
     street_street_fraction: float = dataclasses.field(default=0.0, metadata=_help("share of positives pairing two street photos of a product"))
     hard_negative_fraction: float = dataclasses.field(default=0.5, metadata=_help("share of negatives taken from the same category"))
     street_augment: float = dataclasses.field(default=1.0, metadata=_help("augmentation strength for street photos (0 = off)"))
@@ -73,18 +82,44 @@ class DataConfig:
             v = getattr(self, name)
             _check(0.0 <= v <= 3.0, name, v, "in [0, 3]")
 
+    @property
+    def train_splits(self) -> set[str]:
+        return _split_names(self.train_split)
+
+    @property
+    def val_splits(self) -> set[str]:
+        return _split_names(self.val_split)
+
+    def pair_config(self, pairs_per_epoch: int, seed: int) -> Any:
+        """The :class:`street2shop.data.pairs.PairConfig` these fields describe."""
+        from street2shop.data.pairs import PairConfig
+
+        return PairConfig(
+            pairs_per_epoch=pairs_per_epoch,
+            positive_fraction=self.get("positive_fraction"),
+            negative_fraction=self.get("negative_fraction"),
+            auxiliary_fraction=self.get("auxiliary_fraction"),
+            street_street_fraction=self.street_street_fraction,
+            hard_negative_fraction=self.hard_negative_fraction,
+            seed=seed,
+        )
+
+
+def _split_names(text: str) -> set[str]:
+    return {s.strip() for s in text.split(",") if s.strip()}
+
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Section):
     backbone: str = dataclasses.field(default="inception_v3", metadata=_help(f"backbone: one of {', '.join(BACKBONES)}"))
     weights: str = dataclasses.field(default="imagenet", metadata=_help("'imagenet' (downloads once), 'none' (from scratch) or a path to a weights file"))
     embedding_dim: int = dataclasses.field(default=128, metadata=_help("dimension of the L2-normalised embedding"))
-    trainable_layers: int = dataclasses.field(default=-1, metadata=_help("train only the top N backbone layers (-1 = all)"))
-    trainable_from: str = dataclasses.field(default="", metadata=_help("train the backbone from this layer up, e.g. mixed8 for inception_v3 ('' = see trainable_layers)"))
-    bn_momentum: float = dataclasses.field(default=0.0, metadata=_help("momentum of the backbone's BatchNorm statistics (0 = the backbone's own, 0.99); ~0.9 for short runs from scratch"))
+    trainable_layers: int = dataclasses.field(default=-1, metadata=_help("train only the top N backbone layers (-1 = all)", unset=-1))
+    trainable_from: str = dataclasses.field(default="", metadata=_help("train the backbone from this layer up, e.g. mixed8 for inception_v3 ('' = see trainable_layers)", unset=""))
+    bn_momentum: float = dataclasses.field(default=0.0, metadata=_help("momentum of the backbone's BatchNorm statistics (0 = the backbone's own, 0.99); ~0.9 for short runs from scratch", unset=0.0))
     dropout: float = dataclasses.field(default=0.0, metadata=_help("dropout before the projection"))
     pooling: str = dataclasses.field(default="avg", metadata=_help("global pooling: avg or max"))
-    classifier_scale: float = dataclasses.field(default=16.0, metadata=_help("softmax head of multi-task: a cosine classifier with logits scale·cos(embedding, class); 0 = a plain Dense layer"))
+    classifier_scale: float = dataclasses.field(default=16.0, metadata=_help("softmax head of multi-task: a cosine classifier with logits scale·cos(embedding, class); 0 = a plain Dense layer", unset=0.0))
 
     def __post_init__(self) -> None:
         _check(self.backbone in BACKBONES, "backbone", self.backbone, f"one of {', '.join(BACKBONES)}")
@@ -101,14 +136,27 @@ class ModelConfig:
     def weights_arg(self) -> str | None:
         return None if self.weights.lower() in ("", "none") else self.weights
 
+    def tower_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`street2shop.model.tower.build_tower` (all but ``image_size``)."""
+        return {
+            "backbone": self.backbone,
+            "embedding_dim": self.embedding_dim,
+            "weights": self.weights_arg,
+            "trainable_layers": self.get("trainable_layers"),
+            "trainable_from": self.get("trainable_from"),
+            "bn_momentum": self.get("bn_momentum"),
+            "dropout": self.dropout,
+            "pooling": self.pooling,
+        }
+
 
 @dataclasses.dataclass(frozen=True)
-class LossConfig:
+class LossConfig(_Section):
     loss: str = dataclasses.field(default="robust", metadata=_help("'robust' (robust contrastive) or 'contrastive' (plain)"))
     margin: float = dataclasses.field(default=1.0, metadata=_help("contrastive margin m on the distance between unit embeddings (0 < m <= 2)"))
-    positive_threshold: float = dataclasses.field(default=0.0, metadata=_help("robust: drop positives with d >= this fixed threshold (0 = not used)"))
-    positive_quantile: float = dataclasses.field(default=0.9, metadata=_help("robust: drop positives beyond this quantile of the batch's positive distances (0 = not used)"))
-    negative_floor: float = dataclasses.field(default=0.0, metadata=_help("robust: drop negatives with d < this floor, probable label noise (0 = not used)"))
+    positive_threshold: float = dataclasses.field(default=0.0, metadata=_help("robust: drop positives with d >= this fixed threshold (0 = not used)", unset=0.0))
+    positive_quantile: float = dataclasses.field(default=0.9, metadata=_help("robust: drop positives beyond this quantile of the batch's positive distances (0 = not used)", unset=0.0))
+    negative_floor: float = dataclasses.field(default=0.0, metadata=_help("robust: drop negatives with d < this floor, probable label noise (0 = not used)", unset=0.0))
     drop_warmup_epochs: int = dataclasses.field(default=0, metadata=_help("robust: train this many epochs with the plain contrastive loss before dropping any pair"))
     w_pair: float = dataclasses.field(default=1.0, metadata=_help("weight of the contrastive loss on product pairs"))
     w_aux: float = dataclasses.field(default=1.0, metadata=_help("weight of the contrastive loss on auxiliary pairs"))
@@ -126,9 +174,18 @@ class LossConfig:
             v = getattr(self, name)
             _check(v >= 0.0 and math.isfinite(v), name, v, ">= 0")
 
+    def robust_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`street2shop.losses.RobustContrastiveLoss`."""
+        return {
+            "margin": self.margin,
+            "positive_threshold": self.get("positive_threshold"),
+            "positive_quantile": self.get("positive_quantile"),
+            "negative_floor": self.get("negative_floor"),
+        }
+
 
 @dataclasses.dataclass(frozen=True)
-class FitConfig:
+class FitConfig(_Section):
     output_dir: str = dataclasses.field(default="runs/street2shop", metadata=_help("where checkpoints, logs and the resolved config go"))
     epochs: int = dataclasses.field(default=10, metadata=_help("number of epochs"))
     batch_size: int = dataclasses.field(default=32, metadata=_help("global batch size (split across devices)"))
@@ -137,7 +194,7 @@ class FitConfig:
     backbone_lr_multiplier: float = dataclasses.field(default=1.0, metadata=_help("the backbone learns at learning_rate times this (e.g. 0.1 for fine-tuning)"))
     weight_decay: float = dataclasses.field(default=1e-4, metadata=_help("decoupled weight decay (adamw) or L2-like decay (sgd)"))
     momentum: float = dataclasses.field(default=0.9, metadata=_help("momentum for sgd"))
-    early_stopping_patience: int = dataclasses.field(default=0, metadata=_help("stop after this many epochs without a better validation loss, or training loss without validation (0 = off)"))
+    early_stopping_patience: int = dataclasses.field(default=0, metadata=_help("stop after this many epochs without a better validation loss, or training loss without validation (0 = off)", unset=0))
     distribution: str = dataclasses.field(default="auto", metadata=_help("'auto', 'default' (one device), 'mirrored' (all local GPUs) or 'multi_worker' (from TF_CONFIG)"))
     seed: int = dataclasses.field(default=0, metadata=_help("seed of pair plans, weights and augmentation"))
 
@@ -166,7 +223,7 @@ class TrainConfig:
     SECTIONS: typing.ClassVar[dict[str, type]] = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig, "fit": FitConfig}
 
     def __post_init__(self) -> None:
-        minimum = MIN_IMAGE_SIZE.get(self.model.backbone, 32)
+        minimum = max(32, BACKBONES[self.model.backbone].min_size)
         _check(self.data.image_size >= minimum, "image_size", self.data.image_size, f">= {minimum} for backbone {self.model.backbone}")
 
     @classmethod
@@ -278,8 +335,4 @@ def save_config(config: TrainConfig, path: str | os.PathLike[str]) -> Path:
             lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
             lines.append("")
         text = "\n".join(lines)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, text)

@@ -17,9 +17,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from street2shop.config import TrainConfig
 from street2shop.errors import DataError
 
 logger = logging.getLogger(__name__)
+
+# The demo's brief training: from scratch, small inputs, a few hundred pairs an epoch.
+DEMO_TRAINING = TrainConfig().replace(
+    weights="none", image_size=75, embedding_dim=64, epochs=6, pairs_per_epoch=640, batch_size=32,
+    learning_rate=1e-3, bn_momentum=0.9, w_product=0.5,
+)
+# Fields the demo sets itself from its own (manifest, query split, work folder).
+DEMO_SETS = frozenset({"manifest", "val_split", "output_dir", "val_pairs"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,21 +38,17 @@ class DemoConfig:
     Args:
         workdir: str. Everything goes here (data, run, exports, index, report).
         data: str. A manifest to use instead of generating one.
-        eval_split: str. Split of the street photos used as queries.
-        products, street_per_product, seed: the generated dataset.
-        backbone, image_size, embedding_dim, weights: the tower.
-        epochs, pairs_per_epoch, batch_size, learning_rate: the brief training.
-        bn_momentum: float. BatchNorm momentum of the backbone (0.9 suits a
-            short run from scratch; see ModelConfig.bn_momentum).
-        w_product: float. Weight of the softmax over the training products
-            (0 = pairs only); it gave the best results on real photos
-            (BENCHMARKS.md).
+        eval_split: str. Split of the street photos used as queries (and as validation pairs).
+        products, street_per_product: the generated dataset (seeded by ``train.fit.seed``).
         by_category: bool. Search only the query's category (the Exact
             Street2Shop protocol). Off by default here: the synthetic
             categories are silhouettes, and ranking all products is the
             harder, more telling test.
         model_name: str. Name the stand-in server answers to.
         verbose: int. Keras' fit verbosity (0 silent, 2 a line per epoch).
+        train: TrainConfig. The brief training (:data:`DEMO_TRAINING`); its
+            ``manifest``, ``val_split``, ``output_dir`` and ``val_pairs`` are
+            set by the demo.
     """
 
     workdir: str = "demo-output"
@@ -51,20 +56,17 @@ class DemoConfig:
     eval_split: str = "val"
     products: int = 30
     street_per_product: int = 8
-    seed: int = 0
-    backbone: str = "inception_v3"
-    image_size: int = 75
-    embedding_dim: int = 64
-    weights: str = "none"
-    epochs: int = 6
-    pairs_per_epoch: int = 640
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    bn_momentum: float = 0.9
-    w_product: float = 0.5
     by_category: bool = False
     model_name: str = "street2shop"
     verbose: int = 2
+    train: TrainConfig = DEMO_TRAINING
+
+    def training(self, manifest: str | Path) -> TrainConfig:
+        """The training configuration of a run on ``manifest``."""
+        return self.train.replace(
+            manifest=str(manifest), val_split=self.eval_split, output_dir=str(Path(self.workdir) / "run"),
+            val_pairs=4 * self.train.fit.batch_size,
+        )
 
 
 class _Step:
@@ -79,27 +81,23 @@ class _Step:
 
 
 def _serve_and_evaluate(name: str, version_dir: Path, work: Path, gallery, queries, config: DemoConfig, step) -> Any:
+    """Serves one export with the stand-in, embeds the catalogue over gRPC, indexes it, evaluates the queries."""
     from street2shop.embed import embed_catalog, reset
+    from street2shop.embedders import GrpcEmbedder
     from street2shop.evaluate import evaluate_queries
-    from street2shop.export import read_card
-    from street2shop.index import CatalogIndex, Item
-    from street2shop.serving.client import EmbeddingClient
+    from street2shop.index import load_index
+    from street2shop.index.build import build_index
     from street2shop.serving.server import StandInServer
 
-    card = read_card(version_dir)
     with StandInServer(version_dir.parent, model_name=config.model_name, port=0) as server:
-        port = server.port
-        step(f"{name}: stand-in TF Serving on 127.0.0.1:{port} serving {version_dir}")
-        with EmbeddingClient(f"127.0.0.1:{port}", config.model_name, expected_dimension=card["dimension"]) as client:
+        step(f"{name}: stand-in TF Serving on 127.0.0.1:{server.port} serving {version_dir}")
+        with GrpcEmbedder(f"127.0.0.1:{server.port}", model_name=config.model_name) as embedder:
             reset(work / f"embeddings-{name}")  # the demo owns its workdir: a re-run starts clean
-            embedded = embed_catalog(gallery, client, work / f"embeddings-{name}", fingerprint=card["fingerprint"])
-            index = CatalogIndex(card["dimension"], model_fingerprint=card["fingerprint"])
-            index.add(embedded.embeddings, [Item(it["product_id"], it["image_path"], it["category"]) for it in embedded.items])
-            index.build()
-            index_dir = index.save(work / f"index-{name}")
-            index = CatalogIndex.load(index_dir, expected_fingerprint=card["fingerprint"], expected_dimension=card["dimension"])
-            step(f"{name}: embedded {len(embedded.items)} catalogue images over gRPC, Annoy index at {index_dir}")
-            evaluation = evaluate_queries(queries, client, index, by_category=config.by_category)
+            embedded = embed_catalog(gallery, embedder, work / f"embeddings-{name}")
+            built = build_index([embedded.out_dir], work / f"index-{name}")
+            index = load_index(built["index"])
+            step(f"{name}: embedded {len(embedded.items)} catalogue images over gRPC ({embedded.identity}), Annoy index at {built['index']}")
+            evaluation = evaluate_queries(queries, embedder, index, by_category=config.by_category)
     return evaluation
 
 
@@ -107,7 +105,6 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
     """Runs the demo; returns the report paths and the headline numbers."""
     import keras
 
-    from street2shop.config import TrainConfig
     from street2shop.data.records import read_manifest
     from street2shop.data.synthetic import generate
     from street2shop.export import export_tower
@@ -117,11 +114,12 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
     work = Path(config.workdir)
     work.mkdir(parents=True, exist_ok=True)
     step = _Step(8)
+    seed = config.train.fit.seed
     if config.data:
         manifest = Path(config.data)
         step(f"using your dataset {manifest}")
     else:
-        generate(work / "data", products=config.products, street_per_product=config.street_per_product, seed=config.seed)
+        generate(work / "data", products=config.products, street_per_product=config.street_per_product, seed=seed)
         manifest = work / "data" / "manifest.csv"
         step(f"generated {config.products} products x {config.street_per_product} street photos: {manifest}")
     records = read_manifest(manifest)
@@ -131,19 +129,14 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
         raise DataError(f"{manifest}: the demo needs street photos of split {config.eval_split!r} and shop photos. "
                         f"Received: {len(queries)} queries, {len(gallery)} shop photos")
 
-    train_config = TrainConfig().replace(
-        manifest=str(manifest), val_split=config.eval_split, backbone=config.backbone, weights=config.weights,
-        image_size=config.image_size, embedding_dim=config.embedding_dim, epochs=config.epochs,
-        pairs_per_epoch=config.pairs_per_epoch, batch_size=config.batch_size, learning_rate=config.learning_rate,
-        output_dir=str(work / "run"), seed=config.seed, val_pairs=4 * config.batch_size, bn_momentum=config.bn_momentum,
-        w_product=config.w_product,
-    )
+    train_config = config.training(manifest)
     exports = work / "exports"
     # The untrained tower, for comparison: same architecture and seed, no training.
-    keras.utils.set_random_seed(config.seed)
+    keras.utils.set_random_seed(seed)
     untrained = build_model(train_config, None)
     untrained_dir = export_tower(untrained, work / "exports-untrained", model_name=config.model_name)
-    step(f"training {config.backbone} at {config.image_size}px for {config.epochs} epochs of {config.pairs_per_epoch} pairs")
+    tc = train_config
+    step(f"training {tc.model.backbone} at {tc.data.image_size}px for {tc.fit.epochs} epochs of {tc.data.pairs_per_epoch} pairs")
     result = train(train_config, verbose=config.verbose)
     version_dir = export_tower(result.model, exports, model_name=config.model_name)
     step(f"exported the trained tower to {version_dir}")
@@ -151,7 +144,8 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
     evaluations = {}
     evaluations["trained"] = _serve_and_evaluate("trained", version_dir, work, gallery, queries, config, step)
     evaluations["untrained"] = _serve_and_evaluate("untrained", untrained_dir, work, gallery, queries, config, step)
-    paths = write_report(evaluations, work / "report", config={"demo": dataclasses.asdict(config), "train": train_config.to_dict()},
+    demo_settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "train"}
+    paths = write_report(evaluations, work / "report", config={"demo": demo_settings, "train": train_config.to_dict()},
                          title=f"street2shop demo: {len(queries)} street photos vs {len(gallery)} shop photos")
     step(f"report written to {paths['html'].parent}")
     return {

@@ -1,4 +1,4 @@
-"""Embed a whole catalogue, resumably, with a local SavedModel or over gRPC.
+"""Embed a whole catalogue, resumably, with any :class:`~street2shop.embedders.Embedder`.
 
 ``embed_catalog(records, embedder, out_dir)`` writes, under ``out_dir``:
 
@@ -6,13 +6,17 @@
   a killed run started again continues after the last finished chunk and
   never re-embeds what is done;
 - ``embeddings.npy`` (float32 ``[N, D]``) and ``items.jsonl`` (one line per
-  row: product_id, image_path, category), the item table the index uses;
-- ``embed.json``: the model fingerprint and dimension, counts, and the images
-  skipped with the reason.
+  row: product_id, image_path, category, and the record's other columns), the
+  item table the index uses;
+- ``embed.json``: the model (fingerprint, version, dimension), counts, and
+  the images skipped with the reason.
 
-An embedder is anything with ``embed(images, boxes=None) -> [N, D]``,
-``dimension`` and ``fingerprint``: :class:`street2shop.export.LocalEmbedder`
-or :class:`street2shop.serving.client.EmbeddingClient`.
+One run holds one model's vectors only. ``state.json`` records the model at
+the start (the embedder's :meth:`~street2shop.embedders.Embedder.identity`:
+for TF Serving, the model that answers); a run resumed under another model is
+refused, and so is a chunk whose answers came from another model (TF Serving
+loads a new version by itself, in the middle of a job). Images that cannot be
+read or embedded are skipped, counted and listed; the rest go on.
 """
 
 from __future__ import annotations
@@ -26,23 +30,20 @@ import shutil
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from street2shop.contract import ModelIdentity, check_same_model
+from street2shop.data.image import read_image_file
 from street2shop.data.records import Record
-from street2shop.errors import BadRequestError, DataError
+from street2shop.embeddings import item_of, write_embeddings
+from street2shop.errors import DataError, ImageError, ModelMismatchError
+from street2shop.fileio import write_atomic
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-
-
-class Embedder(Protocol):
-    dimension: int
-
-    def embed(self, images: Sequence[bytes], boxes: np.ndarray | None = None) -> np.ndarray: ...
+FORMAT_VERSION = 2
 
 
 @dataclasses.dataclass
@@ -54,6 +55,17 @@ class EmbedResult:
     skipped: dict[str, str]
     out_dir: Path
     resumed_chunks: int
+    identity: ModelIdentity
+
+
+@dataclasses.dataclass
+class RecordEmbeddings:
+    """Records embedded in memory: which were (``rows``), their vectors, the skipped ones, the model."""
+
+    rows: list[int]
+    vectors: np.ndarray
+    skipped: dict[str, str]
+    identity: ModelIdentity | None
 
 
 def _records_digest(records: Sequence[Record], chunk_size: int) -> str:
@@ -63,25 +75,35 @@ def _records_digest(records: Sequence[Record], chunk_size: int) -> str:
     return digest.hexdigest()[:16]
 
 
-def normalized_box(record: Record) -> list[float] | None:
-    """A record's pixel box as normalised ``[ymin, xmin, ymax, xmax]`` (reads the image size)."""
-    if record.box is None:
-        return None
-    with Image.open(record.image_path) as im:
-        w, h = im.size
-    left, top, width, height = record.box.as_ltwh()
-    return [top / h, left / w, (top + height) / h, (left + width) / w]
+def _embed_batch(embedder: Any, records: Sequence[Record], crop_to_box: bool) -> RecordEmbeddings:
+    """Reads and embeds records; an image that cannot be read or embedded is skipped with its reason."""
+    skipped: dict[str, str] = {}
+    images, kept = [], []
+    for i, record in enumerate(records):
+        try:
+            images.append(read_image_file(record.image_path))
+        except ImageError as e:
+            skipped[record.image_path] = str(e)
+            continue
+        kept.append(i)
+    boxes = [records[i].box for i in kept] if crop_to_box and any(records[i].box is not None for i in kept) else None
+    result = embedder.embed(images, boxes)
+    for i, error in zip(kept, result.errors):
+        if error is not None:
+            skipped[records[i].image_path] = error
+    ok = result.ok
+    return RecordEmbeddings([i for i, good in zip(kept, ok) if good], result.vectors[ok], skipped, result.identity)
 
 
 def embed_records(
-    records: Sequence[Record], embedder: Embedder, *, batch_size: int = 32, crop_to_box: bool = True, progress: bool = False
-) -> tuple[list[int], np.ndarray, dict[str, str]]:
-    """Embeds records in batches, skipping bad images (not persisted; see embed_catalog for that).
+    records: Sequence[Record], embedder: Any, *, batch_size: int = 32, crop_to_box: bool = True, progress: bool = False
+) -> RecordEmbeddings:
+    """Embeds records in batches, skipping bad images (in memory; :func:`embed_catalog` persists and resumes).
 
     Returns:
-        ``(rows, vectors, skipped)``: indices of the embedded records, their
-        float32 ``[len(rows), D]`` embeddings, and image path → reason for
-        each skipped one.
+        :class:`RecordEmbeddings`: indices of the embedded records, their
+        float32 ``[len(rows), D]`` vectors, image path → reason for each
+        skipped one, and the model (every batch's; two models are refused).
     """
     bar = None
     if progress:
@@ -91,62 +113,25 @@ def embed_records(
     rows: list[int] = []
     vectors = [np.zeros((0, embedder.dimension), np.float32)]
     skipped: dict[str, str] = {}
+    identity: ModelIdentity | None = None
     for start in range(0, len(records), batch_size):
-        batch = records[start : start + batch_size]
-        batch_rows, batch_vectors, batch_skipped = _embed_batch(embedder, batch, crop_to_box)
-        rows += [start + r for r in batch_rows]
-        vectors.append(batch_vectors)
-        skipped.update(batch_skipped)
+        batch = _embed_batch(embedder, records[start : start + batch_size], crop_to_box)
+        if identity is not None and batch.identity is not None and not identity.same_model(batch.identity):
+            raise ModelMismatchError(f"the model changed while embedding: {identity}, then {batch.identity}. Received: two models")
+        identity = batch.identity or identity
+        rows += [start + r for r in batch.rows]
+        vectors.append(batch.vectors)
+        skipped.update(batch.skipped)
         if bar is not None:
-            bar.add(len(batch))
+            bar.add(len(records[start : start + batch_size]))
     if skipped:
         logger.warning("skipped %d unreadable images (%s%s)", len(skipped), "; ".join(list(skipped)[:3]), " ..." if len(skipped) > 3 else "")
-    return rows, np.concatenate(vectors), skipped
-
-
-def _load(record: Record, use_box: bool) -> tuple[bytes, list[float] | None]:
-    data = Path(record.image_path).read_bytes()
-    return data, (normalized_box(record) if use_box else None)
-
-
-def _embed_batch(embedder: Embedder, records: Sequence[Record], crop_to_box: bool) -> tuple[list[int], np.ndarray, dict[str, str]]:
-    """Embeds records; a bad image is skipped (found by retrying one by one)."""
-    loaded: list[tuple[int, bytes, list[float] | None]] = []
-    skipped: dict[str, str] = {}
-    for i, r in enumerate(records):
-        try:
-            data, box = _load(r, crop_to_box)
-        except (OSError, Image.DecompressionBombError) as e:
-            skipped[r.image_path] = f"cannot read: {getattr(e, 'strerror', None) or e}"
-            continue
-        loaded.append((i, data, box))
-
-    def run(items):
-        images = [data for _, data, _ in items]
-        use_boxes = any(box is not None for _, _, box in items)
-        boxes = np.array([box if box is not None else [0, 0, 1, 1] for _, _, box in items], np.float32) if use_boxes else None
-        return embedder.embed(images, boxes)
-
-    if not loaded:
-        return [], np.zeros((0, embedder.dimension), np.float32), skipped
-    try:
-        vectors = run(loaded)
-        return [i for i, _, _ in loaded], np.asarray(vectors, np.float32), skipped
-    except BadRequestError:
-        pass
-    rows, vectors = [], []
-    for item in loaded:
-        try:
-            vectors.append(run([item])[0])
-            rows.append(item[0])
-        except BadRequestError as e:
-            skipped[records[item[0]].image_path] = str(e)
-    return rows, np.asarray(vectors, np.float32).reshape(len(rows), embedder.dimension), skipped
+    return RecordEmbeddings(rows, np.concatenate(vectors), skipped, identity)
 
 
 def embed_catalog(
     records: Sequence[Record],
-    embedder: Embedder,
+    embedder: Any,
     out_dir: str | os.PathLike[str],
     *,
     chunk_size: int = 256,
@@ -154,45 +139,50 @@ def embed_catalog(
     in_flight: int = 2,
     crop_to_box: bool = True,
     progress: bool = False,
-    fingerprint: str | None = None,
 ) -> EmbedResult:
     """Embeds ``records`` in chunks; resumes a killed run where it stopped.
 
     Args:
         records: sequence of Record. The catalogue images.
-        embedder: LocalEmbedder or EmbeddingClient.
+        embedder: an :class:`~street2shop.embedders.Embedder`.
         out_dir: str or path. Output folder (see module doc).
         chunk_size: int. Images per saved chunk (the unit of resumption).
         batch_size: int. Images per embed call.
         in_flight: int. Embed calls running at once (use 2-8 with a server).
         crop_to_box: bool. Crop images that have a box to it.
         progress: bool. Show a progress bar.
-        fingerprint: str or None. The model's fingerprint (from its card);
-            defaults to ``embedder.fingerprint`` when it has one.
 
     Raises:
-        DataError: ``out_dir`` holds chunks of another catalogue or model.
+        DataError: ``out_dir`` holds chunks of another catalogue.
+        ModelMismatchError: ``out_dir`` holds vectors of another model, or the
+            model changed during the run (finished chunks are kept).
         ServingError: the server went away (finished chunks are kept).
     """
     out = Path(out_dir)
     chunks_dir = out / "chunks"
     chunks_dir.mkdir(parents=True, exist_ok=True)
-    if fingerprint is None:
-        fingerprint = str(getattr(embedder, "fingerprint", "") or "")
-    state = {"format_version": FORMAT_VERSION, "records": _records_digest(records, chunk_size), "fingerprint": fingerprint, "dimension": int(embedder.dimension)}
+    identity = embedder.identity()
+    state = {"format_version": FORMAT_VERSION, "records": _records_digest(records, chunk_size),
+             "fingerprint": identity.fingerprint, "dimension": int(embedder.dimension)}
     state_path = out / "state.json"
     if state_path.is_file():
         try:
             previous = json.loads(state_path.read_text())
         except (OSError, ValueError) as e:
             raise DataError(f"cannot read {state_path} ({e}); delete {out} to start over") from None
+        if previous.get("fingerprint") != state["fingerprint"] or previous.get("dimension") != state["dimension"]:
+            raise ModelMismatchError(
+                f"{out} holds an unfinished run of another model ({previous.get('fingerprint')!r}, dimension "
+                f"{previous.get('dimension')}); the embedder now uses {identity}. Nothing mixes two models: use another "
+                f"--out, or delete {out} to start over. Received: fingerprint={identity.fingerprint!r}"
+            )
         if previous != state:
             raise DataError(
-                f"{out} holds an embedding run of another catalogue or model (state {previous}); "
+                f"{out} holds an embedding run of another catalogue (state {previous}); "
                 f"use another --out or delete it. Received: {state}"
             )
     else:
-        _write_atomic(state_path, json.dumps(state))
+        write_atomic(state_path, json.dumps(state))
 
     n_chunks = -(-len(records) // chunk_size)
     done = {int(p.stem.split("-")[1]) for p in chunks_dir.glob("chunk-*.npz")}
@@ -212,60 +202,65 @@ def embed_catalog(
             batches = [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
             results = list(pool.map(lambda b: _embed_batch(embedder, b, crop_to_box), batches))
             rows, vectors, skipped = [], [], {}
-            for k, (batch_rows, batch_vectors, batch_skipped) in enumerate(results):
-                rows += [c * chunk_size + k * batch_size + r for r in batch_rows]
-                vectors.append(batch_vectors)
-                skipped.update(batch_skipped)
+            for k, batch in enumerate(results):
+                check_same_model(identity, batch.identity, f"a chunk of {out} (the server's model changed during the run)")
+                rows += [c * chunk_size + k * batch_size + r for r in batch.rows]
+                vectors.append(batch.vectors)
+                skipped.update(batch.skipped)
             tmp = chunks_dir / f".chunk-{c:06d}.tmp.npz"
             np.savez(tmp, rows=np.array(rows, np.int64), embeddings=np.concatenate(vectors).astype(np.float32),
                      skipped=np.array(json.dumps(skipped)))
             os.replace(tmp, chunks_dir / f"chunk-{c:06d}.npz")
             if bar is not None:
                 bar.add(len(chunk))
-    return _assemble(records, out, n_chunks, int(embedder.dimension), fingerprint, len(done))
+    return _assemble(records, out, n_chunks, identity, len(done))
 
 
-def _assemble(records: Sequence[Record], out: Path, n_chunks: int, dimension: int, fingerprint: str, resumed: int) -> EmbedResult:
+def embed_source(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    split: str = "",
+    model: str | None = None,
+    server: str | None = None,
+    model_name: str = "street2shop",
+    batch_size: int = 32,
+    chunk_size: int = 256,
+    in_flight: int = 2,
+    crop_to_box: bool = True,
+    progress: bool = False,
+) -> EmbedResult:
+    """``street2shop embed``: the shop photos of a manifest (or a folder of images), embedded into ``out``.
+
+    Embeds in process with an export (``model``) or through TF Serving
+    (``server``); see :func:`embed_catalog` for resuming and the one-model rule.
+    """
+    from street2shop.data.records import catalogue_records
+    from street2shop.embedders import open_embedder
+
+    records = catalogue_records(source, split)
+    with open_embedder(model, server, model_name=model_name, batch_size=batch_size) as embedder:
+        return embed_catalog(records, embedder, out, chunk_size=chunk_size, batch_size=batch_size, in_flight=in_flight,
+                             crop_to_box=crop_to_box, progress=progress)
+
+
+def _assemble(records: Sequence[Record], out: Path, n_chunks: int, identity: ModelIdentity, resumed: int) -> EmbedResult:
     rows, vectors, skipped = [], [], {}
     for c in range(n_chunks):
         with np.load(out / "chunks" / f"chunk-{c:06d}.npz") as z:
             rows += z["rows"].tolist()
             vectors.append(z["embeddings"])
             skipped.update(json.loads(str(z["skipped"])))
+    dimension = int(identity.dimension or 0)
     embeddings = np.concatenate(vectors) if vectors else np.zeros((0, dimension), np.float32)
-    items = [{"product_id": records[r].product_id, "image_path": records[r].image_path, "category": records[r].category} for r in rows]
-    tmp = out / ".embeddings.tmp.npy"
-    np.save(tmp, embeddings)
-    os.replace(tmp, out / "embeddings.npy")
-    _write_atomic(out / "items.jsonl", "".join(json.dumps(item) + "\n" for item in items))
-    summary = {"fingerprint": fingerprint, "dimension": dimension, "embedded": len(items), "skipped": skipped}
-    _write_atomic(out / "embed.json", json.dumps(summary, indent=2))
+    items = [item_of(records[r]) for r in rows]
+    write_embeddings(out, embeddings, items, identity, skipped)
     if skipped:
         shown = "; ".join(f"{p}: {why}" for p, why in list(skipped.items())[:3])
         logger.warning("embedded %d images, skipped %d (%s%s)", len(items), len(skipped), shown, " ..." if len(skipped) > 3 else "")
     else:
         logger.info("embedded %d images into %s", len(items), out)
-    return EmbedResult(embeddings, items, skipped, out, resumed)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def load_embeddings(out_dir: str | os.PathLike[str]) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, Any]]:
-    """Reads ``embeddings.npy``, ``items.jsonl`` and ``embed.json`` of a finished run."""
-    out = Path(out_dir)
-    try:
-        embeddings = np.load(out / "embeddings.npy")
-        items = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines() if line.strip()]
-        summary = json.loads((out / "embed.json").read_text())
-    except FileNotFoundError as e:
-        raise DataError(f"{out} is not a finished embedding run: missing {Path(e.filename).name}") from None
-    if len(items) != len(embeddings):
-        raise DataError(f"{out}: {len(items)} items but {len(embeddings)} embeddings")
-    return embeddings, items, summary
+    return EmbedResult(embeddings, items, skipped, out, resumed, identity)
 
 
 def reset(out_dir: str | os.PathLike[str]) -> None:

@@ -48,6 +48,19 @@ class IndexMismatchError(Street2ShopError):
     """An index was queried or extended in a way that cannot give right answers."""
 
 
+class ModelMismatchError(IndexMismatchError):
+    """Vectors of one model met vectors, an index or a run of another (their weights fingerprints differ).
+
+    Also raised when a server starts answering with another model in the
+    middle of a job. A kind of :class:`IndexMismatchError`: either way the
+    answers would be meaningless.
+    """
+
+
+class ImageError(DataError):
+    """An image cannot be used: empty, not a JPEG/PNG/GIF/BMP file, truncated, too large, or its box misses it."""
+
+
 def tf_error_text(message: str) -> str:
     """The one informative line of a TensorFlow runtime error message.
 

@@ -2,10 +2,12 @@
 
 Protocol (as in the street-to-shop literature): every street photo of a split
 is a query, cropped to its box when it has one; the gallery is the shop
-images, restricted to the query's category when the dataset has categories.
-A gallery ranking is made of images; it is de-duplicated by product (a
-product appears once, at its best image) and a query is correct at k when
-its product is among the first k distinct products.
+images, restricted to the query's category when asked (``by_category``).
+A gallery ranking is made of images, ranked by the one rule of
+:mod:`street2shop.index.ranking` through an index (the Annoy index, or an
+exact one); it is de-duplicated by product (a product appears once, at its
+best image) and a query is correct at k when its product is among the first k
+distinct products.
 
 Metrics, per category and overall:
 
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from street2shop.errors import ConfigError
+from street2shop.index import ranking
 
 DEFAULT_KS = (1, 5, 10, 20)
 
@@ -40,42 +43,6 @@ class QueryResult:
     product_id: str
     category: str | None
     ranking: np.ndarray  # gallery rows, best first (may be truncated by an index)
-
-
-def rank_exact(
-    query_embeddings: np.ndarray,
-    gallery_embeddings: np.ndarray,
-    *,
-    query_categories: Sequence[str | None] | None = None,
-    gallery_categories: Sequence[str | None] | None = None,
-) -> list[np.ndarray]:
-    """Full image rankings by cosine similarity; ties keep gallery order.
-
-    With categories, a query's ranking holds only gallery images of its
-    category (all of them when the query has no category).
-    """
-    q = np.asarray(query_embeddings, np.float32)
-    g = np.asarray(gallery_embeddings, np.float32)
-    if q.ndim != 2 or g.ndim != 2 or (len(g) and q.shape[1] != g.shape[1]):
-        raise ConfigError(f"embeddings must be [N, D] with the same D. Received: queries {q.shape}, gallery {g.shape}")
-    qn = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-    gn = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
-    rankings = []
-    g_cats = np.asarray(gallery_categories, dtype=object) if gallery_categories is not None else None
-    block = 256  # queries per matrix product: memory stays O(block x gallery)
-    for start in range(0, len(q), block):
-        similarity = qn[start : start + block] @ gn.T
-        for j in range(len(similarity)):
-            i = start + j
-            order = np.argsort(-similarity[j], kind="stable")
-            if g_cats is not None and query_categories is not None and query_categories[i] is not None:
-                order = order[g_cats[order] == query_categories[i]]
-            rankings.append(order)
-    return rankings
-
-
-def _dedup_products(ranking: np.ndarray, gallery_products: Sequence[str]) -> list[str]:
-    return list(dict.fromkeys(gallery_products[r] for r in ranking))
 
 
 def average_precision(relevant: np.ndarray, n_relevant: int | None = None) -> float:
@@ -135,10 +102,9 @@ def retrieval_metrics(
         if n_relevant == 0:
             unanswerable[result.category] += 1
             continue
-        ranking = np.asarray(result.ranking, dtype=np.int64)
-        relevant = codes[ranking] == code_of.get(result.product_id, -1)
-        products = _dedup_products(ranking, gallery_products)
-        rank = products.index(result.product_id) + 1 if result.product_id in products else None
+        rows = np.asarray(result.ranking, dtype=np.int64)
+        relevant = codes[rows] == code_of.get(result.product_id, -1)
+        rank = ranking.product_rank(rows, gallery_products.__getitem__, result.product_id)
         per_query[result.category].append({
             "rank": rank,
             "ap": average_precision(relevant, n_relevant),
@@ -168,12 +134,8 @@ def retrieval_metrics(
 
 def per_query_ranks(results: Sequence[QueryResult], gallery_products: Sequence[str]) -> list[int | None]:
     """Rank (1-based) of each query's product in its de-duplicated ranking, None if absent."""
-    ranks = []
     gallery_products = list(gallery_products)
-    for result in results:
-        products = _dedup_products(np.asarray(result.ranking, np.int64), gallery_products)
-        ranks.append(products.index(result.product_id) + 1 if result.product_id in products else None)
-    return ranks
+    return [ranking.product_rank(result.ranking, gallery_products.__getitem__, result.product_id) for result in results]
 
 
 def bootstrap_interval(values: Sequence[float], *, samples: int = 2000, confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
@@ -188,28 +150,6 @@ def bootstrap_interval(values: Sequence[float], *, samples: int = 2000, confiden
     ])
     alpha = (1 - confidence) / 2
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
-
-
-def rank_with_index(
-    index: Any,
-    query_embeddings: np.ndarray,
-    *,
-    query_categories: Sequence[str | None] | None = None,
-    depth: int = 200,
-) -> list[np.ndarray]:
-    """Image rankings (index rows, best first) from a CatalogIndex, ``depth`` images deep.
-
-    With categories, rows of other categories are dropped from a query's
-    ranking (the index is searched ``depth`` deep first).
-    """
-    depth = max(1, min(int(depth), len(index)))
-    rankings = []
-    for i, answers in enumerate(index.query_batch(np.asarray(query_embeddings, np.float32), k=depth, by_product=False)):
-        rows = [a.row for a in answers]
-        if query_categories is not None and query_categories[i] is not None:
-            rows = [a.row for a in answers if a.category == query_categories[i]]
-        rankings.append(np.asarray(rows, np.int64))
-    return rankings
 
 
 @dataclasses.dataclass
@@ -251,10 +191,10 @@ def evaluate_embeddings(
     use_categories = query_categories is not None and gallery_categories is not None and any(c is not None for c in gallery_categories)
     qc = list(query_categories) if use_categories else None
     gc = list(gallery_categories) if use_categories else None
-    if index is not None:
-        rankings = rank_with_index(index, query_embeddings, query_categories=qc, depth=max(200, 10 * max(ks)))
-    else:
-        rankings = rank_exact(query_embeddings, gallery_embeddings, query_categories=qc, gallery_categories=gc)
+    if index is None:
+        index = _gallery_index(query_embeddings, gallery_embeddings, gallery_products, gallery_categories)
+    depth = len(index) if index.kind == "exact" else max(200, 10 * max(ks))
+    rankings = index.rank_images(query_embeddings, depth, categories=qc)
     results = [QueryResult(p, qc[i] if qc else None, r) for i, (p, r) in enumerate(zip(query_products, rankings))]
     metrics = retrieval_metrics(results, gallery_products, gallery_categories=gc, ks=ks)
     ranks = per_query_ranks(results, gallery_products)
@@ -274,6 +214,22 @@ def evaluate_embeddings(
     return Evaluation(metrics, intervals, ranks, results, list(query_paths), list(gallery_products), list(gallery_paths))
 
 
+def _gallery_index(query_embeddings: np.ndarray, gallery_embeddings: np.ndarray | None, gallery_products: Sequence[str],
+                   gallery_categories: Sequence[str | None] | None) -> Any:
+    """An exact index over gallery embeddings, to rank with the one rule."""
+    from street2shop.index import ExactIndex, Item
+
+    q = np.asarray(query_embeddings)
+    g = np.asarray(gallery_embeddings)
+    if q.ndim != 2 or g.ndim != 2 or (len(g) and q.shape[1] != g.shape[1]):
+        raise ConfigError(f"embeddings must be [N, D] with the same D. Received: queries {q.shape}, gallery {g.shape}")
+    categories = list(gallery_categories) if gallery_categories is not None else [None] * len(g)
+    index = ExactIndex(g.shape[1])
+    if len(g):
+        index.add(g, [Item(str(p), category=c) for p, c in zip(gallery_products, categories)])
+    return index
+
+
 def evaluate_queries(
     queries: Sequence[Any],
     embedder: Any,
@@ -290,20 +246,67 @@ def evaluate_queries(
     Queries are cropped to their box; a query whose image cannot be read or
     decoded is skipped, counted and logged (``Evaluation.skipped``), the rest
     go on. ``exact`` ranks by exact cosine over the index's stored vectors
-    instead of Annoy.
+    instead of Annoy. The embedder's model must be the index's
+    (ModelMismatchError otherwise, checked before any query is embedded and
+    again on the answers).
     """
     from street2shop.embed import embed_records
 
-    rows, vectors, skipped = embed_records(list(queries), embedder, batch_size=batch_size, progress=progress)
-    kept = [queries[r] for r in rows]
+    index.check_model(embedder.identity())
+    embedded = embed_records(list(queries), embedder, batch_size=batch_size, progress=progress)
+    index.check_model(embedded.identity, "the answers of the embedder")
+    kept = [queries[r] for r in embedded.rows]
     items = index.items
     evaluation = evaluate_embeddings(
-        vectors, [r.product_id for r in kept], index.vectors if exact else None, [it.product_id for it in items],
+        embedded.vectors, [r.product_id for r in kept], None, [it.product_id for it in items],
         query_categories=[r.category for r in kept] if by_category else None,
         gallery_categories=[it.category for it in items] if by_category else None,
         query_paths=[r.image_path for r in kept], gallery_paths=[it.image_path for it in items],
-        index=None if exact else index, ks=ks,
+        index=index.exact() if exact else index, ks=ks,
     )
-    evaluation.skipped = skipped
+    evaluation.skipped = embedded.skipped
     evaluation.query_boxes = [r.box.as_ltwh() if r.box is not None else None for r in kept]
     return evaluation
+
+
+def evaluate_manifest(
+    manifest: str,
+    *,
+    index: str,
+    split: str = "val",
+    model: str | None = None,
+    server: str | None = None,
+    model_name: str = "street2shop",
+    batch_size: int = 32,
+    by_category: bool = True,
+    exact: bool = False,
+    out: str = "report",
+    name: str = "model",
+    progress: bool = False,
+    config: dict[str, Any] | None = None,
+) -> tuple[Evaluation, dict[str, Any]]:
+    """``street2shop evaluate``: the street photos of a manifest's ``split`` against an index folder; writes the report.
+
+    The embedder (``model`` in process, or ``server``) must use the index's model.
+
+    Returns:
+        The :class:`Evaluation` and the report's paths.
+    """
+    from street2shop.data.records import read_manifest
+    from street2shop.embedders import open_embedder
+    from street2shop.errors import DataError
+    from street2shop.index import load_index
+    from street2shop.report import write_report
+
+    catalogue = load_index(index)
+    if catalogue.identity is None:
+        catalogue.check_model(None)  # refuses, saying why
+    records = read_manifest(manifest)
+    queries = [r for r in records if r.domain == "street" and r.split == split]
+    if not queries:
+        splits = sorted({r.split for r in records if r.domain == "street"})
+        raise DataError(f"no street photo of split {split!r} in {manifest}; its street photos are in split(s) {splits}. Received: --split {split!r}")
+    with open_embedder(model, server, model_name=model_name, batch_size=batch_size, expected=catalogue.identity) as embedder:
+        evaluation = evaluate_queries(queries, embedder, catalogue, by_category=by_category, exact=exact, batch_size=batch_size, progress=progress)
+    paths = write_report({name: evaluation}, out, config=config)
+    return evaluation, paths

@@ -3,26 +3,21 @@
 ``export_tower(tower, "exports/street2shop")`` writes
 ``exports/street2shop/<version>/`` (the next free number unless given; an
 existing version is never overwritten; written to a hidden temporary folder
-that TF Serving ignores, then renamed into place) with three signatures, every
-input and output named:
-
-==================  ==========================================================  =========================
-signature           inputs                                                      outputs
-==================  ==========================================================  =========================
-``serving_default`` ``image_bytes``: string ``[None]`` (JPEG/PNG/GIF/BMP)       ``embedding``: float32 ``[None, D]``
-``embed_boxes``     ``image_bytes``, ``boxes``: float32 ``[None, 4]``             ``embedding``
-                    (normalised ``[ymin, xmin, ymax, xmax]``)
-``embed_pixels``    ``pixels``: float32 ``[None, H, W, 3]`` in ``[0, 255]``        ``embedding``
-==================  ==========================================================  =========================
+that TF Serving ignores, then renamed into place) with the signatures of the
+serving contract (:mod:`street2shop.contract`): ``serving_default`` (encoded
+image bytes), ``embed_boxes`` (bytes and normalised boxes) and
+``embed_pixels`` (decoded pixels), each answering ``embedding`` and
+``model_fingerprint``, the weights' fingerprint, so every response names the
+model that made its vectors.
 
 Decoding, cropping and resizing inside the graph are
-:func:`street2shop.data.pipeline.prepare_image`, the function training uses,
+:func:`street2shop.data.image.prepare_image`, the function training uses,
 and the backbone's preprocessing is a layer of the tower, so a photo becomes
 the same tensor in training, locally and in TF Serving.
 
 ``assets.extra/`` holds ``tf_serving_warmup_requests`` (real requests TF
 Serving replays at load) and ``street2shop.json``, the model card: dimension,
-input size, backbone, a fingerprint of the weights, package version, creation
+input size, backbone, the weights fingerprint, package version, creation
 time and the signatures.
 """
 
@@ -30,7 +25,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import io
 import json
 import logging
 import os
@@ -41,21 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from street2shop import __version__
+from street2shop import __version__, contract
 from street2shop.errors import ModelError
 
 logger = logging.getLogger(__name__)
-
-CARD_NAME = "street2shop.json"
-WARMUP_NAME = "tf_serving_warmup_requests"
-SIGNATURES = {
-    "serving_default": {"inputs": {"image_bytes": "string [None]"}, "outputs": {"embedding": "float32 [None, D]"}},
-    "embed_boxes": {
-        "inputs": {"image_bytes": "string [None]", "boxes": "float32 [None, 4] normalised ymin, xmin, ymax, xmax"},
-        "outputs": {"embedding": "float32 [None, D]"},
-    },
-    "embed_pixels": {"inputs": {"pixels": "float32 [None, H, W, 3] in [0, 255]"}, "outputs": {"embedding": "float32 [None, D]"}},
-}
 
 
 def weights_fingerprint(model: Any) -> str:
@@ -74,7 +57,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Any:
 
     import street2shop.losses  # noqa: F401 - registers the serialisable objects
     import street2shop.metrics  # noqa: F401
-    import street2shop.model  # noqa: F401
+    import street2shop.model.layers  # noqa: F401
 
     path = Path(path)
     if not path.is_file():
@@ -83,12 +66,6 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Any:
         return keras.saving.load_model(str(path), compile=False, safe_mode=True)
     except (ValueError, OSError, TypeError) as e:
         raise ModelError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}") from None
-
-
-def next_version(export_base: str | os.PathLike[str]) -> int:
-    base = Path(export_base)
-    versions = [int(p.name) for p in base.iterdir() if p.name.isdigit()] if base.is_dir() else []
-    return max(versions, default=0) + 1
 
 
 def tower_image_size(tower: Any) -> tuple[int, int]:
@@ -108,20 +85,10 @@ def _backbone_name(tower: Any) -> str:
 
 
 def _warmup_images(image_size: tuple[int, int], count: int = 3) -> list[bytes]:
-    """Small real JPEGs (gradients with a shape) for TF Serving's warm-up."""
-    from PIL import Image, ImageDraw
+    """Small real JPEGs for TF Serving's warm-up requests."""
+    from street2shop.data.image import pattern_jpeg
 
-    images = []
-    h, w = image_size
-    for k in range(count):
-        y, x = np.mgrid[0:h, 0:w]
-        array = np.stack([(x * 255 // max(w - 1, 1)), (y * 255 // max(h - 1, 1)), np.full_like(x, 80 * k)], -1).astype(np.uint8)
-        image = Image.fromarray(array)
-        ImageDraw.Draw(image).ellipse([w // 4, h // 4, 3 * w // 4, 3 * h // 4], fill=(200, 40 * k, 90))
-        buf = io.BytesIO()
-        image.save(buf, format="JPEG", quality=90)
-        images.append(buf.getvalue())
-    return images
+    return [pattern_jpeg(image_size[1], image_size[0], k) for k in range(count)]
 
 
 def write_warmup(path: Path, images: Sequence[bytes], model_name: str) -> None:
@@ -132,9 +99,9 @@ def write_warmup(path: Path, images: Sequence[bytes], model_name: str) -> None:
     with tf.io.TFRecordWriter(str(path)) as writer:
         for batch in [[im] for im in images] + [list(images)]:
             request = predict_pb2.PredictRequest(
-                model_spec=model_pb2.ModelSpec(name=model_name, signature_name="serving_default")
+                model_spec=model_pb2.ModelSpec(name=model_name, signature_name=contract.SERVING_DEFAULT)
             )
-            request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(batch, dtype=tf.string, shape=[len(batch)]))
+            request.inputs[contract.IMAGE_BYTES].CopyFrom(tf.make_tensor_proto(batch, dtype=tf.string, shape=[len(batch)]))
             log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
             writer.write(log.SerializeToString())
 
@@ -144,7 +111,7 @@ def export_tower(
     export_base: str | os.PathLike[str],
     *,
     version: int | None = None,
-    model_name: str = "street2shop",
+    model_name: str = contract.DEFAULT_MODEL_NAME,
     warmup_images: Sequence[bytes] | None = None,
 ) -> Path:
     """Exports the tower of ``model`` to ``export_base/<version>/``.
@@ -160,7 +127,7 @@ def export_tower(
             generated JPEGs by default.
 
     Returns:
-        Path of the new version folder.
+        Path of the new version folder (its name is the version number).
 
     Raises:
         ModelError: the version exists, or the tower cannot be exported.
@@ -168,8 +135,7 @@ def export_tower(
     import keras
     import tensorflow as tf
 
-    from street2shop.data.pipeline import prepare_image
-
+    from street2shop.data.image import prepare_image
     from street2shop.model.siamese import tower_of
 
     tower = tower_of(model)
@@ -177,17 +143,21 @@ def export_tower(
     base = Path(export_base)
     base.mkdir(parents=True, exist_ok=True)
     if version is None:
-        version = next_version(base)
+        version = contract.next_version(base)
     if version < 1:
         raise ModelError(f"version must be a positive integer. Received: version={version}")
     final = base / str(version)
     if final.exists():
         raise ModelError(f"version {version} already exists at {final}; versions are never overwritten. Pick another --version or omit it.")
     dimension = int(tower.outputs[0].shape[-1])
+    fingerprint = weights_fingerprint(tower)
     pixel_spec = tf.TensorSpec([size[0], size[1], 3], tf.float32)
 
     def embed(pixels):
-        return {"embedding": tower(pixels, training=False)}
+        embedding = tower(pixels, training=False)
+        # One fingerprint per row: the identity survives TF Serving's batching, which splits outputs by row.
+        rows = tf.fill(tf.shape(embedding)[:1], tf.constant(fingerprint))
+        return {contract.EMBEDDING: embedding, contract.FINGERPRINT: rows}
 
     def decode_batch(image_bytes, boxes=None):
         if boxes is None:
@@ -201,131 +171,67 @@ def export_tower(
 
         return tf.map_fn(one, (image_bytes, boxes), fn_output_signature=pixel_spec)
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    bytes_spec = tf.TensorSpec([None], tf.string, name=contract.IMAGE_BYTES)
+
+    @tf.function(input_signature=[bytes_spec])
     def serving_default(image_bytes):
         return embed(decode_batch(image_bytes))
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes"), tf.TensorSpec([None, 4], tf.float32, name="boxes")])
+    @tf.function(input_signature=[bytes_spec, tf.TensorSpec([None, 4], tf.float32, name=contract.BOXES)])
     def embed_boxes(image_bytes, boxes):
         tf.debugging.assert_equal(tf.shape(image_bytes)[0], tf.shape(boxes)[0], message="image_bytes and boxes must have the same length")
         return embed(decode_batch(image_bytes, boxes))
 
-    @tf.function(input_signature=[tf.TensorSpec([None, size[0], size[1], 3], tf.float32, name="pixels")])
+    @tf.function(input_signature=[tf.TensorSpec([None, size[0], size[1], 3], tf.float32, name=contract.PIXELS)])
     def embed_pixels(pixels):
         return embed(pixels)
 
-    tmp = base / f".tmp-{version}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    endpoints = {contract.SERVING_DEFAULT: serving_default, contract.EMBED_BOXES: embed_boxes, contract.EMBED_PIXELS: embed_pixels}
+    assert set(endpoints) == set(contract.SIGNATURES)
+    tmp = contract.staging_folder(base, version)
     try:
         archive = keras.export.ExportArchive()
         archive.track(tower)
-        archive.add_endpoint("serving_default", serving_default)
-        archive.add_endpoint("embed_boxes", embed_boxes)
-        archive.add_endpoint("embed_pixels", embed_pixels)
+        for name, endpoint in endpoints.items():
+            archive.add_endpoint(name, endpoint)
         archive.write_out(str(tmp), verbose=False)
-        extra = tmp / "assets.extra"
+        extra = tmp / contract.ASSETS_EXTRA
         extra.mkdir(exist_ok=True)
-        write_warmup(extra / WARMUP_NAME, list(warmup_images or _warmup_images(size)), model_name)
+        write_warmup(extra / contract.WARMUP_FILE, list(warmup_images or _warmup_images(size)), model_name)
         card = {
             "dimension": dimension,
             "image_size": list(size),
             "backbone": _backbone_name(tower),
-            "fingerprint": weights_fingerprint(tower),
+            "fingerprint": fingerprint,
             "package_version": __version__,
             "tensorflow_version": tf.__version__,
             "keras_version": keras.__version__,
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "version": version,
-            "signatures": SIGNATURES,
+            "signatures": {name: sig.describe() for name, sig in contract.SIGNATURES.items()},
         }
-        (extra / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
-        os.rename(tmp, final)
+        (extra / contract.CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+        contract.publish_version(tmp, base, version)
+    except FileExistsError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelError(f"version {version} appeared at {final} while exporting; versions are never overwritten. Export again.") from None
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ModelError(f"cannot write the export to {final}: {e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("exported tower (D=%d, %dx%d) to %s", dimension, size[0], size[1], final)
+    logger.info("exported tower (D=%d, %dx%d, fingerprint %s) to %s", dimension, size[0], size[1], fingerprint, final)
     return final
 
 
-def read_card(version_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The model card of an exported version."""
-    path = Path(version_dir) / "assets.extra" / CARD_NAME
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelError(f"no model card at {path}: is {version_dir} a street2shop export?") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelError(f"cannot read model card {path}: {e}") from None
-
-
-def latest_version_dir(export_base: str | os.PathLike[str]) -> Path:
-    """The newest numbered version under an export base (or the folder itself if it is a version)."""
-    base = Path(export_base)
-    if (base / "saved_model.pb").is_file():
-        return base
-    versions = sorted((int(p.name) for p in base.iterdir() if p.name.isdigit() and (p / "saved_model.pb").is_file()), reverse=True) if base.is_dir() else []
-    if not versions:
-        raise ModelError(f"no SavedModel version under {base}: expected {base}/<number>/saved_model.pb")
-    return base / str(versions[0])
-
-
-class LocalEmbedder:
-    """Embeds images with an exported SavedModel in this process.
-
-    Args:
-        export: str or path. An export base (newest version is used) or a
-            version folder.
-        batch_size: int. Images per call.
-
-    Example:
-
-    >>> embedder = LocalEmbedder("exports/street2shop")
-    >>> vectors = embedder.embed([open("photo.jpg", "rb").read()])
-    """
-
-    def __init__(self, export: str | os.PathLike[str], *, batch_size: int = 32) -> None:
-        import tensorflow as tf
-
-        self.path = latest_version_dir(export)
-        self.card = read_card(self.path)
-        self.batch_size = batch_size
-        try:
-            self._model = tf.saved_model.load(str(self.path))
-        except (OSError, ValueError) as e:
-            raise ModelError(f"cannot load SavedModel {self.path}: {e}") from None
-        missing = {"serving_default", "embed_boxes"} - set(self._model.signatures)
-        if missing:
-            raise ModelError(f"{self.path} is not a street2shop export: it lacks the signature(s) {sorted(missing)}")
-        self._default = self._model.signatures["serving_default"]
-        self._boxes = self._model.signatures["embed_boxes"]
-
-    @property
-    def dimension(self) -> int:
-        return int(self.card["dimension"])
-
-    @property
-    def fingerprint(self) -> str:
-        return str(self.card["fingerprint"])
-
-    def embed(self, images: Sequence[bytes], boxes: np.ndarray | None = None) -> np.ndarray:
-        """Encoded images (and optional normalised boxes) → float32 ``[N, D]``."""
-        import tensorflow as tf
-
-        from street2shop.errors import BadRequestError, tf_error_text
-
-        out = [np.zeros((0, self.dimension), np.float32)]
-        for start in range(0, len(images), self.batch_size):
-            chunk = tf.constant(list(images[start : start + self.batch_size]), dtype=tf.string)
-            try:
-                if boxes is None:
-                    result = self._default(image_bytes=chunk)
-                else:
-                    box_chunk = tf.constant(np.asarray(boxes[start : start + self.batch_size], np.float32))
-                    result = self._boxes(image_bytes=chunk, boxes=box_chunk)
-            except tf.errors.InvalidArgumentError as e:
-                raise BadRequestError(f"the model rejected images {start}..{start + len(chunk) - 1}: {tf_error_text(e.message)}") from None
-            out.append(result["embedding"].numpy())
-        return np.concatenate(out)
+def export_checkpoint(
+    checkpoint: str | os.PathLike[str],
+    export_base: str | os.PathLike[str],
+    *,
+    version: int | None = None,
+    model_name: str = contract.DEFAULT_MODEL_NAME,
+) -> dict[str, Any]:
+    """``street2shop export``: loads a ``.keras`` checkpoint and exports its tower; returns the card and path."""
+    path = export_tower(load_checkpoint(checkpoint), export_base, version=version, model_name=model_name)
+    return {"path": str(path), **contract.read_card(path)}

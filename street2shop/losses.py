@@ -411,41 +411,6 @@ def drop_switch(on: bool = False) -> Any:
     return keras.Variable(1.0 if on else 0.0, dtype="float32", trainable=False, name="robust_drop_active")
 
 
-class DropWarmup(keras.callbacks.Callback):
-    """Lets the robust loss drop pairs only from epoch ``warmup_epochs`` (0-based) on.
-
-    Sets the loss's ``active`` switch (a scalar variable read by the loss and
-    its drop-rate metrics) at the start of every epoch, from the epoch
-    number, so a resumed run gets it right too. Until then the robust loss is
-    the plain contrastive loss and the drop rates read 0.
-
-    The robust loss of given weights is lower than their plain loss (dropped
-    pairs count 0), so the two cannot be compared: when the warm-up ends, the
-    callbacks in ``restart`` (``ModelCheckpoint(save_best_only=True)``,
-    ``EarlyStopping``, anything with a ``best``) forget their best value and
-    start again, or a warm-up epoch could never be "best" and a robust one
-    always would.
-    """
-
-    def __init__(self, active: Any, warmup_epochs: int, restart: Any = ()) -> None:
-        super().__init__()
-        self.active = active
-        self.warmup_epochs = int(warmup_epochs)
-        self.restart = list(restart)
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        on = epoch >= self.warmup_epochs
-        if on and epoch == self.warmup_epochs and self.warmup_epochs > 0:
-            logger.info("robust loss: warm-up over, dropping pairs from epoch %d on; best-value tracking starts again", epoch + 1)
-            for callback in self.restart:
-                callback.best = None
-                if hasattr(callback, "wait"):
-                    callback.wait = 0
-                if hasattr(callback, "best_weights"):
-                    callback.best_weights = None
-        self.active.assign(1.0 if on else 0.0)
-
-
 @keras.saving.register_keras_serializable(package="street2shop")
 class MaskedSparseCategoricalCrossentropy(keras.losses.SparseCategoricalCrossentropy):
     """Softmax cross-entropy that ignores unlabelled samples and averages over the labelled ones.

@@ -19,17 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from street2shop.fileio import write_atomic
+from street2shop.index import ranking
+
 logger = logging.getLogger(__name__)
-
-
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def markdown_table(runs: Mapping[str, Mapping[str, Any]]) -> str:
@@ -80,7 +73,7 @@ def plot_top_k(runs: Mapping[str, Mapping[str, Any]], path: str | os.PathLike[st
     fig.savefig(buf, format="png")
     plt.close(fig)
     path = Path(path)
-    _atomic_write(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
     return path
 
 
@@ -112,17 +105,9 @@ def html_page(evaluation: Any, path: str | os.PathLike[str], *, title: str, samp
     for i in chosen:
         result = results[i]
         rank = evaluation.ranks[i]
-        seen: list[int] = []
-        products: set[str] = set()
-        for r in result.ranking:
-            product = evaluation.gallery_products[r]
-            if product not in products:
-                products.add(product)
-                seen.append(int(r))
-            if len(seen) == top:
-                break
+        shown = ranking.distinct_products(result.ranking, evaluation.gallery_products.__getitem__)[:top]
         cells = []
-        for position, r in enumerate(seen, 1):
+        for position, (r, _) in enumerate(shown, 1):
             product = evaluation.gallery_products[r]
             hit = product == result.product_id
             src = _thumbnail(evaluation.gallery_paths[r]) if evaluation.gallery_paths else ""
@@ -156,7 +141,7 @@ A sample of {len(chosen)} queries: the street photo (its box, which the model sa
 </body></html>
 """
     path = Path(path)
-    _atomic_write(path, page)
+    write_atomic(path, page)
     return path
 
 
@@ -183,8 +168,8 @@ def write_report(
     }
     document = {"title": title, "runs": runs, "config": dict(config or {})}
     paths = {"json": out / "report.json", "markdown": out / "report.md", "plot": out / "topk.png", "html": out / "examples.html"}
-    _atomic_write(paths["json"], json.dumps(document, indent=2, default=str) + "\n")
-    _atomic_write(paths["markdown"], f"# {title}\n\n" + markdown_table(runs))
+    write_atomic(paths["json"], json.dumps(document, indent=2, default=str) + "\n")
+    write_atomic(paths["markdown"], f"# {title}\n\n" + markdown_table(runs))
     if plot_top_k(runs, paths["plot"], title=title) is None:
         paths.pop("plot")
     name = html_run or next(iter(evaluations))

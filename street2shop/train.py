@@ -72,11 +72,7 @@ def get_strategy(name: str = "auto"):
     return tf.distribute.get_strategy()
 
 
-def _split_names(text: str) -> set[str]:
-    return {s.strip() for s in text.split(",") if s.strip()}
-
-
-def load_training_records(config: TrainConfig):
+def load_training_records(config: TrainConfig) -> tuple[list[Any], list[Any]]:
     """Reads the manifest and returns ``(train_records, val_records)``.
 
     Train: records of the training split(s) plus every shop photo of split
@@ -84,14 +80,13 @@ def load_training_records(config: TrainConfig):
     with the validation split. Unreadable images and empty boxes are dropped
     (``check_images``).
     """
-    from street2shop.data.pipeline import check_images
+    from street2shop.data.image import check_images
     from street2shop.data.records import read_manifest
 
     if not config.data.manifest:
         raise ConfigError("manifest is required: the manifest CSV of your street and shop photos. Received: manifest=''")
     records = read_manifest(config.data.manifest)
-    train_splits = _split_names(config.data.train_split)
-    val_splits = _split_names(config.data.val_split)
+    train_splits, val_splits = config.data.train_splits, config.data.val_splits
     catalog = [r for r in records if r.domain == "shop" and r.split == CATALOG_SPLIT]
     train = [r for r in records if r.split in train_splits] + [r for r in catalog if CATALOG_SPLIT not in train_splits]
     val = [r for r in records if r.split in val_splits] + [r for r in catalog if CATALOG_SPLIT not in val_splits] if val_splits else []
@@ -109,23 +104,82 @@ def load_training_records(config: TrainConfig):
     return train, val
 
 
-def _pair_config(config: TrainConfig, pairs: int, seed: int):
-    from street2shop.data.pairs import PairConfig
+@dataclasses.dataclass
+class TrainingData:
+    """The records a run trains on, and the classes of its softmax head."""
 
-    d = config.data
+    train: list[Any]
+    val: list[Any]
+    auxiliary: list[Any] | None = None
+    auxiliary_labels: Any = None
+    auxiliary_classes: int = 0
+    product_labels: dict[str, int] | None = None
 
-    def opt(v: float) -> float | None:
-        return None if v < 0 else v
+    @property
+    def num_classes(self) -> int | None:
+        """Classes of the shared softmax head (auxiliary, then products), None without one."""
+        total = self.auxiliary_classes + len(self.product_labels or ())
+        return total or None
 
-    return PairConfig(
-        pairs_per_epoch=pairs,
-        positive_fraction=opt(d.positive_fraction),
-        negative_fraction=opt(d.negative_fraction),
-        auxiliary_fraction=opt(d.auxiliary_fraction),
-        street_street_fraction=d.street_street_fraction,
-        hard_negative_fraction=d.hard_negative_fraction,
-        seed=seed,
+
+def load_training_data(config: TrainConfig) -> TrainingData:
+    """The training and validation records, the auxiliary labelled set and the product classes of ``config``."""
+    from street2shop.data.folders import read_class_folders
+    from street2shop.data.pairs import product_classes
+
+    train, val = load_training_records(config)
+    data = TrainingData(train, val)
+    if config.data.auxiliary_dir:
+        labelled = read_class_folders(config.data.auxiliary_dir, max_per_class=config.data.get("auxiliary_max_per_class"), seed=config.fit.seed)
+        data.auxiliary, data.auxiliary_labels, data.auxiliary_classes = labelled.records, labelled.labels(), len(labelled.classes)
+    if config.loss.w_product > 0:
+        data.product_labels = product_classes(train, first_class=data.auxiliary_classes)
+    return data
+
+
+def steps_per_epoch(config: TrainConfig, replicas: int) -> int:
+    """Whole batches per epoch (a Keras epoch is exactly one pair plan; resuming relies on it)."""
+    fc = config.fit
+    if fc.batch_size % replicas:
+        raise ConfigError(f"batch_size must be a multiple of the {replicas} replicas. Received: batch_size={fc.batch_size}")
+    steps = config.data.pairs_per_epoch // fc.batch_size
+    if steps < 1:
+        raise ConfigError(f"pairs_per_epoch must be at least batch_size. Received: pairs_per_epoch={config.data.pairs_per_epoch}, batch_size={fc.batch_size}")
+    if steps * fc.batch_size != config.data.pairs_per_epoch:
+        logger.warning("pairs_per_epoch %d is not a multiple of batch_size %d: using %d pairs per epoch",
+                       config.data.pairs_per_epoch, fc.batch_size, steps * fc.batch_size)
+    return steps
+
+
+def build_datasets(config: TrainConfig, data: TrainingData, steps: int, initial_epoch: int) -> tuple[Any, Any, int | None]:
+    """``(train_ds, val_ds, val_steps)``: the pair datasets of ``data`` (validation None when there is none)."""
+    from street2shop.data.pairs import PairPlanner
+    from street2shop.data.pipeline import AugmentConfig, pair_dataset
+
+    fc = config.fit
+    planner_args = dict(auxiliary=data.auxiliary, auxiliary_labels=data.auxiliary_labels, product_labels=data.product_labels)
+    weights = (config.loss.w_pair, config.loss.w_aux)
+    class_weights = (config.loss.w_product, config.loss.w_cls)
+    with_classes = bool(data.num_classes)
+    planner = PairPlanner(data.train, config.data.pair_config(steps * fc.batch_size, fc.seed), **planner_args)
+    train_ds = pair_dataset(
+        planner.plan, image_size=config.data.image_size, batch_size=fc.batch_size, start_epoch=initial_epoch,
+        augment=AugmentConfig(street=config.data.street_augment, shop=config.data.shop_augment, seed=fc.seed),
+        with_classes=with_classes, pair_weights=weights, class_weights=class_weights,
     )
+    if data.val and 0 < config.data.val_pairs < fc.batch_size:
+        logger.warning("val_pairs %d < batch_size %d: training without validation", config.data.val_pairs, fc.batch_size)
+    if not data.val or config.data.val_pairs < fc.batch_size:
+        return train_ds, None, None
+    try:
+        val_planner = PairPlanner(data.val, config.data.pair_config(config.data.val_pairs, fc.seed + 10_000), **planner_args)
+    except DataError as e:
+        logger.warning("no validation pairs: %s", e)
+        return train_ds, None, None
+    val_plan = val_planner.plan(0)
+    val_ds = pair_dataset(lambda _epoch: val_plan, image_size=config.data.image_size, batch_size=fc.batch_size, epochs=1,
+                          with_classes=with_classes, pair_weights=weights, class_weights=class_weights)
+    return train_ds, val_ds, len(val_plan) // fc.batch_size
 
 
 def build_losses_and_metrics(config: TrainConfig, num_classes: int | None):
@@ -134,12 +188,7 @@ def build_losses_and_metrics(config: TrainConfig, num_classes: int | None):
 
     lc = config.loss
     if lc.loss == "robust":
-        pair_loss = losses.RobustContrastiveLoss(
-            margin=lc.margin,
-            positive_threshold=lc.positive_threshold or None,
-            positive_quantile=lc.positive_quantile or None,
-            negative_floor=lc.negative_floor or None,
-        )
+        pair_loss = losses.RobustContrastiveLoss(**lc.robust_kwargs())
         if lc.drop_warmup_epochs:
             # Switched on by DropWarmup; created here, under the caller's strategy scope.
             pair_loss.active = losses.drop_switch()
@@ -178,19 +227,8 @@ def build_model(config: TrainConfig, num_classes: int | None):
     from street2shop.model.siamese import build_siamese
     from street2shop.model.tower import build_tower
 
-    mc = config.model
-    tower = build_tower(
-        mc.backbone,
-        image_size=(config.data.image_size, config.data.image_size),
-        embedding_dim=mc.embedding_dim,
-        weights=mc.weights_arg,
-        trainable_layers=None if mc.trainable_layers < 0 else mc.trainable_layers,
-        trainable_from=mc.trainable_from or None,
-        bn_momentum=mc.bn_momentum or None,
-        dropout=mc.dropout,
-        pooling=mc.pooling,
-    )
-    model = build_siamese(tower, num_classes=num_classes, classifier_scale=mc.classifier_scale or None)
+    tower = build_tower(image_size=(config.data.image_size, config.data.image_size), **config.model.tower_kwargs())
+    model = build_siamese(tower, num_classes=num_classes, classifier_scale=config.model.get("classifier_scale"))
     loss, loss_weights, metric_map = build_losses_and_metrics(config, num_classes)
     optimizer = build_optimizer(config)
     optimizer.set_backbone_variables(tower.get_layer("backbone").trainable_variables)
@@ -223,6 +261,45 @@ def _resume_epoch(backup_dir: Path) -> int:
     return 0
 
 
+def build_callbacks(config: TrainConfig, model: Any, out: Path, initial_epoch: int, monitor: str) -> list[Any]:
+    """Backup (resume), best and last checkpoints, CSV and TensorBoard logs, NaN stop, early stopping, the robust-loss warm-up."""
+    import keras
+
+    from street2shop.callbacks import DropWarmup
+
+    fc = config.fit
+    best, last = out / "best.keras", out / "last.keras"
+    # A resumed run appends to its log and only replaces best.keras with a better epoch;
+    # a fresh run in an old folder starts both anew.
+    # The robust loss's warm-up switch (None without a warm-up). Warm-up epochs compare only
+    # with each other, and the epochs after it only with each other (see callbacks.DropWarmup).
+    drop_switch = getattr(model.loss.get("distance") if isinstance(model.loss, dict) else None, "active", None)
+    warmup = config.loss.drop_warmup_epochs if drop_switch is not None else 0
+    from_epoch = warmup if initial_epoch > warmup else 0
+    best_so_far = _best_logged(out / "log.csv", monitor, from_epoch=from_epoch) if initial_epoch else None
+    best_checkpoint = keras.callbacks.ModelCheckpoint(str(best), monitor=monitor, save_best_only=True, initial_value_threshold=best_so_far)
+    callbacks: list[Any] = [
+        keras.callbacks.BackupAndRestore(str(out / "backup")),
+        best_checkpoint,
+        keras.callbacks.ModelCheckpoint(str(last)),
+        keras.callbacks.CSVLogger(str(out / "log.csv"), append=bool(initial_epoch)),
+        keras.callbacks.TensorBoard(str(out / "tensorboard"), write_graph=False, profile_batch=0),
+        keras.callbacks.TerminateOnNaN(),
+    ]
+    if fc.early_stopping_patience:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, patience=fc.early_stopping_patience, restore_best_weights=False))
+    if drop_switch is not None:
+        restart = [best_checkpoint] + [c for c in callbacks if isinstance(c, keras.callbacks.EarlyStopping)]
+        callbacks.append(DropWarmup(drop_switch, config.loss.drop_warmup_epochs, restart=restart))
+        if config.loss.drop_warmup_epochs >= fc.epochs:
+            logger.warning("drop_warmup_epochs %d >= epochs %d: the robust loss never drops a pair (it is the plain one)",
+                           config.loss.drop_warmup_epochs, fc.epochs)
+    elif config.loss.drop_warmup_epochs:
+        logger.warning("drop_warmup_epochs %d ignored: it applies to the robust loss, and this run uses the %s loss",
+                       config.loss.drop_warmup_epochs, config.loss.loss)
+    return callbacks
+
+
 def train(
     config: TrainConfig,
     *,
@@ -244,118 +321,26 @@ def train(
     """
     import keras
 
-    from street2shop.data.folders import read_class_folders
-    from street2shop.data.pairs import PairPlanner
-    from street2shop.data.pipeline import AugmentConfig, pair_dataset
-
     fc = config.fit
     # The strategy first: MultiWorkerMirroredStrategy must exist before any TF op runs.
     strategy = strategy or get_strategy(fc.distribution)
     replicas = strategy.num_replicas_in_sync
-    if fc.batch_size % replicas:
-        raise ConfigError(f"batch_size must be a multiple of the {replicas} replicas. Received: batch_size={fc.batch_size}")
-    steps = config.data.pairs_per_epoch // fc.batch_size
-    if steps < 1:
-        raise ConfigError(f"pairs_per_epoch must be at least batch_size. Received: pairs_per_epoch={config.data.pairs_per_epoch}, batch_size={fc.batch_size}")
-    if steps * fc.batch_size != config.data.pairs_per_epoch:
-        logger.warning("pairs_per_epoch %d is not a multiple of batch_size %d: using %d pairs per epoch",
-                       config.data.pairs_per_epoch, fc.batch_size, steps * fc.batch_size)
-    train_records, val_records = load_training_records(config)  # bad data fails before anything is written
+    steps = steps_per_epoch(config, replicas)
+    data = load_training_data(config)  # bad data fails before anything is written
     out = Path(fc.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.toml")
     keras.utils.set_random_seed(fc.seed)
-
-    auxiliary = labels = None
-    num_classes = None
-    if config.data.auxiliary_dir:
-        labelled = read_class_folders(config.data.auxiliary_dir, max_per_class=config.data.auxiliary_max_per_class or None, seed=fc.seed)
-        auxiliary, labels = labelled.records, labelled.labels()
-        num_classes = len(labelled.classes)
-    auxiliary_classes = num_classes or 0
-    product_labels = None
-    if config.loss.w_product > 0:
-        # The products of the training split's street photos that have a shop photo (those positive
-        # pairs are drawn for) get the classes after the auxiliary ones, in one shared head.
-        # Catalogue-only products (the gallery of val/test products) stay -1.
-        shop_products = {r.product_id for r in train_records if r.domain == "shop"}
-        products = sorted({r.product_id for r in train_records if r.domain == "street"} & shop_products)
-        product_labels = {p: auxiliary_classes + i for i, p in enumerate(products)}
-        num_classes = auxiliary_classes + len(products)
-    # Whole batches per epoch, so a Keras epoch is exactly one plan (resuming relies on it).
-    planner = PairPlanner(train_records, _pair_config(config, steps * fc.batch_size, fc.seed), auxiliary=auxiliary,
-                          auxiliary_labels=labels, product_labels=product_labels)
-
-    backup_dir = out / "backup"
-    initial_epoch = _resume_epoch(backup_dir)
+    initial_epoch = _resume_epoch(out / "backup")
     if initial_epoch:
         logger.info("resuming %s at epoch %d", out, initial_epoch + 1)
-    weights = (config.loss.w_pair, config.loss.w_aux)
-    class_weights = (config.loss.w_product, config.loss.w_cls)
-    train_ds = pair_dataset(
-        planner.plan,
-        image_size=config.data.image_size,
-        batch_size=fc.batch_size,
-        start_epoch=initial_epoch,
-        augment=AugmentConfig(street=config.data.street_augment, shop=config.data.shop_augment, seed=fc.seed),
-        with_classes=bool(num_classes),
-        pair_weights=weights,
-        class_weights=class_weights,
-    )
-    val_ds = val_steps = None
-    if val_records and 0 < config.data.val_pairs < fc.batch_size:
-        logger.warning("val_pairs %d < batch_size %d: training without validation", config.data.val_pairs, fc.batch_size)
-    if val_records and config.data.val_pairs >= fc.batch_size:
-        try:
-            val_planner = PairPlanner(val_records, _pair_config(config, config.data.val_pairs, fc.seed + 10_000), auxiliary=auxiliary,
-                                      auxiliary_labels=labels, product_labels=product_labels)
-        except DataError as e:
-            logger.warning("no validation pairs: %s", e)
-        else:
-            val_plan = val_planner.plan(0)
-            val_steps = len(val_plan) // fc.batch_size
-            val_ds = pair_dataset(lambda _epoch: val_plan, image_size=config.data.image_size, batch_size=fc.batch_size,
-                                  epochs=1, with_classes=bool(num_classes), pair_weights=weights,
-                                  class_weights=class_weights)
-
+    train_ds, val_ds, val_steps = build_datasets(config, data, steps, initial_epoch)
     with strategy.scope():
-        model = build_model(config, num_classes)
-
+        model = build_model(config, data.num_classes)
     monitor = "val_loss" if val_ds is not None else "loss"
-    best, last = out / "best.keras", out / "last.keras"
-    # A resumed run appends to its log and only replaces best.keras with a better epoch;
-    # a fresh run in an old folder starts both anew.
-    # The robust loss's warm-up switch (None without a warm-up). Warm-up epochs compare only
-    # with each other, and the epochs after it only with each other (see losses.DropWarmup).
-    drop_switch = getattr(model.loss.get("distance") if isinstance(model.loss, dict) else None, "active", None)
-    warmup = config.loss.drop_warmup_epochs if drop_switch is not None else 0
-    from_epoch = warmup if initial_epoch > warmup else 0
-    best_so_far = _best_logged(out / "log.csv", monitor, from_epoch=from_epoch) if initial_epoch else None
-    best_checkpoint = keras.callbacks.ModelCheckpoint(str(best), monitor=monitor, save_best_only=True, initial_value_threshold=best_so_far)
-    callbacks: list[Any] = [
-        keras.callbacks.BackupAndRestore(str(backup_dir)),
-        best_checkpoint,
-        keras.callbacks.ModelCheckpoint(str(last)),
-        keras.callbacks.CSVLogger(str(out / "log.csv"), append=bool(initial_epoch)),
-        keras.callbacks.TensorBoard(str(out / "tensorboard"), write_graph=False, profile_batch=0),
-        keras.callbacks.TerminateOnNaN(),
-    ]
-    if fc.early_stopping_patience:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, patience=fc.early_stopping_patience, restore_best_weights=False))
-    if drop_switch is not None:
-        from street2shop.losses import DropWarmup
+    callbacks = build_callbacks(config, model, out, initial_epoch, monitor) + list(extra_callbacks or [])
 
-        restart = [best_checkpoint] + [c for c in callbacks if isinstance(c, keras.callbacks.EarlyStopping)]
-        callbacks.append(DropWarmup(drop_switch, config.loss.drop_warmup_epochs, restart=restart))
-        if config.loss.drop_warmup_epochs >= fc.epochs:
-            logger.warning("drop_warmup_epochs %d >= epochs %d: the robust loss never drops a pair (it is the plain one)",
-                           config.loss.drop_warmup_epochs, fc.epochs)
-    elif config.loss.drop_warmup_epochs:
-        logger.warning("drop_warmup_epochs %d ignored: it applies to the robust loss, and this run uses the %s loss",
-                       config.loss.drop_warmup_epochs, config.loss.loss)
-    callbacks += list(extra_callbacks or [])
-
-    tasks = " and ".join(f"{n} {kind} classes" for n, kind in ((auxiliary_classes, "auxiliary"), (len(product_labels or ()), "product")) if n)
+    tasks = " and ".join(f"{n} {kind} classes" for n, kind in ((data.auxiliary_classes, "auxiliary"), (len(data.product_labels or ()), "product")) if n)
     logger.info(
         "training %s: %d pairs/epoch, %d epochs, batch %d over %d replica(s), %s loss%s%s",
         config.model.backbone, config.data.pairs_per_epoch, fc.epochs, fc.batch_size, replicas, config.loss.loss,
@@ -370,5 +355,6 @@ def train(
     seconds = time.perf_counter() - start
     epochs_run = max(0, len(history.epoch))
     pairs_per_second = epochs_run * steps * fc.batch_size / seconds if seconds > 0 else 0.0
+    best = out / "best.keras"
     logger.info("trained %d epoch(s) in %.0f s (%.1f pairs/s); best checkpoint %s", epochs_run, seconds, pairs_per_second, best)
-    return TrainResult(model, dict(history.history), out, best, last, initial_epoch, num_classes, seconds, pairs_per_second)
+    return TrainResult(model, dict(history.history), out, best, out / "last.keras", initial_epoch, data.num_classes, seconds, pairs_per_second)

@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 
 from street2shop.baselines import colour_histogram, colour_histogram_embeddings, top_k_accuracy
-from street2shop.data.records import Box, Record
+from street2shop.data.image import Box
+from street2shop.data.records import Record
 from street2shop.errors import ConfigError, DataError
 
 # With bins (8, 4, 4) bin (h, s, v) is at index (h * 4 + s) * 4 + v.

@@ -65,7 +65,6 @@ def test_embed_and_index_a_folder_of_images(tmp_path, capsys, monkeypatch):
     import numpy as np
     from PIL import Image
 
-    import street2shop.cli as cli
     from tests.test_embed import FakeEmbedder
 
     folder = tmp_path / "catalogue"
@@ -73,7 +72,7 @@ def test_embed_and_index_a_folder_of_images(tmp_path, capsys, monkeypatch):
     for i, name in enumerate(["b.png", "a.jpg", "sub/c.png"]):
         Image.fromarray(np.full((8, 8, 3), (40 * i, 100, 200), np.uint8)).save(folder / name)
     (folder / "notes.txt").write_text("not an image")
-    monkeypatch.setattr(cli, "_open_embedder", lambda args, expected_dimension=None: (FakeEmbedder(), "fake-1"))
+    monkeypatch.setattr("street2shop.embedders.open_embedder", lambda *args, **kwargs: FakeEmbedder())
     assert main(["embed", str(folder), "--out", str(tmp_path / "emb"), "--model", "unused", "--json"]) == 0
     assert '"embedded": 3' in capsys.readouterr().out
     assert main(["index", "build", str(tmp_path / "emb"), "--out", str(tmp_path / "index"), "--json"]) == 0

@@ -57,11 +57,28 @@ def test_unknown_keys_are_errors(tmp_path):
         load_config(tmp_path / "absent.toml")
 
 
-def test_backbone_names_agree_with_the_model_registry():
-    from street2shop.config import BACKBONES
-    from street2shop.model.backbones import BACKBONES as REGISTRY
+def test_backbones_and_their_minimum_sizes_come_from_the_model_registry():
+    from street2shop.model.backbones import BACKBONES
 
-    assert set(BACKBONES) == set(REGISTRY)
+    for name, spec in BACKBONES.items():
+        assert TrainConfig().replace(backbone=name, image_size=max(32, spec.min_size)).model.backbone == name
+    with pytest.raises(ConfigError, match="image_size must be >= 71 for backbone xception"):
+        TrainConfig().replace(backbone="xception", image_size=70)
+    with pytest.raises(ConfigError, match="backbone must be one of inception_v3, resnet50"):
+        TrainConfig().replace(backbone="vgg16")
+
+
+def test_unset_values_read_as_none_where_their_field_says_so():
+    config = TrainConfig().replace(trainable_layers=-1, bn_momentum=0.0, positive_quantile=0.0, val_split="", margin=0.5)
+    assert config.model.get("trainable_layers") is None and config.model.get("bn_momentum") is None
+    assert config.loss.get("positive_quantile") is None and config.data.get("val_split") is None
+    assert config.loss.get("margin") == 0.5  # a field without an "unset" value is never None
+    assert config.model.tower_kwargs()["trainable_layers"] is None
+    assert config.loss.robust_kwargs() == {"margin": 0.5, "positive_threshold": None, "positive_quantile": None, "negative_floor": None}
+    pairs = TrainConfig().replace(positive_fraction=0.25).data.pair_config(64, seed=3)
+    assert (pairs.positive_fraction, pairs.negative_fraction, pairs.pairs_per_epoch, pairs.seed) == (0.25, None, 64, 3)
+    with pytest.raises(ConfigError, match="no field 'nope'"):
+        config.model.get("nope")
 
 
 def test_image_size_must_suit_the_backbone():

@@ -4,23 +4,36 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from street2shop.data.records import Box, Record
-from street2shop.embed import embed_catalog, load_embeddings
-from street2shop.errors import BadRequestError, DataError
+from street2shop.data.image import Box
+from street2shop.data.records import Record
+from street2shop.contract import ModelIdentity
+from street2shop.embed import embed_catalog
+from street2shop.embeddings import load_embeddings
+from street2shop.embedders import Embedder
+from street2shop.errors import BadRequestError, ModelMismatchError
 
 
-class FakeEmbedder:
-    """Embeds an image as its mean colour (unit-normalised); rejects non-images like a model would."""
+class FakeEmbedder(Embedder):
+    """Embeds an image as its mean colour (unit-normalised) and rejects non-images, like a model would.
 
-    dimension = 3
-    fingerprint = "fake-1"
+    The shared Embedder logic (checks, boxes, isolating a bad image) runs as for a real model.
+    """
 
-    def __init__(self, fail_after=None):
+    def __init__(self, fail_after=None, fingerprint="fake-1"):
+        super().__init__(batch_size=64)
         self.calls = 0
         self.images_seen = 0
         self.fail_after = fail_after
+        self.fingerprint = fingerprint
 
-    def embed(self, images, boxes=None):
+    @property
+    def dimension(self):
+        return 3
+
+    def identity(self):
+        return ModelIdentity(self.fingerprint, 1, 3)
+
+    def _embed_batch(self, images, boxes):
         self.calls += 1
         if self.fail_after is not None and self.calls > self.fail_after:
             raise KeyboardInterrupt  # a killed run
@@ -37,7 +50,7 @@ class FakeEmbedder:
             v = image.reshape(-1, 3).mean(0) + 1.0
             out.append(v / np.linalg.norm(v))
         self.images_seen += len(images)
-        return np.array(out, np.float32)
+        return np.array(out, np.float32), self.identity()
 
 
 def catalogue(tmp_path, n=10, bad=()):
@@ -65,6 +78,7 @@ def test_embeds_all_in_order_and_writes_item_table(tmp_path):
     assert [it["product_id"] for it in items] == [f"p{i // 2}" for i in range(10)]
     assert items[3]["image_path"] == records[3].image_path
     assert summary["fingerprint"] == "fake-1" and summary["embedded"] == 10 and summary["skipped"] == {}
+    assert summary["version"] == 1 and summary["dimension"] == 3
 
 
 def test_bad_image_is_skipped_counted_and_listed(tmp_path):
@@ -106,5 +120,5 @@ def test_refuses_to_mix_runs(tmp_path):
     embed_catalog(records, FakeEmbedder(), tmp_path / "out")
     other = FakeEmbedder()
     other.fingerprint = "another-model"
-    with pytest.raises(DataError, match="another catalogue or model"):
+    with pytest.raises(ModelMismatchError, match="another model"):
         embed_catalog(records, other, tmp_path / "out")

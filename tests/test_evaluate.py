@@ -5,10 +5,11 @@ from street2shop.evaluate import (
     QueryResult,
     average_precision,
     bootstrap_interval,
+    evaluate_embeddings,
     per_query_ranks,
-    rank_exact,
     retrieval_metrics,
 )
+from street2shop.index import ExactIndex, Item
 from street2shop.errors import ConfigError
 
 
@@ -40,12 +41,19 @@ def test_metrics_on_hand_made_rankings_with_duplicate_products():
     assert per_query_ranks(results, gallery) == [1, 3, 1, None]
 
 
-def test_rank_exact_ties_keep_gallery_order_and_categories_restrict():
+def test_exact_rankings_break_ties_by_gallery_order_and_categories_restrict():
     g = np.array([[1, 0], [1, 0], [0, 1], [0.6, 0.8]], np.float32)
     q = np.array([[1, 0]], np.float32)
-    np.testing.assert_array_equal(rank_exact(q, g)[0], [0, 1, 3, 2])
-    ranking = rank_exact(q, g, query_categories=["x"], gallery_categories=["y", "x", "x", "y"])[0]
-    np.testing.assert_array_equal(ranking, [1, 2])
+    index = ExactIndex(2)
+    index.add(g, [Item(f"p{i}", category=c) for i, c in enumerate(["y", "x", "x", "y"])])
+    np.testing.assert_array_equal(index.rank_images(q, 4)[0], [0, 1, 3, 2])
+    np.testing.assert_array_equal(index.rank_images(q, 4, categories=["x"])[0], [1, 2])
+    # evaluate_embeddings ranks the same way: p1 is the query's product, second at the tie with p0
+    ev = evaluate_embeddings(q, ["p1"], g, ["p0", "p1", "p2", "p3"], ks=(1, 2))
+    assert ev.ranks == [2]
+    ev = evaluate_embeddings(q, ["p1"], g, ["p0", "p1", "p2", "p3"], query_categories=["x"],
+                             gallery_categories=["y", "x", "x", "y"], ks=(1, 2))
+    assert ev.ranks == [1]
 
 
 def test_per_category_and_category_unanswerable():
@@ -74,4 +82,4 @@ def test_bad_input():
     with pytest.raises(ConfigError):
         retrieval_metrics([], ["A"], ks=(0,))
     with pytest.raises(ConfigError):
-        rank_exact(np.zeros((1, 3)), np.zeros((2, 4)))
+        evaluate_embeddings(np.ones((1, 3)), ["A"], np.ones((2, 4)), ["A", "B"])

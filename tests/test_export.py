@@ -6,16 +6,12 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from street2shop.data.pipeline import prepare_image
-from street2shop.errors import BadRequestError, ModelError
-from street2shop.export import (
-    LocalEmbedder,
-    export_tower,
-    latest_version_dir,
-    load_checkpoint,
-    read_card,
-    weights_fingerprint,
-)
+from street2shop import contract
+from street2shop.contract import read_card, resolve_export
+from street2shop.data.image import Box, prepare_image
+from street2shop.embedders import LocalEmbedder
+from street2shop.errors import ModelError
+from street2shop.export import export_tower, load_checkpoint, weights_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +46,9 @@ def test_signatures_contract(exported):
     assert set(inputs) == {"image_bytes"}
     assert inputs["image_bytes"].dtype == tf.string and inputs["image_bytes"].shape.as_list() == [None]
     out = default.structured_outputs
-    assert set(out) == {"embedding"} and out["embedding"].dtype == tf.float32
+    assert set(out) == {"embedding", "model_fingerprint"} and out["embedding"].dtype == tf.float32
     assert out["embedding"].shape.as_list() == [None, 16]
+    assert out["model_fingerprint"].dtype == tf.string and out["model_fingerprint"].shape.as_list() == [None]
     (_, inputs) = model.signatures["embed_boxes"].structured_input_signature
     assert inputs["boxes"].shape.as_list() == [None, 4] and inputs["boxes"].dtype == tf.float32
     (_, inputs) = model.signatures["embed_pixels"].structured_input_signature
@@ -66,7 +63,7 @@ def test_method_name_is_predict(exported):
     sigs = sm.meta_graphs[0].signature_def
     assert sigs["serving_default"].method_name == "tensorflow/serving/predict"
     assert set(sigs["serving_default"].inputs) == {"image_bytes"}
-    assert set(sigs["serving_default"].outputs) == {"embedding"}
+    assert set(sigs["serving_default"].outputs) == {"embedding", "model_fingerprint"}
 
 
 def test_reloaded_savedmodel_equals_keras_tower(tower, exported):
@@ -83,18 +80,17 @@ def test_reloaded_savedmodel_equals_keras_tower(tower, exported):
 
 def test_box_signature_crops(tower, exported):
     image = jpeg(7, size=(100, 100))
-    box = np.array([[0.1, 0.2, 0.6, 0.9]], np.float32)
-    pixels, _ = prepare_image(tf.constant(image), tf.constant(box[0]), image_size=75)
+    box = Box(left=20, top=10, width=70, height=50)  # normalised [0.1, 0.2, 0.6, 0.9] on 100x100
+    pixels, _ = prepare_image(tf.constant(image), tf.constant([0.1, 0.2, 0.6, 0.9]), image_size=75)
     expected = tower(pixels[None], training=False).numpy()
     embedder = LocalEmbedder(exported.parent)
-    got = embedder.embed([image], boxes=box)
+    got = embedder.embed([image], boxes=[box]).require()
     assert np.abs(got - expected).max() <= 1e-5
-    whole = embedder.embed([image])
+    whole = embedder.embed([image]).require()
     assert np.abs(whole - got).max() > 1e-3  # the crop changed the answer
-    with pytest.raises(BadRequestError, match="box is empty"):
-        embedder.embed([image], boxes=np.array([[1.5, 1.5, 2.0, 2.0]], np.float32))
-    with pytest.raises(BadRequestError, match="Unknown image file format"):
-        embedder.embed([b"not an image"])
+    outside = embedder.embed([image, image], boxes=[Box(150, 150, 50, 50), None])
+    assert "lies outside the 100x100 image" in outside.errors[0] and outside.errors[1] is None
+    assert "not a JPEG, PNG, GIF or BMP" in embedder.embed([b"not an image"]).errors[0]
 
 
 def test_card_and_warmup(tower, exported):
@@ -103,6 +99,7 @@ def test_card_and_warmup(tower, exported):
     assert card["backbone"] == "inception_v3"
     assert card["fingerprint"] == weights_fingerprint(tower)
     assert set(card["signatures"]) == {"serving_default", "embed_boxes", "embed_pixels"}
+    assert card["version"] == int(exported.name)
     from tensorflow_serving.apis import prediction_log_pb2
 
     records = list(tf.data.TFRecordDataset(str(exported / "assets.extra" / "tf_serving_warmup_requests")))
@@ -113,8 +110,9 @@ def test_card_and_warmup(tower, exported):
         request = log.predict_log.request
         assert request.model_spec.signature_name == "serving_default"
         batch = tf.make_ndarray(request.inputs["image_bytes"])
-        out = model.signatures["serving_default"](image_bytes=tf.constant(batch))["embedding"]
-        assert out.shape == (len(batch), 16)  # each warm-up request is a real, valid request
+        out = model.signatures["serving_default"](image_bytes=tf.constant(batch))
+        assert out["embedding"].shape == (len(batch), 16)  # each warm-up request is a real, valid request
+        assert set(out["model_fingerprint"].numpy()) == {card["fingerprint"].encode()}
 
 
 def test_versions_are_never_overwritten(tower, exported):
@@ -123,7 +121,7 @@ def test_versions_are_never_overwritten(tower, exported):
         export_tower(tower, base, version=int(exported.name))
     second = export_tower(tower, base)
     assert int(second.name) == int(exported.name) + 1
-    assert latest_version_dir(base) == second
+    assert resolve_export(base) == second
     assert not [p for p in base.iterdir() if p.name.startswith(".tmp")]
 
 
@@ -146,3 +144,25 @@ def test_checkpoint_round_trip_to_export(tower, tmp_path):
 def test_card_content_is_json(exported):
     text = (exported / "assets.extra" / "street2shop.json").read_text()
     assert json.loads(text)["package_version"]
+    assert contract.card_path(exported).read_text() == text
+
+
+def test_real_export_served_by_the_stand_in_and_read_by_the_client(tower, tmp_path):
+    """export_tower → StandInServer → EmbeddingClient over loopback gRPC: the in-process vectors, and the card's identity."""
+    from street2shop.embedders import GrpcEmbedder
+    from street2shop.serving.server import StandInServer
+
+    exported = export_tower(tower, tmp_path / "exports")
+    images = [jpeg(s, size=(60 + 10 * s, 90)) for s in range(5)]
+    boxes = [None, Box(5, 5, 40, 30), None, Box(0, 0, 90, 60), None]
+    local = LocalEmbedder(exported)
+    expected = local.embed(images, boxes)
+    with StandInServer(exported.parent, port=0, max_batch_size=4) as server:
+        with GrpcEmbedder(f"127.0.0.1:{server.port}", batch_size=2) as remote:
+            got = remote.embed(images, boxes)
+            assert remote.identity() == local.identity()
+    assert got.errors == [None] * 5
+    np.testing.assert_allclose(got.vectors, expected.vectors, rtol=0, atol=1e-6)
+    card = read_card(exported)
+    assert got.identity == contract.ModelIdentity(card["fingerprint"], int(exported.name), 16) == expected.identity
+    assert card["fingerprint"] == weights_fingerprint(tower)

@@ -242,7 +242,8 @@ def test_fit_trains_and_compiled_model_round_trips(tmp_path):
 
 
 def test_drop_warmup_is_the_plain_loss_until_switched_on_and_metrics_follow():
-    from street2shop.losses import DropWarmup, drop_switch
+    from street2shop.callbacks import DropWarmup
+    from street2shop.losses import drop_switch
 
     keras.utils.set_random_seed(0)
     model = _tiny_siamese()

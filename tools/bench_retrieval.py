@@ -68,16 +68,15 @@ RESERVED = frozenset({
 logger = logging.getLogger("bench_retrieval")
 
 
-def embed_with_tower(tower, paths, image_size, batch_size=64):
-    import numpy as np
-    import tensorflow as tf
+def embed_with_tower(tower, records, batch_size=64):
+    """The records embedded by the in-memory tower through the export's own graph (box crop included)."""
+    from street2shop.embed import embed_records
+    from street2shop.embedders import TowerEmbedder
 
-    from street2shop.data.pipeline import prepare_image
-
-    ds = tf.data.Dataset.from_tensor_slices(list(paths))
-    ds = ds.map(lambda p: prepare_image(tf.io.read_file(p), image_size=image_size)[0], num_parallel_calls=tf.data.AUTOTUNE)
-    out = [tower(batch, training=False).numpy() for batch in ds.batch(batch_size)]
-    return np.concatenate(out) if out else np.zeros((0, tower.outputs[0].shape[-1]), np.float32)
+    embedded = embed_records(records, TowerEmbedder(tower, batch_size=batch_size), batch_size=batch_size)
+    if embedded.skipped:
+        raise SystemExit(f"{len(embedded.skipped)} images could not be embedded: {dict(list(embedded.skipped.items())[:3])}")
+    return embedded.vectors
 
 
 def evaluate(query_vectors, queries, gallery_vectors, gallery):
@@ -137,8 +136,8 @@ def run_one(variant, seed, args, queries, gallery):
         record["train_seconds"] = round(result.seconds, 1)
         record["pairs_per_second"] = round(result.pairs_per_second, 2)
         record["final_train"] = {k: v[-1] for k, v in result.history.items() if v}
-    g = embed_with_tower(tower, [r.image_path for r in gallery], size)
-    q = embed_with_tower(tower, [r.image_path for r in queries], size)
+    g = embed_with_tower(tower, gallery)
+    q = embed_with_tower(tower, queries)
     record.update(evaluate(q, queries, g, gallery))
     record["seconds"] = round(time.perf_counter() - started, 1)
     return record

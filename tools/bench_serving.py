@@ -7,8 +7,8 @@ so machine noise hits every variant alike:
 
 (a) ``tower.predict_on_batch`` on float32 pixels decoded beforehand (decode not timed);
 (b) the exported SavedModel's ``serving_default`` signature on the encoded bytes,
-    in this process (:class:`street2shop.export.LocalEmbedder`, ``tf.saved_model.load``);
-(c) :class:`street2shop.serving.client.EmbeddingClient` → the stand-in server over
+    in this process (:class:`street2shop.embedders.LocalEmbedder`, ``tf.saved_model.load``);
+(c) :class:`street2shop.embedders.GrpcEmbedder` (the EmbeddingClient) → the stand-in server over
     loopback gRPC; the server runs in a subprocess (``python -m street2shop serve``)
     so client and server do not share a GIL (``--in-process-server`` to compare).
 
@@ -96,10 +96,10 @@ def bench_size(args: argparse.Namespace, image_size: int, images: list[bytes], w
     import numpy as np
     import tensorflow as tf
 
-    from street2shop.data.pipeline import prepare_image
-    from street2shop.export import LocalEmbedder, export_tower
+    from street2shop.data.image import prepare_image
+    from street2shop.embedders import GrpcEmbedder, LocalEmbedder
+    from street2shop.export import export_tower
     from street2shop.model.tower import build_tower
-    from street2shop.serving.client import EmbeddingClient
     from street2shop.serving.server import StandInServer
 
     size = (image_size, image_size)
@@ -146,17 +146,17 @@ def bench_size(args: argparse.Namespace, image_size: int, images: list[bytes], w
         startup = wait_for_port(port, proc, log)
         print(f"server subprocess pid {proc.pid} answered on port {port} after {startup:.1f}s", flush=True)
     try:
-        client = EmbeddingClient(f"127.0.0.1:{port}", "street2shop", batch_size=bs)
-        client.connect()
+        client = GrpcEmbedder(f"127.0.0.1:{port}", model_name="street2shop", batch_size=bs)
+        client.client.connect()
 
         def run_a() -> np.ndarray:
             return np.concatenate([np.asarray(tower.predict_on_batch(p)) for p in pixel_batches])
 
         def run_b() -> np.ndarray:
-            return embedder.embed(images)
+            return embedder.embed(images).require()
 
         def run_c() -> np.ndarray:
-            return client.embed(images)
+            return client.embed(images).require()
 
         def run_pixels_sig() -> np.ndarray:
             return np.concatenate([embed_pixels_sig(pixels=tf.constant(p))["embedding"].numpy() for p in pixel_batches])

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from street2shop.data.image import IMAGE_EXTENSIONS
 from street2shop.data.records import Record
 from street2shop.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 
 @dataclasses.dataclass

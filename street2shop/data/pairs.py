@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from street2shop.data.pipeline import NO_BOX
+from street2shop.data.image import NO_BOX
 from street2shop.data.records import Record
 from street2shop.errors import ConfigError, DataError
 
@@ -150,6 +150,20 @@ class PairConfig:
             )
         pos, neg, aux = (float(v) / total for v in given)
         return pos, neg, aux
+
+
+def product_classes(records: Sequence[Record], first_class: int = 0) -> dict[str, int]:
+    """Class indices for a softmax over the products that positive pairs are drawn for.
+
+    Those are the products with a street photo and a shop photo among
+    ``records`` (the training split plus the catalogue); they get the classes
+    ``first_class, first_class + 1, ...`` in sorted order (after the auxiliary
+    set's classes in a shared head). Catalogue-only products (the gallery of
+    validation and test products) and street-only ones get none.
+    """
+    shop = {r.product_id for r in records if r.domain == "shop"}
+    products = sorted({r.product_id for r in records if r.domain == "street"} & shop)
+    return {p: first_class + i for i, p in enumerate(products)}
 
 
 def _box(record: Record) -> tuple[float, float, float, float]:

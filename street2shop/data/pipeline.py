@@ -1,298 +1,39 @@
-"""Photos on disk to the batches the siamese model trains on, as tf.data.
+"""Photos on disk to the batches the siamese model trains on, as tf.data: pairs, augmentation, batches.
 
-The one function that turns encoded image bytes into model pixels is
-:func:`prepare_image` (decode → crop to a box → resize). Training calls it
-here, and :mod:`street2shop.export` puts the very same function inside the
-SavedModel, so training, local embedding and TF Serving cannot disagree about
-how a photo becomes a tensor.
+Each image of a pair goes through :func:`street2shop.data.image.prepare_image`
+(decode → crop to its box → resize), the function the exported SavedModel
+runs on request bytes too; then street and shop photos get their own
+augmentation, and pairs are batched with their targets and sample weights.
 
 Pixels leave the pipeline as float32 RGB in ``[0, 255]``. The backbone's own
-preprocessing (InceptionV3 scales to ``[-1, 1]``, ResNet50 subtracts means...)
-is a layer inside the tower, so it happens exactly once whoever feeds the
-tower. (DESIGN.md put it in the pipeline; keeping it in the model means the
-exported ``embed_pixels`` signature and users' own code cannot forget it.)
+preprocessing is a layer inside the tower. (DESIGN.md put it in the pipeline;
+keeping it in the model means the exported ``embed_pixels`` signature and
+users' own code cannot forget it.)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from street2shop.data.image import image_size_2d, prepare_image
+from street2shop.data.pairs import PairPlan
 from street2shop.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     import tensorflow as tf
 
-    from street2shop.data.pairs import PairPlan
-    from street2shop.data.records import Record
-
 logger = logging.getLogger(__name__)
-
-# A box given as all -1 means "no box": use the whole image.
-NO_BOX = (-1.0, -1.0, -1.0, -1.0)
 
 
 def _tf():
     import tensorflow as tf
 
     return tf
-
-
-def image_size_2d(image_size: int | Sequence[int]) -> tuple[int, int]:
-    """``96`` or ``(96, 128)`` → ``(height, width)``, validated."""
-    if isinstance(image_size, (int, np.integer)):
-        size = (int(image_size), int(image_size))
-    else:
-        size = tuple(int(s) for s in image_size)
-    if len(size) != 2 or min(size) < 1:
-        raise ConfigError(f"image_size must be an int or (height, width) of positive ints. Received: image_size={image_size!r}")
-    return size  # type: ignore[return-value]
-
-
-def decode_image(image_bytes: tf.Tensor) -> tf.Tensor:
-    """Encoded JPEG/PNG/GIF (first frame)/BMP bytes → uint8 RGB ``[H, W, 3]``.
-
-    Raises ``tf.errors.InvalidArgumentError`` for bytes that are not an image.
-    """
-    tf = _tf()
-    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False, dtype=tf.uint8)
-    image.set_shape([None, None, 3])
-    return image
-
-
-def ltwh_to_normalized(box_ltwh: tf.Tensor, image_shape: tf.Tensor) -> tf.Tensor:
-    """A pixel box ``[left, top, width, height]`` → normalised ``[ymin, xmin, ymax, xmax]``.
-
-    ``NO_BOX`` (all ``-1``) becomes the whole image ``[0, 0, 1, 1]``.
-    """
-    tf = _tf()
-    box_ltwh = tf.cast(box_ltwh, tf.float32)
-    h = tf.cast(image_shape[0], tf.float32)
-    w = tf.cast(image_shape[1], tf.float32)
-    left, top, width, height = tf.unstack(box_ltwh)
-    normalized = tf.stack([top / h, left / w, (top + height) / h, (left + width) / w])
-    has_box = tf.reduce_any(tf.not_equal(box_ltwh, -1.0))
-    return tf.where(has_box, normalized, tf.constant([0.0, 0.0, 1.0, 1.0]))
-
-
-def crop_and_resize(
-    image: tf.Tensor, box: tf.Tensor, image_size: tuple[int, int]
-) -> tuple[tf.Tensor, tf.Tensor]:
-    """Crops ``image`` to a normalised box and resizes it to ``image_size``.
-
-    The box ``[ymin, xmin, ymax, xmax]`` is clamped to the image and rounded
-    outwards to whole pixels. A box that is empty after clamping cannot be
-    cropped: the whole image is used and ``valid`` is False, so callers can
-    drop it (training) or refuse it (serving).
-
-    Returns:
-        ``(pixels, valid)``: float32 ``[height, width, 3]`` in ``[0, 255]`` and a
-        bool scalar.
-    """
-    tf = _tf()
-    shape = tf.shape(image)
-    h = tf.cast(shape[0], tf.float32)
-    w = tf.cast(shape[1], tf.float32)
-    box = tf.clip_by_value(tf.cast(box, tf.float32), 0.0, 1.0)
-    # Round outwards to whole pixels, forgiving float error (0.6 * 100 = 60.0000024
-    # must give 60, not 61): a box from whole pixel coordinates crops exactly them.
-    eps = 1e-3
-    y0 = tf.cast(tf.floor(box[0] * h + eps), tf.int32)
-    x0 = tf.cast(tf.floor(box[1] * w + eps), tf.int32)
-    y1 = tf.cast(tf.math.ceil(box[2] * h - eps), tf.int32)
-    x1 = tf.cast(tf.math.ceil(box[3] * w - eps), tf.int32)
-    valid = tf.logical_and(y1 > y0, x1 > x0)
-    y0, x0 = tf.where(valid, y0, 0), tf.where(valid, x0, 0)
-    y1, x1 = tf.where(valid, y1, shape[0]), tf.where(valid, x1, shape[1])
-    crop = image[y0:y1, x0:x1, :]
-    pixels = tf.image.resize(tf.cast(crop, tf.float32), image_size, method="bilinear", antialias=True)
-    pixels = tf.clip_by_value(pixels, 0.0, 255.0)
-    pixels.set_shape([image_size[0], image_size[1], 3])
-    return pixels, valid
-
-
-def prepare_image(
-    image_bytes: tf.Tensor, box: tf.Tensor | None = None, *, image_size: int | Sequence[int]
-) -> tuple[tf.Tensor, tf.Tensor]:
-    """Encoded bytes (+ optional normalised box) → model pixels. The one preprocessing function.
-
-    Args:
-        image_bytes: scalar tf.string. JPEG, PNG, GIF or BMP.
-        box: optional float32 ``[4]``, normalised ``[ymin, xmin, ymax, xmax]``.
-        image_size: int or (height, width). The tower's input size.
-
-    A JPEG whose crop is at least 2, 4 or 8 times ``image_size`` is decoded
-    at that fraction of its size (libjpeg's DCT-domain scaling, see
-    :func:`jpeg_ratio`) before the crop and the antialiased resize: about the
-    same pixels (mean difference ~1 level of 255 on smooth images) for a
-    fraction of the work.
-
-    Returns:
-        ``(pixels, valid)`` as :func:`crop_and_resize`.
-    """
-    tf = _tf()
-    size = image_size_2d(image_size)
-    if box is None:
-        box = tf.constant([0.0, 0.0, 1.0, 1.0])
-    image, box = _decode_for_crop(image_bytes, box, size, pixel_box=False)
-    return crop_and_resize(image, box, size)
-
-
-# libjpeg can decode straight to 1/2, 1/4 or 1/8 of the size by scaling in the
-# DCT domain, which is much cheaper than a full decode followed by an
-# antialiased resize of all those pixels.
-JPEG_RATIOS = (1, 2, 4, 8)
-
-
-def jpeg_ratio(image_shape: tf.Tensor, box: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
-    """The largest libjpeg scale-down ratio in :data:`JPEG_RATIOS` that still leaves enough pixels.
-
-    A ratio ``r`` is allowed when the box's crop, measured in pixels of the
-    full image, is at least ``r`` times the target size in both dimensions, so
-    the crop of the scaled-down image still has at least ``image_size``
-    pixels and the antialiased resize only ever shrinks it.
-
-    Args:
-        image_shape: int ``[2+]``, height and width of the full image.
-        box: float32 ``[4]``, normalised ``[ymin, xmin, ymax, xmax]``.
-        image_size: (height, width).
-
-    Returns:
-        int32 scalar: the index into :data:`JPEG_RATIOS` (0 = full decode).
-    """
-    tf = _tf()
-    box = tf.clip_by_value(tf.cast(box, tf.float32), 0.0, 1.0)
-    crop_h = (box[2] - box[0]) * tf.cast(image_shape[0], tf.float32)
-    crop_w = (box[3] - box[1]) * tf.cast(image_shape[1], tf.float32)
-    # How many times larger than the target the crop is, in its tighter dimension.
-    scale = tf.minimum(crop_h / float(image_size[0]), crop_w / float(image_size[1]))
-    index = tf.constant(0, tf.int32)
-    for i, r in enumerate(JPEG_RATIOS[1:], start=1):
-        # The small slack forgives float error: 0.5 * 512 must count as 256 px.
-        index = tf.where(scale >= float(r) - 1e-3, tf.constant(i, tf.int32), index)
-    return index
-
-
-def _decode_for_crop(
-    image_bytes: tf.Tensor, box: tf.Tensor, image_size: tuple[int, int], *, pixel_box: bool
-) -> tuple[tf.Tensor, tf.Tensor]:
-    """Decodes only as many pixels as cropping ``box`` to ``image_size`` needs.
-
-    A JPEG is decoded at 1/2, 1/4 or 1/8 scale when its crop stays at least
-    ``image_size`` (:func:`jpeg_ratio`); its size comes from the header, so
-    this costs no extra decode. Other formats go through :func:`decode_image`.
-    A normalised box means the same region of the scaled image, so it is
-    returned unchanged; a pixel box ``[left, top, width, height]``
-    (``pixel_box=True``) is normalised against the full-size image.
-
-    Returns:
-        ``(image, normalised_box)``: uint8 ``[H, W, 3]`` and float32 ``[4]``.
-    """
-    tf = _tf()
-
-    def normalise(shape):
-        return ltwh_to_normalized(box, shape) if pixel_box else tf.cast(box, tf.float32)
-
-    def jpeg():
-        full_shape = tf.image.extract_jpeg_shape(image_bytes)
-        norm_box = normalise(full_shape)
-        index = jpeg_ratio(full_shape, norm_box, image_size)
-        branches = [
-            (lambda r=r: tf.io.decode_jpeg(image_bytes, channels=3, ratio=r)) for r in JPEG_RATIOS
-        ]
-        image = tf.switch_case(index, branches)
-        image.set_shape([None, None, 3])
-        return image, norm_box
-
-    def other():
-        image = decode_image(image_bytes)
-        return image, normalise(tf.shape(image))
-
-    image, norm_box = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
-    image.set_shape([None, None, 3])
-    norm_box.set_shape([4])
-    return image, norm_box
-
-
-# --------------------------------------------------------------------------- checking
-
-
-@dataclasses.dataclass
-class ImageCheck:
-    """What :func:`check_images` found: unreadable images and boxes that crop to nothing."""
-
-    bad_images: dict[str, str] = dataclasses.field(default_factory=dict)
-    empty_boxes: list[tuple[str, tuple[float, float, float, float]]] = dataclasses.field(default_factory=list)
-    checked: int = 0
-
-    def summary(self) -> str:
-        return (
-            f"checked {self.checked} images: {len(self.bad_images)} unreadable, "
-            f"{len(self.empty_boxes)} boxes empty after clamping to the image"
-        )
-
-
-def check_images(records: Sequence[Record], *, workers: int | None = None) -> tuple[list[Record], ImageCheck]:
-    """Decodes every distinct image once, with the same decoder training uses.
-
-    A corrupt, truncated or non-image file, and a box that lies outside its
-    image, are dropped here, counted, and each named once in the log, so
-    training never stops on them.
-
-    Returns:
-        ``(good_records, report)``.
-    """
-    tf = _tf()
-    paths = sorted({r.image_path for r in records})
-    shapes: dict[str, tuple[int, int] | None] = {}
-    report = ImageCheck()
-
-    def shape_of(path: str) -> tuple[str, tuple[int, int] | None, str]:
-        try:
-            data = tf.io.read_file(path)
-            shape = decode_image(data).shape
-            return path, (int(shape[0]), int(shape[1])), ""
-        except (tf.errors.OpError, OSError) as e:
-            message = getattr(e, "message", None) or str(e)
-            return path, None, message.strip().splitlines()[0] if message.strip() else type(e).__name__
-
-    with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) * 2)) as pool:
-        for path, shape, error in pool.map(shape_of, paths):
-            shapes[path] = shape
-            if shape is None:
-                report.bad_images[path] = error
-                logger.warning("skipping unreadable image %s: %s", path, error)
-    report.checked = len(paths)
-    good = []
-    for r in records:
-        shape = shapes[r.image_path]
-        if shape is None:
-            continue
-        if r.box is not None and not _box_overlaps(r.box.as_ltwh(), shape):
-            report.empty_boxes.append((r.image_path, r.box.as_ltwh()))
-            logger.warning("skipping %s: box %s is empty after clamping to %dx%d", r.image_path, r.box.as_ltwh(), shape[1], shape[0])
-            continue
-        good.append(r)
-    log = logger.warning if (report.bad_images or report.empty_boxes) else logger.info
-    log("%s", report.summary())
-    return good, report
-
-
-def _box_overlaps(box: tuple[float, float, float, float], shape: tuple[int, int]) -> bool:
-    left, top, width, height = box
-    h, w = shape
-    # Same rounding as crop_and_resize: floor of the start, ceil of the end, clamped.
-    eps = 1e-3
-    x0, y0 = np.floor(np.clip(left / w, 0, 1) * w + eps), np.floor(np.clip(top / h, 0, 1) * h + eps)
-    x1 = np.ceil(np.clip((left + width) / w, 0, 1) * w - eps)
-    y1 = np.ceil(np.clip((top + height) / h, 0, 1) * h - eps)
-    return bool(x1 > x0 and y1 > y0)
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -356,8 +97,7 @@ def make_augmenter(strength: float, seed: int | None = None) -> Callable[[Any], 
 
 def _load_slot(path: tf.Tensor, box_ltwh: tf.Tensor, image_size: tuple[int, int]):
     tf = _tf()
-    image, box = _decode_for_crop(tf.io.read_file(path), box_ltwh, image_size, pixel_box=True)
-    return crop_and_resize(image, box, image_size)
+    return prepare_image(tf.io.read_file(path), box_ltwh, image_size=image_size, pixel_box=True)
 
 
 def pair_dataset(
@@ -404,8 +144,6 @@ def pair_dataset(
         drop_remainder: bool. Whole batches only (what distribution needs).
     """
     tf = _tf()
-    from street2shop.data.pairs import PairPlan
-
     size = image_size_2d(image_size)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1. Received: batch_size={batch_size}")

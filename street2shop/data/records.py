@@ -13,12 +13,12 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
-import math
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
 
+from street2shop.data.image import IMAGE_EXTENSIONS, Box, is_image_file
 from street2shop.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -27,30 +27,6 @@ DOMAINS = ("street", "shop")
 REQUIRED_COLUMNS = ("image_path", "product_id", "domain", "split")
 BOX_COLUMNS = ("bbox_left", "bbox_top", "bbox_width", "bbox_height")
 OPTIONAL_COLUMNS = ("category", *BOX_COLUMNS)
-
-
-@dataclasses.dataclass(frozen=True)
-class Box:
-    """A box in pixels on the original image: left, top, width, height."""
-
-    left: float
-    top: float
-    width: float
-    height: float
-
-    def __post_init__(self) -> None:
-        values = (self.left, self.top, self.width, self.height)
-        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-            raise ValueError(f"box values must be finite numbers. Received: {values}")
-        if self.width <= 0 or self.height <= 0:
-            raise ValueError(
-                f"box width and height must be > 0. Received: width={self.width}, height={self.height}"
-            )
-        if self.left < 0 or self.top < 0:
-            raise ValueError(f"box left and top must be >= 0. Received: left={self.left}, top={self.top}")
-
-    def as_ltwh(self) -> tuple[float, float, float, float]:
-        return (float(self.left), float(self.top), float(self.width), float(self.height))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,3 +264,53 @@ def _relative_if_under(image_path: str, bases: list[Path]) -> str:
 
 def _fmt(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else repr(float(v))
+
+
+def catalogue_records(source: str | os.PathLike[str], split: str = "") -> list[Record]:
+    """The catalogue images to embed: the shop photos of a manifest (of the comma-separated ``split`` s, or all),
+    or every image file under a folder (product id = the file name without its extension).
+
+    Raises:
+        DataError: no such file or folder, or nothing selected (the message lists what there is).
+    """
+    folder = Path(source)
+    if folder.is_dir():
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+        if not files:
+            raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+        return [Record(str(p.resolve()), p.stem, "shop", "catalog") for p in files]
+    records = read_manifest(source)
+    splits = {s.strip() for s in split.split(",") if s.strip()}
+    chosen = [r for r in records if r.domain == "shop" and (not splits or r.split in splits)]
+    if not chosen:
+        shop_splits = sorted({r.split for r in records if r.domain == "shop"})
+        raise DataError(
+            f"no shop photo of split(s) {sorted(splits)} in {source}; its shop photos are in split(s) {shop_splits}. "
+            f"Received: --split {split!r}"
+        )
+    return chosen
+
+
+@dataclasses.dataclass
+class DatasetCheck:
+    """What ``street2shop data check`` found: the records read, the images that decode, the usable records."""
+
+    records: RecordSet
+    images: object  # street2shop.data.image.ImageCheck
+    usable: list[Record]
+
+    def to_dict(self) -> dict[str, object]:
+        images = self.images
+        return {
+            "manifest": self.records.source, "records": len(self.records), "missing": self.records.missing,
+            "unreadable": images.bad_images, "empty_boxes": [p for p, _ in images.empty_boxes], "usable": len(self.usable),  # type: ignore[attr-defined]
+        }
+
+
+def check_dataset(manifest: str | os.PathLike[str], *, strict: bool = False) -> DatasetCheck:
+    """Reads a manifest and decodes every image once with the training decoder (missing, unreadable, empty boxes)."""
+    from street2shop.data.image import check_images
+
+    records = read_manifest(manifest, strict=strict)
+    usable, images = check_images(records.records)
+    return DatasetCheck(records, images, usable)

@@ -32,7 +32,8 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from street2shop.data.records import Box, Record, RecordSet, write_manifest
+from street2shop.data.image import IMAGE_EXTENSIONS, Box
+from street2shop.data.records import Record, RecordSet, write_manifest
 from street2shop.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,6 @@ CATEGORIES = (
     "bags", "belts", "dresses", "eyewear", "footwear", "hats",
     "leggings", "outerwear", "pants", "skirts", "tops",
 )
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 # JSON file prefix -> (domain, split)
 SOURCES = (("train_pairs", "street", "train"), ("test_pairs", "street", "test"), ("retrieval", "shop", "catalog"))
 ID_WIDTH = 9

@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from street2shop.data.records import Box, Record, RecordSet, write_manifest
+from street2shop.data.image import Box
+from street2shop.data.records import Record, RecordSet, write_manifest
 from street2shop.errors import ConfigError
 
 logger = logging.getLogger(__name__)

@@ -1,25 +1,27 @@
 """The siamese model: backbones, the embedding tower, the two-input training model.
 
-Importing this package registers the custom Keras layers, which loading a
-``.keras`` file with ``safe_mode=True`` needs.
+Names are loaded on first use, so ``street2shop.model.backbones`` (the
+registry, which imports no Keras) stays cheap to import. Loading a ``.keras``
+file with ``safe_mode=True`` needs the custom layers registered: import
+:mod:`street2shop.model.layers` first (``export.load_checkpoint`` does).
 """
 
-from street2shop.model.backbones import BACKBONES, build_backbone, set_trainable
-from street2shop.model.layers import BackbonePreprocess, CosineClassifier, L2Normalize, PairDistance
-from street2shop.model.siamese import OUTPUT_KEYS, build_siamese, tower_of
-from street2shop.model.tower import build_tower, tower_spec
+from __future__ import annotations
 
-__all__ = [
-    "BACKBONES",
-    "OUTPUT_KEYS",
-    "BackbonePreprocess",
-    "CosineClassifier",
-    "L2Normalize",
-    "PairDistance",
-    "build_backbone",
-    "build_siamese",
-    "build_tower",
-    "set_trainable",
-    "tower_of",
-    "tower_spec",
-]
+import importlib
+from typing import Any
+
+_HOMES = {
+    "BACKBONES": "backbones", "build_backbone": "backbones", "set_trainable": "backbones",
+    "BackbonePreprocess": "layers", "CosineClassifier": "layers", "L2Normalize": "layers", "PairDistance": "layers",
+    "OUTPUT_KEYS": "siamese", "build_siamese": "siamese", "tower_of": "siamese",
+    "build_tower": "tower", "tower_spec": "tower",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)

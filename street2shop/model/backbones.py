@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from street2shop.data.image import image_size_2d
 from street2shop.errors import ConfigError, ModelError
 
 logger = logging.getLogger(__name__)
@@ -87,24 +88,6 @@ def backbone_spec(name: str) -> BackboneSpec:
     if spec is None:
         raise ConfigError(f"backbone must be one of {', '.join(BACKBONES)}. Received: backbone={name!r}")
     return spec
-
-
-def image_size_2d(image_size: int | Sequence[int], min_size: int = 1) -> tuple[int, int]:
-    """``96`` or ``(96, 128)`` → ``(height, width)``, each at least ``min_size``."""
-    try:
-        if isinstance(image_size, bool):
-            raise TypeError
-        if isinstance(image_size, int):
-            size = (image_size, image_size)
-        else:
-            size = tuple(int(s) for s in image_size)  # type: ignore[union-attr]
-            if len(size) != 2 or any(isinstance(s, bool) for s in image_size):  # type: ignore[union-attr]
-                raise TypeError
-    except (TypeError, ValueError):
-        raise ConfigError(f"image_size must be an int or (height, width). Received: image_size={image_size!r}") from None
-    if min(size) < min_size:
-        raise ConfigError(f"image_size must be at least {min_size}x{min_size}. Received: image_size={size!r}")
-    return size  # type: ignore[return-value]
 
 
 def build_backbone(

@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from street2shop.errors import ConfigError, ModelError
-from street2shop.model.backbones import DEFAULT_BACKBONE, backbone_spec, build_backbone, image_size_2d, set_trainable
+from street2shop.data.image import image_size_2d
+from street2shop.model.backbones import DEFAULT_BACKBONE, backbone_spec, build_backbone, set_trainable
 from street2shop.model.layers import BackbonePreprocess, L2Normalize
 
 logger = logging.getLogger(__name__)

@@ -2,10 +2,16 @@
 
 The client speaks TF Serving's gRPC API (``PredictionService.Predict`` and
 ``GetModelMetadata``, ``ModelService.GetModelStatus``) and only knows the
-signature contract written by :mod:`street2shop.export`: ``image_bytes``
-(encoded JPEG/PNG/GIF/BMP), optionally ``boxes``, in; ``embedding`` out. All
-decoding and preprocessing happens inside the SavedModel, so the client sends
-the file bytes as they are.
+serving contract (:mod:`street2shop.contract`): ``image_bytes`` (encoded
+JPEG/PNG/GIF/BMP), optionally ``boxes``, in; ``embedding`` and
+``model_fingerprint`` out. All decoding and preprocessing happens inside the
+SavedModel, so the client sends the file bytes as they are.
+
+Every answer names its model: the version in ``PredictResponse.model_spec``
+and the weights fingerprint in the ``model_fingerprint`` output. The client
+checks both on every response, so one call never returns vectors of two
+models (TF Serving loads a new version by itself, in the middle of a job), and
+with ``expected_fingerprint`` it refuses any other model at all.
 
 Requests are built and responses decoded with plain protobuf and numpy (the
 client never calls TensorFlow). Note that the ``tensorflow_serving.apis``
@@ -23,9 +29,12 @@ from typing import Any
 
 import numpy as np
 
+from street2shop import contract
+from street2shop.contract import ModelIdentity
 from street2shop.errors import (
     BadRequestError,
     ConfigError,
+    ModelMismatchError,
     ModelNotFoundError,
     ServerUnavailableError,
     ServingError,
@@ -36,9 +45,6 @@ logger = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB
-BOXES_SIGNATURE = "embed_boxes"
-PIXELS_SIGNATURE = "embed_pixels"
-OUTPUT_NAME = "embedding"
 # Bytes a request needs besides the image bytes: the model spec and map keys
 # (the header), and the length prefix of each string.
 _REQUEST_OVERHEAD = 4096
@@ -132,7 +138,9 @@ class EmbeddingClient:
     with UNAVAILABLE or DEADLINE_EXCEEDED are retried with exponential backoff
     and jitter; every other failure raises at once. On the first call the
     served signature is checked against the contract with ``GetModelMetadata``.
-    Safe to use from several threads at once.
+    Every response's model version and weights fingerprint are checked: one
+    call never mixes two models (ModelMismatchError), and :attr:`identity`
+    is the model of the last answer. Safe to use from several threads at once.
 
     Args:
         target: str. TF Serving's gRPC address, ``HOST:PORT``.
@@ -152,6 +160,8 @@ class EmbeddingClient:
         root_certificates: bytes or None. PEM root certificates for TLS
             (None = the system's).
         check_metadata: bool. Check the served signature before the first request.
+        expected_fingerprint: str or None. Refuse answers of any other model
+            (the fingerprint of the index or embeddings the vectors must match).
 
     Example:
         >>> with EmbeddingClient("localhost:8500", expected_dimension=128) as client:  # doctest: +SKIP
@@ -163,9 +173,9 @@ class EmbeddingClient:
     def __init__(
         self,
         target: str,
-        model_name: str = "street2shop",
+        model_name: str = contract.DEFAULT_MODEL_NAME,
         *,
-        signature: str = "serving_default",
+        signature: str = contract.SERVING_DEFAULT,
         version: int | None = None,
         expected_dimension: int | None = None,
         batch_size: int = 32,
@@ -176,6 +186,7 @@ class EmbeddingClient:
         tls: bool = False,
         root_certificates: bytes | None = None,
         check_metadata: bool = True,
+        expected_fingerprint: str | None = None,
     ) -> None:
         if not isinstance(target, str) or ":" not in target or not target.rsplit(":", 1)[1].isdigit():
             raise ConfigError(f"target must be a gRPC address HOST:PORT, e.g. localhost:8500. Received: target={target!r}")
@@ -208,8 +219,9 @@ class EmbeddingClient:
         self.tls = tls
         self.root_certificates = root_certificates
         self.check_metadata = check_metadata
-        # Filled by connect(); fingerprint stays None (the gRPC API does not carry the model card).
-        self.fingerprint: str | None = None
+        self.expected_fingerprint = expected_fingerprint or None
+        # The model of the last answer (version from model_spec, fingerprint from the model_fingerprint output).
+        self.identity: ModelIdentity | None = None
         self.served_version: int | None = None
         self.attempts = 0  # gRPC calls tried, retries included
         self.retries = 0  # of which retries
@@ -255,7 +267,7 @@ class EmbeddingClient:
         """
         self._ensure_channel()
         if self.check_metadata:
-            self._check_signature(self.signature, ("image_bytes",))
+            self._check_signature(self.signature, contract.SIGNATURES[contract.SERVING_DEFAULT])
         return self
 
     def close(self) -> None:
@@ -379,8 +391,8 @@ class EmbeddingClient:
                 self.served_version = int(response.model_spec.version.value)
             return self._signature_defs
 
-    def _check_signature(self, name: str, inputs: tuple[str, ...]) -> None:
-        """Checks signature ``name`` has exactly ``inputs`` and a float ``embedding [-1, D]`` output."""
+    def _check_signature(self, name: str, expected: contract.Signature) -> None:
+        """Checks the served signature ``name`` has the inputs and outputs of the contract's ``expected``."""
         with self._lock:
             if name in self._checked:
                 return
@@ -393,24 +405,16 @@ class EmbeddingClient:
         sig = signatures[name]
         got_inputs = {k: (_DTYPE_NAMES.get(v.dtype, str(v.dtype)), [int(d.size) for d in v.tensor_shape.dim]) for k, v in sig.inputs.items()}
         got_outputs = {k: (_DTYPE_NAMES.get(v.dtype, str(v.dtype)), [int(d.size) for d in v.tensor_shape.dim]) for k, v in sig.outputs.items()}
-        wanted = {"image_bytes": ("string", 1), "boxes": ("float32", 2), "pixels": ("float32", 4)}
-        problems = []
-        if set(got_inputs) != set(inputs):
-            problems.append(f"inputs {sorted(inputs)}")
-        for key in inputs:
-            if key in got_inputs and (got_inputs[key][0], len(got_inputs[key][1])) != wanted[key]:
-                problems.append(f"input {key!r} of {wanted[key][0]} with rank {wanted[key][1]}")
-        if key_info := got_outputs.get(OUTPUT_NAME):
-            if key_info[0] != "float32" or len(key_info[1]) != 2:
-                problems.append(f"output {OUTPUT_NAME!r} float32 [None, D]")
-        else:
-            problems.append(f"an output named {OUTPUT_NAME!r}")
+        problems = expected.problems({k: (d, len(s)) for k, (d, s) in got_inputs.items()}, {k: (d, len(s)) for k, (d, s) in got_outputs.items()})
         if problems:
+            hint = ""
+            if contract.FINGERPRINT not in got_outputs and contract.EMBEDDING in got_outputs:
+                hint = " (a model exported by street2shop before 0.2 has no model_fingerprint output: export it again)"
             raise SignatureMismatchError(
                 f"signature {name!r} of {self._what(None)} at {self.target} does not follow the street2shop contract: "
-                f"expected {', '.join(problems)}. Received: inputs={got_inputs}, outputs={got_outputs}"
+                f"expected {', '.join(problems)}{hint}. Received: inputs={got_inputs}, outputs={got_outputs}"
             )
-        dimension = got_outputs[OUTPUT_NAME][1][1]
+        dimension = got_outputs[contract.EMBEDDING][1][1]
         if dimension > 0:
             self._set_dimension(dimension, f"signature {name!r}")
         with self._lock:
@@ -443,7 +447,7 @@ class EmbeddingClient:
                 self._ensure_channel()
                 signatures = self._signature_map()
                 sig = signatures.get(self.signature)
-                dims = [int(d.size) for d in sig.outputs[OUTPUT_NAME].tensor_shape.dim] if sig and OUTPUT_NAME in sig.outputs else []
+                dims = [int(d.size) for d in sig.outputs[contract.EMBEDDING].tensor_shape.dim] if sig and contract.EMBEDDING in sig.outputs else []
                 if len(dims) == 2 and dims[1] > 0:
                     self._set_dimension(dims[1], f"signature {self.signature!r}")
                 elif self.expected_dimension is not None:
@@ -454,6 +458,19 @@ class EmbeddingClient:
                         f"signature's output has no static size; pass expected_dimension. Received: shape={dims}"
                     )
         return int(self._dimension)  # type: ignore[arg-type]
+
+    def probe(self) -> ModelIdentity:
+        """Asks the served model for one small embedding and returns who answered.
+
+        What a readiness check needs: the server is up, serves the model under
+        its name, follows the contract, and names its weights fingerprint and
+        version (which also becomes :attr:`identity`).
+        """
+        from street2shop.data.image import pattern_jpeg
+
+        identity = self.predict([pattern_jpeg()])[1]
+        assert identity is not None
+        return identity
 
     def model_status(self) -> list[dict[str, Any]]:
         """The served versions and their state, from ``ModelService.GetModelStatus``.
@@ -494,27 +511,89 @@ class EmbeddingClient:
             yield start, stop
             start = stop
 
-    def _predict(self, signature: str, inputs: dict[str, Any], count: int) -> np.ndarray:
+    def _predict(self, signature: str, inputs: dict[str, Any], count: int) -> tuple[np.ndarray, ModelIdentity]:
+        """One Predict: the vectors and the model that made them (checked against ``expected_fingerprint``)."""
         from tensorflow_serving.apis import predict_pb2
 
         request = predict_pb2.PredictRequest(model_spec=self._model_spec(signature))
         for key, tensor in inputs.items():
             request.inputs[key].CopyFrom(tensor)
-        request.output_filter.append(OUTPUT_NAME)
+        request.output_filter.extend([contract.EMBEDDING, contract.FINGERPRINT])
         response = self._call("Predict", request, signature)
-        if OUTPUT_NAME not in response.outputs:
+        missing = [key for key in (contract.EMBEDDING, contract.FINGERPRINT) if key not in response.outputs]
+        if missing:
             raise SignatureMismatchError(
-                f"TF Serving's answer from {self._what(signature)} at {self.target} has no output {OUTPUT_NAME!r}. "
+                f"TF Serving's answer from {self._what(signature)} at {self.target} lacks the output(s) {missing}. "
                 f"Received: outputs {sorted(response.outputs)}"
             )
-        vectors = tensor_proto_to_numpy(response.outputs[OUTPUT_NAME])
+        vectors = tensor_proto_to_numpy(response.outputs[contract.EMBEDDING])
         if vectors.ndim != 2 or vectors.shape[0] != count:
             raise SignatureMismatchError(
-                f"{self._what(signature)} at {self.target} should return {OUTPUT_NAME!r} of shape [{count}, D] for "
+                f"{self._what(signature)} at {self.target} should return {contract.EMBEDDING!r} of shape [{count}, D] for "
                 f"{count} inputs. Received: shape={list(vectors.shape)}"
             )
         self._set_dimension(int(vectors.shape[1]), "a Predict response")
-        return vectors.astype(np.float32, copy=False)
+        fingerprints = {bytes(v).decode("utf-8", "replace") for v in response.outputs[contract.FINGERPRINT].string_val}
+        if len(fingerprints) != 1:
+            raise SignatureMismatchError(
+                f"{self._what(signature)} at {self.target} should name one model fingerprint per answer. "
+                f"Received: {sorted(fingerprints)[:3]}"
+            )
+        version = int(response.model_spec.version.value) if response.model_spec.HasField("version") else None
+        if self.version is not None and version != self.version:
+            raise ModelMismatchError(
+                f"asked {self._what(signature)} at {self.target} for version {self.version}, and version {version} answered. "
+                f"Received: version={version}"
+            )
+        identity = ModelIdentity(fingerprints.pop(), version, int(vectors.shape[1]))
+        if self.expected_fingerprint is not None and identity.fingerprint != self.expected_fingerprint:
+            raise ModelMismatchError(
+                f"TF Serving at {self.target} answers with {identity}, not the expected model {self.expected_fingerprint} "
+                f"(the one the index or the embeddings come from); serve that model, or embed the catalogue again with this one. "
+                f"Received: fingerprint={identity.fingerprint!r}"
+            )
+        with self._lock:
+            self.identity, self.served_version = identity, version
+        return vectors.astype(np.float32, copy=False), identity
+
+    def _one_model(self, answers: list[tuple[np.ndarray, ModelIdentity]]) -> tuple[np.ndarray, ModelIdentity | None]:
+        """Joins the answers of one call, refusing a mix of models (TF Serving may switch versions meanwhile)."""
+        identities = {identity.fingerprint: identity for _, identity in answers}
+        if len(identities) > 1:
+            seen = ", ".join(str(identity) for identity in identities.values())
+            raise ModelMismatchError(
+                f"TF Serving at {self.target} switched models in the middle of one call ({seen}); nothing of it was kept. "
+                f"Received: {len(identities)} models"
+            )
+        vectors = np.concatenate([v for v, _ in answers], axis=0) if answers else np.zeros((0, self.dimension), np.float32)
+        return vectors, (answers[-1][1] if answers else self.identity)
+
+    def predict(self, images: Sequence[bytes], boxes: np.ndarray | None = None) -> tuple[np.ndarray, ModelIdentity | None]:
+        """Like :meth:`embed`, and also the model that answered (its fingerprint and version; None for no images)."""
+        images = list(images)
+        for i, image in enumerate(images):
+            if not isinstance(image, (bytes, bytearray, memoryview)):
+                raise BadRequestError(f"images must be encoded image files as bytes; image {i} is not. Received: {type(image).__name__}")
+        images = [bytes(image) for image in images]
+        signature, expected = self.signature, contract.SIGNATURES[contract.SERVING_DEFAULT]
+        if boxes is not None:
+            boxes = np.asarray(boxes, dtype=np.float32)
+            if boxes.shape != (len(images), 4):
+                raise BadRequestError(f"boxes must have shape [{len(images)}, 4] (one [ymin, xmin, ymax, xmax] per image). Received: shape={list(boxes.shape)}")
+            signature, expected = contract.EMBED_BOXES, contract.SIGNATURES[contract.EMBED_BOXES]
+        if self.check_metadata:
+            self.connect()
+            self._check_signature(signature, expected)
+        else:
+            self._ensure_channel()
+        per_item = _PER_ITEM_OVERHEAD + (16 if boxes is not None else 0)
+        answers = []
+        for start, stop in self._batches([len(image) for image in images], per_item):
+            inputs = {contract.IMAGE_BYTES: _string_tensor(images[start:stop])}
+            if boxes is not None:
+                inputs[contract.BOXES] = _float_tensor(boxes[start:stop])
+            answers.append(self._predict(signature, inputs, stop - start))
+        return self._one_model(answers)
 
     def embed(self, images: Sequence[bytes], boxes: np.ndarray | None = None) -> np.ndarray:
         """Embeds encoded images; with ``boxes``, each image is cropped to its box first.
@@ -530,34 +609,11 @@ class EmbeddingClient:
         Raises:
             BadRequestError: an image the server cannot decode, a batch or image
                 too large, malformed boxes.
+            ModelMismatchError: the answers came from two models, or not from
+                ``expected_fingerprint``.
             ServerUnavailableError, ModelNotFoundError, SignatureMismatchError.
         """
-        images = list(images)
-        for i, image in enumerate(images):
-            if not isinstance(image, (bytes, bytearray, memoryview)):
-                raise BadRequestError(f"images must be encoded image files as bytes; image {i} is not. Received: {type(image).__name__}")
-        images = [bytes(image) for image in images]
-        signature, names = self.signature, ("image_bytes",)
-        if boxes is not None:
-            boxes = np.asarray(boxes, dtype=np.float32)
-            if boxes.shape != (len(images), 4):
-                raise BadRequestError(f"boxes must have shape [{len(images)}, 4] (one [ymin, xmin, ymax, xmax] per image). Received: shape={list(boxes.shape)}")
-            signature, names = BOXES_SIGNATURE, ("image_bytes", "boxes")
-        if self.check_metadata:
-            self.connect()
-            self._check_signature(signature, names)
-        else:
-            self._ensure_channel()
-        if not images:
-            return np.zeros((0, self.dimension), np.float32)
-        per_item = _PER_ITEM_OVERHEAD + (16 if boxes is not None else 0)
-        out = []
-        for start, stop in self._batches([len(image) for image in images], per_item):
-            inputs = {"image_bytes": _string_tensor(images[start:stop])}
-            if boxes is not None:
-                inputs["boxes"] = _float_tensor(boxes[start:stop])
-            out.append(self._predict(signature, inputs, stop - start))
-        return np.concatenate(out, axis=0)
+        return self.predict(images, boxes)[0]
 
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Embeds decoded images already at the model's input size (``embed_pixels`` signature).
@@ -573,11 +629,10 @@ class EmbeddingClient:
             raise BadRequestError(f"pixels must have shape [N, H, W, 3]. Received: shape={list(pixels.shape)}")
         if self.check_metadata:
             self.connect()
-            self._check_signature(PIXELS_SIGNATURE, ("pixels",))
-        if len(pixels) == 0:
-            return np.zeros((0, self.dimension), np.float32)
+            self._check_signature(contract.EMBED_PIXELS, contract.SIGNATURES[contract.EMBED_PIXELS])
         item_bytes = int(np.prod(pixels.shape[1:])) * 4
-        out = []
-        for start, stop in self._batches([item_bytes] * len(pixels), 0):
-            out.append(self._predict(PIXELS_SIGNATURE, {"pixels": _float_tensor(pixels[start:stop])}, stop - start))
-        return np.concatenate(out, axis=0)
+        answers = [
+            self._predict(contract.EMBED_PIXELS, {contract.PIXELS: _float_tensor(pixels[start:stop])}, stop - start)
+            for start, stop in self._batches([item_bytes] * len(pixels), 0)
+        ]
+        return self._one_model(answers)[0]

@@ -43,13 +43,12 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from street2shop import contract
 from street2shop.errors import ConfigError, ModelError, ServingError, tf_error_text
 
 logger = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
-WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
-MAX_WARMUP_REQUESTS = 1000  # TF Serving's own limit
 
 
 class _Status(Exception):
@@ -61,37 +60,6 @@ class _Status(Exception):
         self.message = message
 
 
-def find_versions(export_base: str | os.PathLike[str]) -> dict[int, Path]:
-    """The numbered SavedModel versions under an export base, ``{version: folder}``.
-
-    Hidden and non-numeric folders (such as an exporter's temporary folder) are
-    ignored, as TF Serving ignores them.
-
-    Raises:
-        ModelError: the folder is missing or holds no version.
-    """
-    base = Path(export_base)
-    if not base.is_dir():
-        raise ModelError(f"export base {base} is not a folder: expected a folder holding numbered SavedModel versions (1/, 2/, ...). Received: {base}")
-    if (base / "saved_model.pb").is_file():
-        raise ModelError(
-            f"{base} is a single SavedModel version, not an export base; pass its parent folder {base.parent} "
-            f"(TF Serving serves numbered versions under a base path). Received: {base}"
-        )
-    versions = {
-        int(p.name): p
-        for p in base.iterdir()
-        if p.is_dir() and p.name.isdigit() and ((p / "saved_model.pb").is_file() or (p / "saved_model.pbtxt").is_file())
-    }
-    if not versions:
-        entries = sorted(p.name for p in base.iterdir())[:10]
-        raise ModelError(
-            f"no SavedModel version under {base}: expected numbered folders like {base / '1'} holding saved_model.pb "
-            f"(export one with `street2shop export`). Received: entries {entries}"
-        )
-    return versions
-
-
 class _ServedModel:
     """One loaded SavedModel version and the Predict logic over it."""
 
@@ -101,7 +69,7 @@ class _ServedModel:
         self.max_batch_size = max_batch_size
         try:
             proto = saved_model_pb2.SavedModel()
-            proto.ParseFromString((path / "saved_model.pb").read_bytes())
+            proto.ParseFromString((path / contract.SAVED_MODEL_FILE).read_bytes())
             self.signature_defs = dict(proto.meta_graphs[0].signature_def)
             self.loaded = tf.saved_model.load(str(path))
         except (OSError, ValueError, tf.errors.OpError) as e:
@@ -109,7 +77,7 @@ class _ServedModel:
         self.functions = dict(self.loaded.signatures)
 
     def signature(self, name: str) -> tuple[Any, Any]:
-        name = name or "serving_default"
+        name = name or contract.SERVING_DEFAULT
         if name not in self.functions or name not in self.signature_defs:
             raise _Status(grpc.StatusCode.FAILED_PRECONDITION, f'Serving signature key "{name}" not found.')
         return self.signature_defs[name], self.functions[name]
@@ -224,7 +192,7 @@ class StandInServer:
         self,
         export_base: str | os.PathLike[str],
         *,
-        model_name: str = "street2shop",
+        model_name: str = contract.DEFAULT_MODEL_NAME,
         host: str = "127.0.0.1",
         port: int = 0,
         max_batch_size: int = 256,
@@ -271,7 +239,7 @@ class StandInServer:
         """Loads the newest version, replays its warm-up requests and starts listening; returns the port."""
         if self._server is not None:
             return self.port
-        versions = find_versions(self.export_base)
+        versions = contract.export_versions(self.export_base)
         version = max(versions)
         self.model = _ServedModel(versions[version], version, self.max_batch_size)
         if self.warmup:
@@ -330,13 +298,13 @@ class StandInServer:
 
     def _replay_warmup(self) -> None:
         assert self.model is not None
-        path = self.model.path / WARMUP_FILE
+        path = contract.warmup_path(self.model.path)
         if not path.is_file():
             logger.info("no warm-up requests at %s", path)
             return
         count = 0
         try:
-            for record in tf.data.TFRecordDataset(str(path)).take(MAX_WARMUP_REQUESTS):
+            for record in tf.data.TFRecordDataset(str(path)).take(contract.MAX_WARMUP_REQUESTS):
                 log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
                 if log.WhichOneof("log_type") != "predict_log":
                     continue
@@ -365,7 +333,7 @@ class StandInServer:
         out.name = self.model_name
         out.version.value = model.version
         if signature_name is not None:
-            out.signature_name = signature_name or "serving_default"
+            out.signature_name = signature_name or contract.SERVING_DEFAULT
 
 
 def _abort(context: Any, e: _Status) -> None:
@@ -431,7 +399,7 @@ def serve(
     port: int = 8500,
     *,
     host: str = "127.0.0.1",
-    model_name: str = "street2shop",
+    model_name: str = contract.DEFAULT_MODEL_NAME,
     max_batch_size: int = 256,
     max_message_bytes: int = 64 * MiB,
     workers: int = 4,

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from street2shop.data.records import Box, Record, RecordSet, read_manifest, write_manifest
+from street2shop.data.image import Box
+from street2shop.data.records import Record, RecordSet, read_manifest, write_manifest
 from street2shop.errors import DataError
 
 HEADER = "image_path,product_id,domain,split,category,bbox_left,bbox_top,bbox_width,bbox_height"

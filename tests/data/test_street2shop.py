@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from street2shop.data.records import Box, read_manifest
+from street2shop.data.image import Box
+from street2shop.data.records import read_manifest
 from street2shop.data.street2shop import CATEGORIES, import_street2shop, read_street2shop
 from street2shop.errors import DataError
 

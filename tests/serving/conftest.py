@@ -2,8 +2,9 @@
 
 The model decodes each image (``tf.io.decode_image``, 3 channels), resizes it
 to 8x8, flattens it, projects it with a fixed random matrix to D=16 and
-L2-normalises: the same signatures, inputs and outputs as the exporter writes,
-at a fraction of the cost.
+L2-normalises: the signatures, inputs and outputs of the contract
+(:mod:`street2shop.contract`, names read from it), at a fraction of the cost
+of a real export. Its fingerprint is ``tiny-seed-<seed>``.
 
 Set ``STREET2SHOP_TEST_EXPORT_BASE`` to an export base written by
 ``street2shop export`` to run the same tests against a real export instead.
@@ -24,11 +25,18 @@ DIMENSION = 16
 MODEL_NAME = "tiny"
 
 
-def build_tiny_savedmodel(path: Path, seed: int = 0, warmup_model_name: str = MODEL_NAME) -> Path:
-    """Writes the tiny contract model to ``path`` (a version folder) with its card and warm-up file."""
+def build_tiny_savedmodel(path: Path, seed: int = 0, warmup_model_name: str = MODEL_NAME, with_fingerprint: bool = True) -> Path:
+    """Writes the tiny contract model to ``path`` (a version folder) with its card and warm-up file.
+
+    ``with_fingerprint=False`` leaves out the ``model_fingerprint`` output, as
+    street2shop exports before 0.2 did.
+    """
     import tensorflow as tf
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
+    from street2shop import contract
+
+    fingerprint = f"tiny-seed-{seed}"
     projection = np.random.default_rng(seed).normal(size=(SIZE * SIZE * 3, DIMENSION)).astype(np.float32)
 
     class Tiny(tf.Module):
@@ -38,7 +46,10 @@ def build_tiny_savedmodel(path: Path, seed: int = 0, warmup_model_name: str = MO
 
         def _embed(self, pixels):
             flat = tf.reshape(pixels / 255.0, [-1, SIZE * SIZE * 3])
-            return {"embedding": tf.math.l2_normalize(tf.matmul(flat, self.projection), axis=1)}
+            out = {contract.EMBEDDING: tf.math.l2_normalize(tf.matmul(flat, self.projection), axis=1)}
+            if with_fingerprint:
+                out[contract.FINGERPRINT] = tf.fill(tf.shape(flat)[:1], fingerprint)
+            return out
 
         @staticmethod
         def _decode(data):
@@ -46,7 +57,7 @@ def build_tiny_savedmodel(path: Path, seed: int = 0, warmup_model_name: str = MO
             image.set_shape([None, None, 3])
             return tf.cast(image, tf.float32)
 
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=contract.IMAGE_BYTES)])
         def serving_default(self, image_bytes):
             pixels = tf.map_fn(
                 lambda b: tf.image.resize(self._decode(b), [SIZE, SIZE]),
@@ -55,7 +66,7 @@ def build_tiny_savedmodel(path: Path, seed: int = 0, warmup_model_name: str = MO
             )
             return self._embed(pixels)
 
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes"), tf.TensorSpec([None, 4], tf.float32, name="boxes")])
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=contract.IMAGE_BYTES), tf.TensorSpec([None, 4], tf.float32, name=contract.BOXES)])
         def embed_boxes(self, image_bytes, boxes):
             pixels = tf.map_fn(
                 lambda args: tf.image.crop_and_resize(self._decode(args[0])[None], args[1][None], [0], [SIZE, SIZE])[0],
@@ -64,7 +75,7 @@ def build_tiny_savedmodel(path: Path, seed: int = 0, warmup_model_name: str = MO
             )
             return self._embed(pixels)
 
-        @tf.function(input_signature=[tf.TensorSpec([None, SIZE, SIZE, 3], tf.float32, name="pixels")])
+        @tf.function(input_signature=[tf.TensorSpec([None, SIZE, SIZE, 3], tf.float32, name=contract.PIXELS)])
         def embed_pixels(self, pixels):
             return self._embed(pixels)
 
@@ -72,23 +83,27 @@ def build_tiny_savedmodel(path: Path, seed: int = 0, warmup_model_name: str = MO
     tf.saved_model.save(
         module,
         str(path),
-        signatures={"serving_default": module.serving_default, "embed_boxes": module.embed_boxes, "embed_pixels": module.embed_pixels},
+        signatures={
+            contract.SERVING_DEFAULT: module.serving_default,
+            contract.EMBED_BOXES: module.embed_boxes,
+            contract.EMBED_PIXELS: module.embed_pixels,
+        },
     )
-    extra = path / "assets.extra"
-    extra.mkdir(exist_ok=True)
     card = {
         "dimension": DIMENSION,
         "image_size": [SIZE, SIZE],
         "backbone": "tiny-random-projection",
-        "fingerprint": f"tiny-seed-{seed}",
+        "fingerprint": fingerprint,
+        "version": int(path.name) if path.name.isdigit() else None,
         "package_version": "test",
         "created_at": "2000-01-01T00:00:00Z",
-        "signatures": {"serving_default": {}, "embed_boxes": {}, "embed_pixels": {}},
+        "signatures": {name: sig.describe() for name, sig in contract.SIGNATURES.items()},
     }
-    (extra / "street2shop.json").write_text(json.dumps(card))
-    request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name=warmup_model_name, signature_name="serving_default"))
-    request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto([make_image(5, 7, seed=1)], dtype=tf.string))
-    with tf.io.TFRecordWriter(str(extra / "tf_serving_warmup_requests")) as writer:
+    contract.card_path(path).parent.mkdir(exist_ok=True)
+    contract.card_path(path).write_text(json.dumps(card))
+    request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name=warmup_model_name, signature_name=contract.SERVING_DEFAULT))
+    request.inputs[contract.IMAGE_BYTES].CopyFrom(tf.make_tensor_proto([make_image(5, 7, seed=1)], dtype=tf.string))
+    with tf.io.TFRecordWriter(str(contract.warmup_path(path))) as writer:
         log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
         writer.write(log.SerializeToString())
     return path
@@ -130,7 +145,9 @@ def served_version(export_base) -> int:
 
 @pytest.fixture(scope="session")
 def card(export_base, served_version) -> dict:
-    return json.loads((export_base / str(served_version) / "assets.extra" / "street2shop.json").read_text())
+    from street2shop import contract
+
+    return contract.read_card(export_base / str(served_version))
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,8 @@ from street2shop.errors import (
     SignatureMismatchError,
 )
 from street2shop.serving.client import EmbeddingClient, tensor_proto_to_numpy
-from street2shop.serving.server import StandInServer, find_versions, serve
+from street2shop.contract import export_versions as find_versions
+from street2shop.serving.server import StandInServer, serve
 from tests.serving.conftest import DIMENSION, SIZE, make_image
 
 tf = pytest.importorskip("tensorflow")
@@ -581,3 +582,65 @@ def test_compose_mounts_the_config_files_it_names():
     assert named == {"models.config", "batching_parameters.txt", "monitoring.config"}
     assert all((SERVING_DIR / name).is_file() for name in named)
     assert "/models/street2shop" in compose and "8500:8500" in compose
+
+
+# ---------------------------------------------------------------------------- the model's identity on every answer
+
+
+def test_every_answer_names_its_model(server, model_name, images, card, served_version):
+    from street2shop.contract import ModelIdentity
+
+    with client_for(server, model_name, batch_size=4) as client:
+        assert client.identity is None  # nothing answered yet
+        vectors, identity = client.predict(images)  # three requests
+        assert identity == client.identity == ModelIdentity(card["fingerprint"], served_version, card["dimension"])
+        assert client.probe() == identity
+        assert vectors.shape == (len(images), card["dimension"])
+
+
+def test_expected_fingerprint_refuses_another_model(server, model_name, images):
+    from street2shop.errors import ModelMismatchError
+
+    with client_for(server, model_name, expected_fingerprint="some-other-model") as client:
+        with pytest.raises(ModelMismatchError, match="not the expected model some-other-model"):
+            client.embed(images[:1])
+
+
+def test_a_switch_of_model_between_the_requests_of_one_call_is_refused(export_base, model_name, images, is_tiny_model):
+    """TF Serving loads a new version by itself: a call whose requests straddle the switch returns nothing."""
+    if not is_tiny_model:
+        pytest.skip("needs the fixture's two versions of different weights")
+    from street2shop.errors import ModelMismatchError
+    from street2shop.serving.server import _ServedModel
+
+    class Switcher(grpc.ServerInterceptor):
+        """After the first Predict, the server serves version 1 (other weights) instead of version 2."""
+
+        def __init__(self):
+            self.owner = None
+            self.predicts = 0
+
+        def intercept_service(self, continuation, details):
+            if details.method.endswith("/Predict"):
+                self.predicts += 1
+                if self.predicts == 2:
+                    self.owner.model = _ServedModel(export_base / "1", 1, 8)
+            return continuation(details)
+
+    switcher = Switcher()
+    with StandInServer(export_base, model_name=model_name, port=0, max_batch_size=8, interceptors=[switcher]) as server:
+        switcher.owner = server
+        with client_for(server, model_name, batch_size=4) as client:
+            with pytest.raises(ModelMismatchError, match="switched models in the middle of one call"):
+                client.embed(images)  # 11 images: three requests, the second one answered by version 1
+            assert client.identity.version == 1  # the last answer's model, known for what comes next
+
+
+def test_an_export_without_the_fingerprint_output_is_refused_with_a_hint(tmp_path, images):
+    from tests.serving.conftest import build_tiny_savedmodel
+
+    build_tiny_savedmodel(tmp_path / "old" / "1", with_fingerprint=False)
+    with StandInServer(tmp_path / "old", model_name="tiny", port=0) as server:
+        with client_for(server, "tiny") as client:
+            with pytest.raises(SignatureMismatchError, match="model_fingerprint.*export it again"):
+                client.embed(images[:1])

@@ -48,6 +48,14 @@ def test_embeds_a_jpeg_to_a_unit_vector(client):
     assert abs(float(np.linalg.norm(vectors[0])) - 1.0) < 1e-4
 
 
+def test_every_answer_names_the_model_and_version(client):
+    """The identity comes through real TF Serving: the fingerprint output and the version in model_spec."""
+    identity = client.probe()
+    assert identity.fingerprint and identity.version is not None
+    available = [s["version"] for s in client.model_status() if s["state"] == "AVAILABLE"]
+    assert identity.version in available
+
+
 def test_batch_with_boxes_and_a_bad_image(client):
     from street2shop.errors import BadRequestError
 
