@@ -165,7 +165,32 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     from street2shop.index.build import build_index
 
     built = build_index(args.embeddings, args.out, kind=args.kind, n_trees=args.n_trees, search_k=args.search_k)
-    _print_json(built) if args.json else print(f"built {built['kind']} index of {built['count']} images of model {built['model_fingerprint']} at {built['index']}")
+    _print_json(built) if args.json else print(f"built {built['kind']} index version {built['version']} of {built['count']} images of model {built['model_fingerprint']} at {built['index']}")
+    return 0
+
+
+def cmd_index_update(args: argparse.Namespace) -> int:
+    from street2shop.index.updates import update_index
+
+    result = update_index(args.index_base, add=args.add or (), remove=args.remove or None, auto_compact=args.auto_compact)
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"index version {result['version']}: {result['added']} images added ({result['replaced']} replacing), "
+              f"{result['removed']['rows']} removed; {result['live_count']} in the catalogue "
+              f"(base {result['base_count']} - {result['removed_from_base']} removed, delta {result['delta_count']}) at {result['index']}")
+        print(result["compaction"]["reason"])
+        if "compacted" in result:
+            print(f"compacted into version {result['compacted']['version']} ({result['compacted']['count']} images) at {result['compacted']['index']}")
+    return 0
+
+
+def cmd_index_compact(args: argparse.Namespace) -> int:
+    from street2shop.index.updates import compact_index
+
+    result = compact_index(args.index_base, n_trees=args.n_trees, search_k=args.search_k)
+    _print_json(result) if args.json else print(f"compacted version {result['from_version']} into version {result['version']} "
+                                                f"({result['count']} images) at {result['index']}")
     return 0
 
 
@@ -186,6 +211,15 @@ def cmd_search(args: argparse.Namespace) -> int:
             for r in answer.results:
                 print(f"  {r.rank:>3}. {r.product_id:<24} {r.similarity:6.3f}  {r.image_path}")
     return 0 if all(a.error is None for a in answers) else 1
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    from street2shop.service import serve_http
+    from street2shop.service.config import ServiceConfig
+
+    fields = {f.name for f in dataclasses.fields(ServiceConfig)}
+    serve_http(ServiceConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -220,6 +254,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"\ntrained tower:   {summary['trained']}")
         print(f"untrained tower: {summary['untrained']}")
         print(f"report: {summary['report']['html']} (also {summary['report']['markdown']}, report.json, topk.png)")
+        work = config.workdir
+        print(f"\nsearch it in a browser (pip install 'street2shop[service]'; make demo installed it):\n"
+              f"  street2shop service --index {work}/index-trained --model {work}/exports   # then open http://127.0.0.1:8080/\n"
+              f"or through a model server:\n"
+              f"  street2shop serve {work}/exports --port 8500 &\n"
+              f"  street2shop service --index {work}/index-trained --server localhost:8500")
     return 0
 
 
@@ -305,22 +345,45 @@ def build_parser() -> argparse.ArgumentParser:
     index_sub = index.add_subparsers(dest="index_command", metavar="INDEX_COMMAND", required=True)
     p = command(index_sub, "build", cmd_index_build, "build an index from embed output folders (all of one model)")
     p.add_argument("embeddings", nargs="+", help="output folder(s) of `street2shop embed`")
-    p.add_argument("--out", required=True, help="index folder to write (atomically replaced)")
+    p.add_argument("--out", required=True, help="index base: the index becomes its next numbered version (OUT/1/, OUT/2/, ...), written atomically")
     p.add_argument("--kind", choices=("annoy", "exact"), default="annoy", help="Annoy (approximate, fast at scale) or exact search")
     p.add_argument("--n-trees", type=int, default=None, help="Annoy trees (default: the index's)")
     p.add_argument("--search-k", type=int, default=None, help="Annoy search_k (default: the index's)")
 
+    p = command(index_sub, "update", cmd_index_update, "add and remove catalogue images without a rebuild: the next version is the base, a delta and tombstones")
+    p.add_argument("index_base", help="index base to update (its newest version is the starting point)")
+    p.add_argument("--add", action="append", help="embeddings folder of new or changed images (same model as the index); repeatable")
+    p.add_argument("--remove", default="", help="file of product ids, image ids or image paths to remove, one per line")
+    p.add_argument("--auto-compact", action="store_true", help="also rebuild one Annoy version when that pays (the update says when)")
+
+    p = command(index_sub, "compact", cmd_index_compact, "rebuild one clean Annoy version from base + delta - tombstones")
+    p.add_argument("index_base", help="index base to compact (its newest version)")
+    p.add_argument("--n-trees", type=int, default=None, help="Annoy trees (default: the base's)")
+    p.add_argument("--search-k", type=int, default=None, help="Annoy search_k (default: the base's)")
+
     p = command(sub, "search", cmd_search, "find the products in customer photos")
     p.add_argument("photos", nargs="+", help="photo files")
-    p.add_argument("--index", required=True, help="index folder")
+    p.add_argument("--index", required=True, help="index base (its newest version is used) or index folder")
     _add_embedder_flags(p)
     p.add_argument("--box", action="append", help="LEFT,TOP,WIDTH,HEIGHT in pixels, once per photo")
     p.add_argument("-k", type=int, default=20, help="number of products")
     p.add_argument("--category", default="", help="search only this category")
 
+    p = command(sub, "service", cmd_service, "the search service: an HTTP API and a web page over TF Serving (or --model) and an index base, swapped live")
+    p.add_argument("--index", required=True, help="index base: its newest complete version is served, and a newer one swapped in live")
+    p.add_argument("--server", default="", help="TF Serving gRPC address HOST:PORT")
+    p.add_argument("--model", default="", help="an export base or version folder, to embed in this process instead of --server")
+    p.add_argument("--model-name", default="street2shop", help="model name on the server")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8080, help="HTTP port")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest photo accepted (413 beyond)")
+    p.add_argument("--max-concurrency", type=int, default=8, help="searches worked on at once; more are turned away with 503 and Retry-After")
+    p.add_argument("--poll-seconds", type=float, default=2.0, help="how often the index base is looked at for a new version")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds TF Serving gets per request (503 beyond)")
+
     p = command(sub, "evaluate", cmd_evaluate, "top-k accuracy, recall@k, mAP, MRR of street photos against the indexed catalogue")
     p.add_argument("manifest", help="manifest CSV with the street photos")
-    p.add_argument("--index", required=True, help="index folder of the catalogue")
+    p.add_argument("--index", required=True, help="index base (its newest version is used) or index folder of the catalogue")
     _add_embedder_flags(p)
     p.add_argument("--split", default="val", help="split of the street photos used as queries (Exact Street2Shop: test)")
     p.add_argument("--exact", action="store_true", help="exact search over the index's vectors instead of Annoy")

@@ -92,7 +92,8 @@ def _serve_and_evaluate(name: str, version_dir: Path, work: Path, gallery, queri
     with StandInServer(version_dir.parent, model_name=config.model_name, port=0) as server:
         step(f"{name}: stand-in TF Serving on 127.0.0.1:{server.port} serving {version_dir}")
         with GrpcEmbedder(f"127.0.0.1:{server.port}", model_name=config.model_name) as embedder:
-            reset(work / f"embeddings-{name}")  # the demo owns its workdir: a re-run starts clean
+            for folder in (work / f"embeddings-{name}", work / f"index-{name}"):
+                reset(folder)  # the demo owns its workdir: a re-run starts clean
             embedded = embed_catalog(gallery, embedder, work / f"embeddings-{name}")
             built = build_index([embedded.out_dir], work / f"index-{name}")
             index = load_index(built["index"])

@@ -7,7 +7,8 @@ from street2shop.cli import build_parser, main
 
 COMMANDS = [
     [], ["data"], ["data", "synth"], ["data", "import-street2shop"], ["data", "check"], ["train"], ["export"],
-    ["serve"], ["embed"], ["index"], ["index", "build"], ["search"], ["evaluate"], ["demo"],
+    ["serve"], ["embed"], ["index"], ["index", "build"], ["index", "update"], ["index", "compact"], ["search"], ["service"],
+    ["evaluate"], ["demo"],
 ]
 
 
@@ -76,5 +77,5 @@ def test_embed_and_index_a_folder_of_images(tmp_path, capsys, monkeypatch):
     assert main(["embed", str(folder), "--out", str(tmp_path / "emb"), "--model", "unused", "--json"]) == 0
     assert '"embedded": 3' in capsys.readouterr().out
     assert main(["index", "build", str(tmp_path / "emb"), "--out", str(tmp_path / "index"), "--json"]) == 0
-    items = [line for line in (tmp_path / "index" / "items.jsonl").read_text().splitlines() if line]
+    items = [line for line in (tmp_path / "index" / "1" / "items.jsonl").read_text().splitlines() if line]
     assert [__import__("json").loads(line)["product_id"] for line in items] == ["a", "b", "c"]

@@ -25,7 +25,7 @@ def test_demo_writes_every_report_file(demo):
     for kind in ("json", "markdown", "plot", "html"):
         assert (work / "report").joinpath(summary["report"][kind].rsplit("/", 1)[1]).is_file(), kind
     assert (work / "exports" / "1" / "saved_model.pb").is_file()
-    assert (work / "index-trained" / "manifest.json").is_file()
+    assert (work / "index-trained" / "1" / "manifest.json").is_file()
 
 
 def test_report_json_matches_the_printed_numbers(demo):

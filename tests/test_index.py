@@ -342,3 +342,54 @@ def test_truncated_item_table_is_refused(tmp_path):
     table.write_text("".join(table.read_text().splitlines(keepends=True)[:2]))
     with pytest.raises(DataError, match="3 rows"):
         CatalogIndex.load(tmp_path / "idx")
+
+
+# ----------------------------------------------------------------------------- numbered versions
+
+
+def test_versions_are_published_whole_and_the_newest_complete_one_is_read(tmp_path, monkeypatch):
+    from street2shop.index import index_versions, load_index, publish_index
+
+    base = tmp_path / "base"
+    first = built(np.stack([at(0), at(90)]), [Item("a"), Item("b")], model_fingerprint="m")
+    assert publish_index(first, base) == base / "1" and first.version == 1
+    second = built(np.stack([at(0), at(90), at(180)]), [Item("a"), Item("b"), Item("c")], model_fingerprint="m")
+    assert publish_index(second, base) == base / "2"
+    (base / "3").mkdir()  # a folder without a manifest is not a version (yet)
+    (base / ".tmp-4-1-x").mkdir()  # nor is a hidden one
+    assert sorted(index_versions(base)) == [1, 2]
+    loaded = load_index(base)
+    assert loaded.version == 2 and len(loaded) == 3
+    assert load_index(base / "1").version == 1
+    # A writer that dies half way leaves no version behind, and the next one takes the next number.
+    def crash(self, path):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(CatalogIndex, "_write_items", crash)
+    with pytest.raises(OSError, match="simulated"):
+        publish_index(second, base)
+    monkeypatch.undo()
+    assert sorted(index_versions(base)) == [1, 2] and not [p for p in base.iterdir() if p.name.startswith(".tmp-") and p.name != ".tmp-4-1-x"]
+    assert publish_index(second, base) == base / "4"  # 3 exists (incomplete): numbers are never reused
+    with pytest.raises(DataError, match="no manifest.json and no complete numbered version"):
+        load_index(tmp_path)
+    with pytest.raises(DataError, match="an index folder itself"):
+        publish_index(first, base / "1")
+
+
+def test_category_filter_is_an_exact_search_over_the_category_on_both_kinds():
+    rng = np.random.default_rng(8)
+    vectors = unit_rows(rng, 400, 16)
+    items = [Item(f"p{i % 90}", category=f"c{i % 3}") for i in range(400)]
+    annoy_index = built(vectors, items)
+    exact = ExactIndex(16)
+    exact.add(vectors, items)
+    for q in unit_rows(rng, 5, 16):
+        # reference: numpy over the category's rows only, ties by row
+        rows = np.array([i for i in range(400) if items[i].category == "c1"])
+        sims = vectors[rows].astype(np.float64) @ q.astype(np.float64)
+        reference = rows[np.lexsort((rows, -sims))][:7].tolist()
+        for index in (annoy_index, exact):
+            assert [r.row for r in index.query(q, k=7, by_product=False, category="c1")] == reference
+            assert all(r.category == "c1" for r in index.query(q, k=7, category="c1"))
+        assert annoy_index.query(q, k=3, category="nope") == []

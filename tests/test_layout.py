@@ -105,6 +105,10 @@ def test_no_import_cycle():
         ("street2shop.data", "street2shop.model"),  # data knows nothing of models or training
         ("street2shop.data", "street2shop.train"),
         ("street2shop.embedders", "street2shop.index"),
+        ("street2shop.index", "street2shop.service"),
+        ("street2shop.search", "street2shop.service"),
+        ("street2shop.embed", "street2shop.service"),
+        ("street2shop.evaluate", "street2shop.service"),
     ],
 )
 def test_layers_keep_apart(lower, higher):

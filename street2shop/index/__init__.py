@@ -5,7 +5,9 @@
 - :mod:`~street2shop.index.base`: :class:`Item`, :class:`SearchResult`, the
   :class:`SearchIndex` interface and the folder format;
 - :class:`ExactIndex` (NumPy) and :class:`CatalogIndex` (Annoy);
-- :func:`load_index` opens a saved index of either kind;
+- :func:`load_index` opens a saved index of either kind (a folder, or the
+  newest version under an index base); :func:`publish_index` writes the next
+  version (:mod:`~street2shop.index.versions`);
   :func:`~street2shop.index.build.build_index` builds one from embeddings.
 """
 
@@ -16,18 +18,31 @@ import os
 from street2shop.index.annoy_index import DEFAULT_N_TREES, DEFAULT_SEARCH_K, CatalogIndex
 from street2shop.index.base import FORMAT_VERSION, Item, SearchIndex, SearchResult, read_manifest
 from street2shop.index.exact import ExactIndex
+from street2shop.index.layered import LayeredIndex
+from street2shop.index.versions import index_versions, publish_index, resolve_index
+
+KINDS = {"annoy": CatalogIndex, "exact": ExactIndex, "layered": LayeredIndex}
 
 
 def load_index(
-    directory: str | os.PathLike[str],
+    path: str | os.PathLike[str],
     *,
     expected_fingerprint: str | None = None,
     expected_dimension: int | None = None,
 ) -> SearchIndex:
-    """Opens a saved index of either kind (memory-mapped), refusing one of another model or dimension."""
-    kind = read_manifest(directory).get("kind", "annoy")
-    opener = ExactIndex if kind == "exact" else CatalogIndex
-    return opener.load(directory, expected_fingerprint=expected_fingerprint, expected_dimension=expected_dimension)
+    """Opens a saved index of either kind (memory-mapped): an index folder, or the newest version under an index base.
+
+    Refuses one of another model or dimension.
+    """
+    folder = resolve_index(path)
+    kind = read_manifest(folder).get("kind", "annoy")
+    if kind not in KINDS:
+        from street2shop.errors import DataError
+
+        raise DataError(f"{folder} holds an index of an unknown kind (this street2shop reads {', '.join(KINDS)}). Received: kind={kind!r}")
+    index = KINDS[kind].load(folder, expected_fingerprint=expected_fingerprint, expected_dimension=expected_dimension)
+    index.version = int(folder.name) if folder.name.isdigit() else None
+    return index
 
 
 __all__ = [
@@ -35,10 +50,14 @@ __all__ = [
     "DEFAULT_N_TREES",
     "DEFAULT_SEARCH_K",
     "ExactIndex",
+    "LayeredIndex",
     "FORMAT_VERSION",
     "Item",
     "SearchIndex",
     "SearchResult",
+    "index_versions",
     "load_index",
+    "publish_index",
     "read_manifest",
+    "resolve_index",
 ]

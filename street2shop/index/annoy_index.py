@@ -152,7 +152,7 @@ class CatalogIndex(SearchIndex):
             self._annoy.add_item(start + offset, vector)
         self._chunks.append(vectors)
         self._items.extend(items)
-        self._category_rows = None
+        self._category_rows = self._image_paths = None
         logger.debug("added %d items (rows %d..%d)", len(items), start, start + len(items) - 1)
 
     def build(self, n_jobs: int = 1) -> None:
@@ -212,16 +212,17 @@ class CatalogIndex(SearchIndex):
         """
         search_k = self.search_k if search_k is None else _check_search_k(search_k)
         count = len(self)
-        n = min(count, k * 4 if (by_product or excluded) else k)
+        keep = self._filter(excluded)
+        n = min(count, k * 4 if (by_product or keep.active) else k)
         while True:
             rows, distances = self._candidates(query, n, search_k)
-            if len(rows) >= n and n < count and not ranking.enough(rows, self._items, k, by_product, excluded):
+            if len(rows) >= n and n < count and not ranking.enough(rows, self._items, k, by_product, keep):
                 n = min(count, n * 4)
                 continue
             break
         sims = ranking.cosines(self.vectors, rows, query) if rerank else 1.0 - distances**2 / 2.0
         rows, sims = ranking.order(rows, sims)
-        return ranking.collect(rows, sims, self._items, k, by_product=by_product, exclude=excluded, make=_result)
+        return ranking.collect(rows, sims, self._items, k, by_product=by_product, keep=keep, make=_result)
 
     # -- saving and loading
 
@@ -273,5 +274,6 @@ class CatalogIndex(SearchIndex):
         index._vectors = load_vectors(paths["vectors"], count, index.dimension)
         index._items = read_items(paths["items"], count)
         index._built = True
+        index.folder = root
         logger.info("loaded an index of %d items from %s", count, root)
         return index

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import hashlib
 import json
 import logging
 import os
@@ -88,6 +89,16 @@ class Item:
         if self.labels:
             out["labels"] = dict(self.labels)
         return out
+
+    @property
+    def image_id(self) -> str:
+        """A stable id of the catalogue image (the same in every index version that holds it)."""
+        return image_id(self.image_path or self.product_id)
+
+
+def image_id(image_path: str) -> str:
+    """The stable id of a catalogue image: 16 hex digits of the SHA-256 of its path."""
+    return hashlib.sha256(image_path.encode("utf-8")).hexdigest()[:16]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,8 +231,12 @@ class SearchIndex:
             raise ConfigError(f"model_fingerprint must be a string or None. Received: model_fingerprint={model_fingerprint!r}")
         self.model_fingerprint = model_fingerprint
         self.model_version = None if model_version is None else int(model_version)
+        self.version: int | None = None  # the index version it was loaded from or published as, if numbered
+        self.dead: np.ndarray | None = None  # bool per row: removed (tombstoned) rows, never answered
+        self.folder: Path | None = None  # the folder it was loaded from or saved to
         self._items: list[Item] = []
         self._category_rows: dict[str | None, np.ndarray] | None = None
+        self._image_paths: dict[str, str] | None = None
 
     # -- what the subclasses provide
 
@@ -260,6 +275,12 @@ class SearchIndex:
     def items(self) -> Sequence[Item]:
         return tuple(self._items)
 
+    def image_path(self, image_id: str) -> str | None:
+        """The path of the catalogue image with this :attr:`Item.image_id`, or None if the index has none."""
+        if self._image_paths is None:
+            self._image_paths = {item.image_id: item.image_path for item in self._items if item.image_path}
+        return self._image_paths.get(image_id)
+
     def category_rows(self, category: str | None) -> np.ndarray:
         """The rows of the items of ``category``."""
         if self._category_rows is None:
@@ -287,6 +308,7 @@ class SearchIndex:
         exact float64 cosines; more are taken until ``k`` answers survive the
         filters.
         """
+        keep = self._filter(excluded)
         if rows is None:
             count = len(self)
             if sims32 is None:
@@ -297,14 +319,14 @@ class SearchIndex:
                 sims32 = np.asarray(self.vectors[rows], dtype=np.float32) @ query.astype(np.float32)
         if count == 0:
             return []
-        n = min(count, k * 4 if (by_product or excluded) else k)
+        n = min(count, k * 4 if (by_product or keep.active) else k)
         while True:
             chosen = ranking.top(sims32, n)
             if rows is not None:
                 chosen = rows[chosen]
             ranked_rows, ranked = ranking.order(chosen, ranking.cosines(self.vectors, chosen, query))
-            if n >= count or ranking.enough(ranked_rows[:n], self._items, k, by_product, excluded):
-                return ranking.collect(ranked_rows[:n], ranked[:n], self._items, k, by_product=by_product, exclude=excluded, make=_result)
+            if n >= count or ranking.enough(ranked_rows[:n], self._items, k, by_product, keep):
+                return ranking.collect(ranked_rows[:n], ranked[:n], self._items, k, by_product=by_product, keep=keep, make=_result)
             n = min(count, n * 4)
 
     def query(
@@ -371,6 +393,9 @@ class SearchIndex:
         answers = self.query_batch(np.asarray(embeddings, np.float32), k=depth, by_product=False, categories=categories)
         return [np.asarray([a.row for a in results], np.int64) for results in answers]
 
+    def _filter(self, excluded: frozenset[str]) -> ranking.Filter:
+        return ranking.Filter(excluded, self.dead)
+
     def _require_ready(self, action: str) -> None:
         """Subclasses refuse queries before they can answer (an unbuilt Annoy forest)."""
 
@@ -382,6 +407,10 @@ class SearchIndex:
     def _kind_files(self) -> dict[str, str]:
         """The kind's own files beside vectors and items: ``{role: file name}``."""
         return {}
+
+    def _files(self) -> dict[str, str]:
+        """Every file of the folder, by role, as the manifest names them."""
+        return {**self._kind_files(), "vectors": VECTORS_FILE, "items": ITEMS_FILE}
 
     def _write_kind_files(self, staging: Path) -> None:
         """Writes the kind's own files into ``staging``."""
@@ -414,6 +443,7 @@ class SearchIndex:
         fsync_dir(parent)
         if replaced:
             shutil.rmtree(old, ignore_errors=True)
+        self.folder = destination
         logger.info("saved an index of %d items to %s", len(self), destination)
         return destination
 
@@ -453,7 +483,7 @@ class SearchIndex:
             "count": len(self),
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "package_version": __version__,
-            "files": {**self._kind_files(), "vectors": VECTORS_FILE, "items": ITEMS_FILE},
+            "files": self._files(),
         }
         with open(path, "w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=2)

@@ -1,16 +1,16 @@
-"""``street2shop index build``: an index from the output folders of ``street2shop embed`` (or its Beam twin)."""
+"""``street2shop index build``: an index from the output folders of ``street2shop embed``, published as the next version of an index base."""
 
 from __future__ import annotations
 
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from street2shop.embeddings import read_embedding_sets
 from street2shop.errors import DataError
 from street2shop.index.base import Item, SearchIndex
+from street2shop.index.versions import publish_index
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,10 @@ def build_index(
     n_trees: int | None = None,
     search_k: int | None = None,
 ) -> dict[str, Any]:
-    """Builds and saves an index over embedding folders; returns what was built (path, count, settings)."""
+    """Builds an index over embedding folders and publishes it as the next version under ``out`` (an index base).
+
+    Returns what was built: its folder, version, count and settings.
+    """
     from street2shop.index.annoy_index import CatalogIndex
     from street2shop.index.exact import ExactIndex
     from street2shop.errors import ConfigError
@@ -44,5 +47,5 @@ def build_index(
         index = CatalogIndex(vectors.shape[1], model_fingerprint=identity.fingerprint, model_version=identity.version, **settings)
     index.add(vectors, items)
     index.build()
-    path = index.save(Path(out))
-    return {"index": str(path), "kind": kind, "count": len(index), **index.config()}
+    path = publish_index(index, out)
+    return {"index": str(path), "version": index.version, "kind": kind, "count": len(index), **index.config()}

@@ -66,7 +66,7 @@ class ExactIndex(SearchIndex):
             self._vectors = None
         self._chunks.append(vectors)
         self._items.extend(items)
-        self._category_rows = None
+        self._category_rows = self._image_paths = None
 
     def build(self) -> None:
         """Nothing to build; present so code can treat both indexes alike."""
@@ -112,6 +112,7 @@ class ExactIndex(SearchIndex):
             load_vectors(paths["vectors"], count, dimension), read_items(paths["items"], count),
             model_fingerprint=manifest["model_fingerprint"], model_version=manifest.get("model_version"),
         )
+        index.folder = root
         logger.info("loaded an exact index of %d items from %s", count, root)
         return index
 

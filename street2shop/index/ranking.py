@@ -16,6 +16,7 @@ number everywhere, and two places never break a tie differently.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -76,13 +77,26 @@ def product_rank(rows: Sequence[int], product_of: Callable[[int], str], product:
     return None
 
 
-def usable(item: Any, exclude: frozenset[str], category: str | None) -> bool:
-    return item.product_id not in exclude and (category is None or item.category == category)
+@dataclasses.dataclass(frozen=True)
+class Filter:
+    """Which rows may be answers: not of an excluded product, and not removed from the catalogue (``dead``)."""
+
+    exclude: frozenset[str] = frozenset()
+    dead: np.ndarray | None = None  # bool per row: removed (tombstones)
+
+    def keeps(self, row: int, item: Any) -> bool:
+        if self.dead is not None and row < len(self.dead) and self.dead[row]:
+            return False
+        return item.product_id not in self.exclude
+
+    @property
+    def active(self) -> bool:
+        return bool(self.exclude) or (self.dead is not None and bool(self.dead.any()))
 
 
-def enough(rows: np.ndarray, items: Sequence[Any], k: int, by_product: bool, exclude: frozenset[str], category: str | None = None) -> bool:
-    """Whether ``rows`` hold ``k`` answers (distinct products with ``by_product``) after the filters."""
-    kept = [items[r] for r in rows.tolist() if usable(items[r], exclude, category)]
+def enough(rows: np.ndarray, items: Sequence[Any], k: int, by_product: bool, keep: Filter) -> bool:
+    """Whether ``rows`` hold ``k`` answers (distinct products with ``by_product``) that ``keep`` keeps."""
+    kept = [items[r] for r in rows.tolist() if keep.keeps(r, items[r])]
     if by_product:
         return len({item.product_id for item in kept}) >= k
     return len(kept) >= k
@@ -95,16 +109,15 @@ def collect(
     k: int,
     *,
     by_product: bool,
-    exclude: frozenset[str] = frozenset(),
-    category: str | None = None,
+    keep: Filter = Filter(),
     make: Callable[..., Any],
 ) -> list[Any]:
-    """The first ``k`` answers of ranked ``rows``, as ``make(rank=, item=, row=, similarity=)``."""
+    """The first ``k`` answers of ranked ``rows`` that ``keep`` keeps, as ``make(rank=, item=, row=, similarity=)``."""
     results: list[Any] = []
     seen: set[str] = set()
     for row, sim in zip(rows.tolist(), sims.tolist()):
         item = items[row]
-        if not usable(item, exclude, category):
+        if not keep.keeps(row, item):
             continue
         if by_product:
             if item.product_id in seen:

@@ -241,6 +241,10 @@ class EmbeddingClient:
         options = [
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.max_receive_message_length", self.max_message_bytes),
+            # Reconnect within seconds once a restarted server is back (gRPC's default backoff grows to 2 minutes).
+            ("grpc.initial_reconnect_backoff_ms", 500),
+            ("grpc.min_reconnect_backoff_ms", 500),
+            ("grpc.max_reconnect_backoff_ms", 5000),
         ]
         if self.tls:
             credentials = grpc.ssl_channel_credentials(root_certificates=self.root_certificates)

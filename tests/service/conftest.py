@@ -1,0 +1,60 @@
+"""Fixtures: a real small export (a tiny InceptionV3), the generated catalogue embedded by it, an index base, a service."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+
+
+@pytest.fixture(scope="session")
+def export_dir(tmp_path_factory) -> Path:
+    import keras
+
+    from street2shop.export import export_tower
+    from street2shop.model.tower import build_tower
+
+    keras.utils.set_random_seed(0)
+    tower = build_tower("inception_v3", image_size=(75, 75), embedding_dim=16, weights=None)
+    return export_tower(tower, tmp_path_factory.mktemp("service-export") / "street2shop")
+
+
+@pytest.fixture(scope="session")
+def labelled_catalogue(synth_dataset, tmp_path_factory) -> Path:
+    """The generated dataset's manifest with a product_name column (a label to show)."""
+    from street2shop.data.records import Record, read_manifest, write_manifest
+
+    records = [Record(r.image_path, r.product_id, r.domain, r.split, r.category, r.box, {"product_name": f"Product {r.product_id}"})
+               for r in read_manifest(synth_dataset)]
+    return write_manifest(records, synth_dataset.parent / "labelled.csv")
+
+
+@pytest.fixture(scope="session")
+def embeddings_dir(export_dir, labelled_catalogue, tmp_path_factory) -> Path:
+    from street2shop.embed import embed_source
+
+    out = tmp_path_factory.mktemp("service-embeddings")
+    embed_source(labelled_catalogue, out, model=str(export_dir))
+    return out
+
+
+@pytest.fixture
+def index_base(embeddings_dir, tmp_path) -> Path:
+    from street2shop.index.build import build_index
+
+    base = tmp_path / "index"
+    build_index([embeddings_dir], base, kind="exact")
+    return base
+
+
+def make_jpeg(seed: int = 0, size=(60, 80)) -> bytes:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()

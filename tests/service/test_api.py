@@ -1,0 +1,322 @@
+"""The search service's HTTP API through FastAPI's test client, against a real small export and a real index."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from tests.service.conftest import make_jpeg
+
+pytest.importorskip("fastapi")
+
+
+def street_photos(manifest):
+    from street2shop.data.records import read_manifest
+
+    return [r for r in read_manifest(manifest) if r.domain == "street"]
+
+
+@pytest.fixture
+def service(export_dir, index_base):
+    from street2shop.service.app import Service
+    from street2shop.service.config import ServiceConfig
+
+    return Service(ServiceConfig(index=str(index_base), model=str(export_dir), poll_seconds=3600))
+
+
+@pytest.fixture
+def client(service):
+    from fastapi.testclient import TestClient
+
+    from street2shop.service.app import create_app
+
+    with TestClient(create_app(service)) as test_client:
+        yield test_client
+
+
+def reference(export_dir, index_base, data, box=None, k=20, category=None):
+    """The same search in process: the library's Searcher over the same model and index."""
+    from street2shop.embedders import LocalEmbedder
+    from street2shop.index import load_index
+    from street2shop.search import Searcher
+
+    with LocalEmbedder(export_dir) as embedder:
+        return Searcher(load_index(index_base), embedder).search([data], [box] if box else None, k=k, category=category)[0].results
+
+
+def test_search_answers_what_the_library_answers_with_labels_images_and_versions(client, export_dir, index_base, labelled_catalogue):
+    record = street_photos(labelled_catalogue)[0]
+    data = open(record.image_path, "rb").read()
+    response = client.post("/v1/search", files={"image": ("photo.jpg", data, "image/jpeg")},
+                           data={"k": "4", "box": ",".join(str(v) for v in record.box.as_ltwh())})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    expected = reference(export_dir, index_base, data, record.box, k=4)
+    assert [(h["rank"], h["product_id"]) for h in answer["results"]] == [(r.rank, r.product_id) for r in expected]
+    np.testing.assert_allclose([h["similarity"] for h in answer["results"]], [r.similarity for r in expected], atol=1e-5)
+    first = answer["results"][0]
+    assert first["labels"] == {"product_name": f"Product {first['product_id']}"}
+    card = __import__("street2shop.contract", fromlist=["read_card"]).read_card(export_dir)
+    assert answer["index_version"] == 1 and answer["model_version"] == int(export_dir.name)
+    assert answer["model_fingerprint"] == card["fingerprint"]
+    assert set(answer["timings"]) == {"embed_ms", "search_ms", "total_ms"}
+    image = client.get(first["image_url"])
+    shop = [r for r in __import__("street2shop.data.records", fromlist=["read_manifest"]).read_manifest(labelled_catalogue)
+            if r.domain == "shop" and r.product_id == first["product_id"]][0]
+    assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
+    assert image.content == open(shop.image_path, "rb").read()
+
+
+def test_json_with_base64_answers_as_the_upload_does(client):
+    data = make_jpeg(1)
+    upload = client.post("/v1/search", files={"image": ("p.jpg", data, "image/jpeg")}, data={"k": "3"}).json()
+    as_json = client.post("/v1/search", json={"image": {"b64": base64.b64encode(data).decode()}, "k": 3}).json()
+    assert [h["product_id"] for h in as_json["results"]] == [h["product_id"] for h in upload["results"]]
+    assert len(upload["results"]) == 3
+
+
+def test_category_filter(client, labelled_catalogue):
+    from street2shop.data.records import read_manifest
+
+    categories = {r.category for r in read_manifest(labelled_catalogue) if r.domain == "shop"}
+    category = sorted(categories)[0]
+    answer = client.post("/v1/search", json={"image": {"b64": base64.b64encode(make_jpeg(2)).decode()}, "category": category}).json()
+    assert answer["results"] and {h["category"] for h in answer["results"]} == {category}
+
+
+def bomb() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("1", (40000, 40000)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "make, status, reason",
+    [
+        (lambda: b"this is not an image", 400, "not a JPEG, PNG, GIF or BMP"),
+        (lambda: make_jpeg(3, size=(200, 200))[:1500], 400, "cannot read the JPEG image"),  # truncated
+        (bomb, 400, "too large|larger than the limit"),
+        (lambda: b"", 400, "empty file"),
+    ],
+)
+def test_bad_photos_are_400_naming_the_reason(client, make, status, reason):
+    import re
+
+    response = client.post("/v1/search", files={"image": ("p.jpg", make(), "image/jpeg")})
+    assert response.status_code == status
+    assert re.search(reason, response.json()["detail"]), response.json()
+    assert client.get("/healthz").status_code == 200  # and it keeps serving
+    assert client.post("/v1/search", files={"image": ("p.jpg", make_jpeg(0), "image/jpeg")}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "fields, detail",
+    [
+        ({"k": "0"}, "k must be from 1 to 100"),
+        ({"k": "101"}, "k must be from 1 to 100"),
+        ({"k": "many"}, "k must be a whole number"),
+        ({"box": "1,2,3"}, "box must be"),
+        ({"box": "10,10,0,5"}, "width and height"),
+        ({"box": "500,500,20,20"}, "lies outside the 80x60 photo"),
+    ],
+)
+def test_bad_parameters_are_422(client, fields, detail):
+    response = client.post("/v1/search", files={"image": ("p.jpg", make_jpeg(0), "image/jpeg")}, data=fields)
+    assert response.status_code == 422 and detail in response.json()["detail"]
+
+
+def test_malformed_requests(client):
+    assert client.post("/v1/search", content=b"raw", headers={"content-type": "image/jpeg"}).status_code == 415
+    assert client.post("/v1/search", content=b"{not json", headers={"content-type": "application/json"}).status_code == 400
+    assert client.post("/v1/search", json={"photo": "x"}).status_code == 422
+    assert client.post("/v1/search", json={"image": {"b64": "***"}}).status_code == 400
+    assert client.post("/v1/search", data={"k": "3"}, files={"other": ("x", b"x")}).status_code == 422
+
+
+def test_uploads_over_the_limit_are_413(export_dir, index_base):
+    from fastapi.testclient import TestClient
+
+    from street2shop.service.app import Service, create_app
+    from street2shop.service.config import ServiceConfig
+
+    service = Service(ServiceConfig(index=str(index_base), model=str(export_dir), max_upload_mb=0.002, poll_seconds=3600))  # 2,097 bytes
+    with TestClient(create_app(service)) as client:
+        big = make_jpeg(4, size=(120, 120))
+        assert len(big) > 2100
+        response = client.post("/v1/search", files={"image": ("p.jpg", big, "image/jpeg")})
+        assert response.status_code == 413 and "limit" in response.json()["detail"]
+        # A body sent in chunks (no Content-Length) is refused as it streams in, past the body limit
+        # (the base64 of the largest photo and some slack: 2,796 + 65,536 bytes here).
+        chunks = iter([b"x" * 4096] * 20)
+        response = client.post("/v1/search", content=chunks, headers={"content-type": "application/json"})
+        assert response.status_code == 413 and "larger than the limit of 68,332 bytes" in response.json()["detail"]
+        small = make_jpeg(5, size=(16, 16))
+        assert len(small) < 2000
+        assert client.post("/v1/search", files={"image": ("p.jpg", small, "image/jpeg")}).status_code == 200
+
+
+def test_unknown_image_is_404_and_paths_are_never_taken_from_the_request(client):
+    assert client.get("/v1/catalogue/images/0123456789abcdef").status_code == 404
+    assert client.get("/v1/catalogue/images/..%2F..%2Fetc%2Fpasswd").status_code == 404
+    assert client.get("/v1/catalogue/images/%2Fetc%2Fpasswd").status_code == 404
+
+
+def test_health_readiness_metrics_page_and_docs(client, service):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+    assert ready.json()["index"]["version"] == 1
+    client.post("/v1/search", files={"image": ("p.jpg", make_jpeg(0), "image/jpeg")})
+    client.post("/v1/search", files={"image": ("p.jpg", b"junk", "image/jpeg")})
+    metrics = client.get("/metrics").text
+    assert 'street2shop_requests_total{route="/v1/search",status="200"} 1.0' in metrics
+    assert 'street2shop_requests_total{route="/v1/search",status="400"} 1.0' in metrics
+    assert "street2shop_embed_seconds_count 1.0" in metrics and "street2shop_search_seconds_count 1.0" in metrics
+    assert "street2shop_index_version 1.0" in metrics and f"street2shop_index_items {len(service.watcher.current)}.0" in metrics
+    page = client.get("/")
+    assert page.status_code == 200 and "/static/app.js" in page.text and "//cdn" not in page.text and "http" not in page.text.split("<body>")[1]
+    assert client.get("/static/app.js").status_code == 200 and client.get("/static/style.css").status_code == 200
+    docs = client.get("/docs").text
+    assert "/docs-assets/swagger-ui-bundle.js" in docs and "cdn." not in docs
+    assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
+    spec = client.get("/openapi.json").json()
+    body = spec["paths"]["/v1/search"]["post"]["requestBody"]["content"]
+    assert set(body) == {"multipart/form-data", "application/json"}
+
+
+class SlowEmbedder:
+    """Wraps an embedder; once armed, each embed waits until released (to hold requests in flight)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.armed = False
+        self.release = threading.Event()
+        self.entered = threading.Semaphore(0)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def embed(self, images, boxes=None):
+        if self.armed:
+            self.entered.release()
+            self.release.wait(30)
+        return self.inner.embed(images, boxes)
+
+
+def test_at_the_concurrency_limit_more_work_is_turned_away_with_retry_after(export_dir, index_base):
+    from fastapi.testclient import TestClient
+
+    from street2shop.embedders import LocalEmbedder
+    from street2shop.service.app import Service, create_app
+    from street2shop.service.config import ServiceConfig
+
+    slow = SlowEmbedder(LocalEmbedder(export_dir))
+    service = Service(ServiceConfig(index=str(index_base), model=str(export_dir), max_concurrency=2, poll_seconds=3600), embedder=slow)
+    with TestClient(create_app(service)) as client:
+        slow.armed = True  # after the service's warm-up
+        answers = []
+        threads = [threading.Thread(target=lambda: answers.append(client.post("/v1/search", files={"image": ("p.jpg", make_jpeg(0), "image/jpeg")})))
+                   for _ in range(2)]
+        for t in threads:
+            t.start()
+        assert slow.entered.acquire(timeout=30) and slow.entered.acquire(timeout=30)  # both are being embedded
+        third = client.post("/v1/search", files={"image": ("p.jpg", make_jpeg(0), "image/jpeg")})
+        assert third.status_code == 503 and third.headers["retry-after"] == "1" and "limit of 2" in third.json()["detail"]
+        slow.release.set()
+        for t in threads:
+            t.join(30)
+        assert [a.status_code for a in answers] == [200, 200]
+        assert "street2shop_rejected_total 1.0" in client.get("/metrics").text
+
+
+def test_a_new_index_version_is_swapped_in_with_no_request_failing(client, service, embeddings_dir, index_base):
+    from street2shop.index.build import build_index
+
+    answers, stop = [], threading.Event()  # (sent, answered, status, index version)
+
+    def hammer():
+        while not stop.is_set():
+            sent = time.monotonic()
+            r = client.post("/v1/search", files={"image": ("p.jpg", make_jpeg(0), "image/jpeg")}, data={"k": "2"})
+            answers.append((sent, time.monotonic(), r.status_code, r.json().get("index_version")))
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    while len(answers) < 3:
+        time.sleep(0.05)
+    build_index([embeddings_dir], index_base, kind="annoy")  # version 2, while requests run
+    swap_started = time.monotonic()
+    assert service.watcher.check() is True
+    swapped = time.monotonic()
+    while sum(1 for a in answers if a[0] > swapped) < 3:
+        time.sleep(0.05)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert {status for _, _, status, _ in answers} == {200}  # none failed
+    assert {v for _, done, _, v in answers if done < swap_started} == {1}
+    assert {v for sent, _, _, v in answers if sent > swapped} == {2}
+    assert client.get("/readyz").json()["index"]["version"] == 2
+
+
+def test_an_index_of_another_model_is_refused_and_the_old_one_keeps_serving(client, service, embeddings_dir, index_base, tmp_path):
+    import json
+
+    import shutil
+
+    from street2shop.index.build import build_index
+
+    other = tmp_path / "other-embeddings"
+    shutil.copytree(embeddings_dir, other)
+    summary = json.loads((other / "embed.json").read_text())
+    (other / "embed.json").write_text(json.dumps({**summary, "fingerprint": "another-model"}))
+    build_index([other], index_base, kind="exact")  # version 2, of another model
+    assert service.watcher.check() is False
+    readiness = client.get("/readyz").json()
+    assert readiness["ready"] is True and readiness["index"]["version"] == 1
+    assert "another-model" in readiness["index"]["refused"]["2"]
+    answer = client.post("/v1/search", files={"image": ("p.jpg", make_jpeg(0), "image/jpeg")})
+    assert answer.status_code == 200 and answer.json()["index_version"] == 1
+    assert "street2shop_index_refused_total 1.0" in client.get("/metrics").text
+    assert service.watcher.check() is False  # not tried again while the model is the same
+    assert "street2shop_index_refused_total 1.0" in client.get("/metrics").text
+
+
+def test_catalogue_updates_reach_the_service_without_a_restart(client, service, export_dir, index_base, labelled_catalogue, tmp_path):
+    """An added product is found and a removed one is gone, through the service, on the next poll."""
+    from street2shop.data.records import Record, read_manifest
+    from street2shop.embed import embed_catalog
+    from street2shop.embedders import LocalEmbedder
+    from street2shop.index.updates import update_index
+
+    new_photo = tmp_path / "new-product.jpg"
+    new_photo.write_bytes(make_jpeg(42, size=(90, 90)))
+    with LocalEmbedder(export_dir) as embedder:
+        embed_catalog([Record(str(new_photo), "brand-new", "shop", "catalog", None, None, {"product_name": "Brand new"})],
+                      embedder, tmp_path / "added")
+    shop = [r for r in read_manifest(labelled_catalogue) if r.domain == "shop"]
+    removed = shop[0].product_id
+    (tmp_path / "remove.txt").write_text(removed + "\n")
+
+    def top(photo: bytes, k: int = 20) -> list[str]:
+        answer = client.post("/v1/search", files={"image": ("p.jpg", photo, "image/jpeg")}, data={"k": str(k)})
+        assert answer.status_code == 200, answer.text
+        return [h["product_id"] for h in answer.json()["results"]]
+
+    removed_photo = open(shop[0].image_path, "rb").read()
+    assert top(removed_photo, 1) == [removed] and "brand-new" not in top(new_photo.read_bytes())
+    update_index(index_base, add=[tmp_path / "added"], remove=tmp_path / "remove.txt")
+    assert service.watcher.check() is True
+    found = client.post("/v1/search", files={"image": ("p.jpg", new_photo.read_bytes(), "image/jpeg")}, data={"k": "1"}).json()
+    assert found["index_version"] == 2 and found["results"][0]["product_id"] == "brand-new"
+    assert found["results"][0]["labels"] == {"product_name": "Brand new"} and found["results"][0]["similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert client.get(found["results"][0]["image_url"]).content == new_photo.read_bytes()
+    assert removed not in top(removed_photo, 100)

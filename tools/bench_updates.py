@@ -1,0 +1,153 @@
+r"""Catalogue updates without a rebuild: query latency and recall with a delta, update time vs a full rebuild.
+
+The base: ``--base`` clustered 128-d unit vectors (the generator of
+tools/bench_index.py: 1000 Gaussian clusters on the sphere), an Annoy index
+with the defaults (50 trees, search_k 20000), published as version 1. Then
+``street2shop.index.updates.update_index`` adds points of the same clusters,
+growing the delta to each of ``--deltas`` in turn (each update a new version;
+the base hard-linked), and removes ``--remove`` base images in the last one.
+For each version: 500 held-out queries (after 100 for warm-up), image-level
+top-10 (``by_product=False``), p50/p99 latency through ``query``, recall@10
+against exact search over exactly the live items (base − removed + delta).
+Then ``compact_index`` rebuilds one Annoy version from the last one, timed
+against the updates, and measured the same way.
+
+Target (issue 14): p50 with a 10k delta <= 1.5x the base's p50; recall@10
+with a delta at least the base index's.
+
+    OPENBLAS_NUM_THREADS=1 nohup .venv/bin/python tools/bench_updates.py --base 1000000 \
+        --deltas 1000 10000 100000 --out bench-output/updates.json > bench-output/updates.log 2>&1 &
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from bench_index import clustered_unit_vectors, percentiles  # noqa: E402
+
+from street2shop.contract import ModelIdentity  # noqa: E402
+from street2shop.embeddings import write_embeddings  # noqa: E402
+from street2shop.index import ExactIndex, load_index  # noqa: E402
+from street2shop.index.build import build_index  # noqa: E402
+from street2shop.index.updates import compact_index, compaction_advice, update_index  # noqa: E402
+
+K = 10
+MODEL = ModelIdentity("bench-model", 1, 128)
+
+
+def items_for(prefix: str, n: int, start: int = 0) -> list[dict]:
+    return [{"product_id": f"{prefix}{start + i}", "image_path": f"/{prefix}/{start + i}.jpg", "category": None} for i in range(n)]
+
+
+def measure(index, live_vectors: np.ndarray, queries: np.ndarray, warmup: np.ndarray) -> dict:
+    for q in warmup:
+        index.query(q, K, by_product=False)
+    times, found = [], []
+    for q in queries:
+        start = time.perf_counter()
+        answers = index.query(q, K, by_product=False)
+        times.append(time.perf_counter() - start)
+        found.append([a.image_path for a in answers])
+    exact = ExactIndex.from_arrays(live_vectors[0], live_vectors[1])
+    hits = 0
+    for q, got in zip(queries, found):
+        truth = {a.image_path for a in exact.query(q, K, by_product=False)}
+        hits += len(truth & set(got))
+    return {**{k: round(v, 3) for k, v in percentiles(times).items()}, "recall_at_10": round(hits / (K * len(queries)), 4)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", type=int, default=1_000_000)
+    parser.add_argument("--deltas", type=int, nargs="+", default=[1000, 10_000, 100_000])
+    parser.add_argument("--remove", type=int, default=10_000, help="base images removed in the last update")
+    parser.add_argument("--queries", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="")
+    parser.add_argument("--workdir", default="", help="keep the index base here (default: a temporary folder)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    uptime = lambda: "load average %.2f, %.2f, %.2f" % os.getloadavg()  # noqa: E731
+    report: dict = {"command": " ".join([".venv/bin/python", *sys.argv]), "base": args.base, "uptime_before": uptime(), "versions": []}
+    total_new = max(args.deltas)
+    base_vectors, held, _ = clustered_unit_vectors(args.base + total_new, args.queries + 100, 0, 128, 1000, 1.0, args.seed)
+    base_vectors, new_vectors = base_vectors[: args.base], base_vectors[args.base :]
+    queries, warmup = held[: args.queries], held[args.queries :]
+    base_items = items_for("b", args.base)
+
+    with tempfile.TemporaryDirectory(prefix="bench-updates-") as tmp:
+        work = Path(args.workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        write_embeddings(work / "emb-base", base_vectors, base_items, MODEL, {})
+        start = time.perf_counter()
+        build_index([work / "emb-base"], work / "index")
+        build_seconds = time.perf_counter() - start
+        print(f"base: {args.base} items built and published in {build_seconds:.1f} s", flush=True)
+        index = load_index(work / "index")
+        live = (base_vectors, [it for it in index.items])
+        row = {"version": 1, "delta": 0, "removed": 0, "update_seconds": round(build_seconds, 1), **measure(index, live, queries, warmup)}
+        report["versions"].append(row)
+        print(row, flush=True)
+
+        have = 0
+        for i, target in enumerate(sorted(args.deltas)):
+            add = new_vectors[have:target]
+            write_embeddings(work / f"emb-{target}", add, items_for("n", len(add), have), MODEL, {})
+            remove = None
+            if i == len(args.deltas) - 1 and args.remove:
+                remove = work / "remove.txt"
+                remove.write_text("".join(f"/b/{j}.jpg\n" for j in range(0, args.remove * 10, 10)))  # every 10th image
+            start = time.perf_counter()
+            result = update_index(work / "index", add=[work / f"emb-{target}"], remove=remove)
+            seconds = time.perf_counter() - start
+            have = target
+            index = load_index(work / "index")
+            exact = index.exact()
+            row = {"version": result["version"], "delta": len(index.delta), "removed": int(index.base.dead.sum()),
+                   "update_seconds": round(seconds, 2), "advice": compaction_advice(index)["reason"],
+                   **measure(index, (np.asarray(exact.vectors), list(exact.items)), queries, warmup)}
+            report["versions"].append(row)
+            print(row, flush=True)
+            del exact
+
+        start = time.perf_counter()
+        compacted = compact_index(work / "index")
+        compact_seconds = time.perf_counter() - start
+        index = load_index(work / "index")
+        row = {"version": compacted["version"], "delta": 0, "removed": 0, "compacted": True, "update_seconds": round(compact_seconds, 1),
+               **measure(index, (np.asarray(index.vectors), list(index.items)), queries, warmup)}
+        report["versions"].append(row)
+        print(row, flush=True)
+        disk = {v.name: sum(f.stat().st_size for f in v.rglob("*") if f.is_file()) / 2**20 for v in sorted((work / "index").iterdir()) if v.name.isdigit()}
+        report["version_folder_mb_apparent"] = {k: round(v, 1) for k, v in disk.items()}
+    report["uptime_after"] = uptime()
+    base_p50 = report["versions"][0]["p50_ms"]
+    for row in report["versions"]:
+        row["p50_vs_base"] = round(row["p50_ms"] / base_p50, 2)
+    print(json.dumps(report, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
