@@ -353,8 +353,12 @@ class SearchIndex:
         if len(self) == 0:
             return []
         if category is not None:
-            return self._exact_answer(query, k, by_product, excluded, rows=self.category_rows(category))
+            return self._search_category(query, k, by_product, excluded, category)
         return self._search(query, k, by_product, excluded, search_k, rerank)
+
+    def _search_category(self, query: np.ndarray, k: int, by_product: bool, excluded: frozenset[str], category: str) -> list[SearchResult]:
+        """An exact search over the category's rows."""
+        return self._exact_answer(query, k, by_product, excluded, rows=self.category_rows(category))
 
     def query_batch(
         self,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -87,29 +86,24 @@ class LayeredIndex(SearchIndex):
         """Every row's vector (a copy of the base's: for evaluation and compaction, not for queries)."""
         return np.concatenate([np.asarray(self.base.vectors), np.asarray(self.delta.vectors)])
 
-    def query(
-        self,
-        embedding: np.ndarray,
-        k: int = 20,
-        *,
-        search_k: int | None = None,
-        by_product: bool = True,
-        rerank: bool = True,
-        exclude: Iterable[str] | None = None,
-        category: str | None = None,
-    ) -> list[SearchResult]:
-        """The base's and the delta's answers merged by the one ranking rule (see :meth:`SearchIndex.query`)."""
-        excluded = ranking.exclude_set(exclude)
-        from_base = self.base.query(embedding, k, search_k=search_k, by_product=by_product, rerank=rerank, exclude=excluded, category=category)
-        from_delta = self.delta.query(embedding, k, by_product=by_product, exclude=excluded, category=category) if len(self.delta) else []
+    def _merge(self, from_base: list[SearchResult], from_delta: list[SearchResult], k: int, by_product: bool, excluded: frozenset[str]) -> list[SearchResult]:
+        """The base's and the delta's answers as one ranking, by the one rule over global rows."""
         offset = len(self.base)
         rows = np.array([r.row for r in from_base] + [offset + r.row for r in from_delta], dtype=np.int64)
         sims = np.array([r.similarity for r in from_base] + [r.similarity for r in from_delta], dtype=np.float64)
         rows, sims = ranking.order(rows, sims)
         return ranking.collect(rows, sims, self._items, k, by_product=by_product, keep=ranking.Filter(excluded, self.dead), make=_result)
 
-    def _search_many(self, queries: np.ndarray, k: int, by_product: bool, excluded: frozenset[str], search_k: int | None, rerank: bool) -> list[list[SearchResult]]:
-        return [self.query(q, k, search_k=search_k, by_product=by_product, rerank=rerank, exclude=excluded) for q in queries]
+    def _search(self, query: np.ndarray, k: int, by_product: bool, excluded: frozenset[str], search_k: int | None, rerank: bool) -> list[SearchResult]:
+        # Each part's k best (products, with by_product) hold the union's k best.
+        from_base = self.base._search(query, k, by_product, excluded, search_k, rerank)
+        from_delta = self.delta._search(query, k, by_product, excluded, None, True) if len(self.delta) else []
+        return self._merge(from_base, from_delta, k, by_product, excluded)
+
+    def _search_category(self, query: np.ndarray, k: int, by_product: bool, excluded: frozenset[str], category: str) -> list[SearchResult]:
+        from_base = self.base._search_category(query, k, by_product, excluded, category)
+        from_delta = self.delta._search_category(query, k, by_product, excluded, category) if len(self.delta) else []
+        return self._merge(from_base, from_delta, k, by_product, excluded)
 
     def exact(self) -> ExactIndex:
         """An exact index over the live items (base rows not removed, then the delta), as a rebuild would hold."""
