@@ -237,6 +237,7 @@ class SearchIndex:
         self._items: list[Item] = []
         self._category_rows: dict[str | None, np.ndarray] | None = None
         self._image_paths: dict[str, str] | None = None
+        self._items_view: tuple[tuple[int, int], tuple[Item, ...]] | None = None
 
     # -- what the subclasses provide
 
@@ -273,7 +274,11 @@ class SearchIndex:
 
     @property
     def items(self) -> Sequence[Item]:
-        return tuple(self._items)
+        """The item of every row (a read-only view; cheap to ask for again)."""
+        key = (id(self._items), len(self._items))  # the list is only ever extended or replaced
+        if self._items_view is None or self._items_view[0] != key:
+            self._items_view = (key, tuple(self._items))
+        return self._items_view[1]
 
     def image_path(self, image_id: str) -> str | None:
         """The path of the catalogue image with this :attr:`Item.image_id`, or None if the index has none."""

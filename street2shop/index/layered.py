@@ -109,7 +109,8 @@ class LayeredIndex(SearchIndex):
         """An exact index over the live items (base rows not removed, then the delta), as a rebuild would hold."""
         live = np.flatnonzero(~self.base.dead)
         vectors = np.concatenate([np.asarray(self.base.vectors[live]), np.asarray(self.delta.vectors)])
-        items = [self.base.items[i] for i in live] + list(self.delta.items)
+        base_items = self.base.items
+        items = [base_items[i] for i in live] + list(self.delta.items)
         return ExactIndex.from_arrays(vectors, items, model_fingerprint=self.model_fingerprint, model_version=self.model_version)
 
     def config(self) -> dict[str, Any]:
