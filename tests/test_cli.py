@@ -7,7 +7,7 @@ from street2shop.cli import build_parser, main
 
 COMMANDS = [
     [], ["data"], ["data", "synth"], ["data", "import-street2shop"], ["data", "check"], ["train"], ["export"],
-    ["serve"], ["embed"], ["index"], ["index", "build"], ["search"], ["evaluate"], ["demo"],
+    ["serve"], ["embed"], ["beam-embed"], ["index"], ["index", "build"], ["search"], ["evaluate"], ["demo"],
 ]
 
 
