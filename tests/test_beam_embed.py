@@ -409,3 +409,21 @@ def test_worker_processes_give_the_same_output(tiny, catalogue, tmp_path):
     assert set(a) == set(b) and single.embedded == several.embedded == 11
     for key in a:
         np.testing.assert_allclose(a[key], b[key], atol=1e-6)
+
+
+def test_the_readme_cluster_commands_parse():
+    """The Dataflow and Flink commands in README.md parse: beam-embed's flags, and the rest as Beam's options (not run here)."""
+    import re
+    import shlex
+
+    from street2shop.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    commands = [" ".join(c.split("\\\n")) for c in re.findall(r"^street2shop beam-embed (?:.*\\\n)*.*$", readme, re.M)]
+    runners = set()
+    for command in commands:
+        argv = shlex.split(command.split("&&")[0])[1:]
+        args, extra = build_parser().parse_known_args(argv)
+        be.pipeline_options(args.runner, extra)  # raises on an option Beam does not know
+        runners.add(args.runner)
+    assert {"DirectRunner", "DataflowRunner", "FlinkRunner"} <= runners
