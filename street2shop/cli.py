@@ -162,7 +162,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_beam_embed(args: argparse.Namespace) -> int:
-    from street2shop.beam_embed import beam_embed
+    try:
+        from street2shop.beam_embed import beam_embed
+    except ModuleNotFoundError as e:
+        if e.name != "apache_beam":
+            raise
+        from street2shop.errors import ConfigError
+
+        raise ConfigError("beam-embed needs Apache Beam: pip install 'street2shop[beam]'. Received: no module apache_beam") from None
 
     result = beam_embed(
         args.manifest, args.out, model=args.model, split=args.split, batch_size=args.batch_size,
