@@ -16,6 +16,10 @@ Beam's worker start-up included):
   --direct_running_mode multi_processing --direct_num_workers 1``;
 - ``beam-2``: the same with ``--direct_num_workers 2``.
 
+With ``--rounds N`` the variants run in turn N times (embed, beam-1, beam-2,
+embed, ...), so the load of a shared machine falls on each alike, and the
+ratio is also taken round by round (paired) and its median reported.
+
 Target: beam-1 >= 0.8 x embed. Fairness check: every Beam vector equals
 ``embed``'s (same ids) within 1e-5, else the comparison is not of the same
 computation. Diagnostics in this process, per image over a sample (batch of
@@ -33,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -91,9 +96,12 @@ def diagnostics(manifest: Path, export: Path, image_size: int, batch_size: int, 
     model = load_savedmodel(str(export))
     spec = tf.TensorSpec([image_size, image_size, 3], tf.float32)
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def one(data):
+        return prepare_image(data, image_size=size)[0]
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
     def decode_only(images):
-        return tf.map_fn(lambda b: prepare_image(b, image_size=size)[0], images, fn_output_signature=spec)
+        return tf.map_fn(one, images, fn_output_signature=spec)
 
     def per_image(fn) -> float:
         fn()  # warm-up: tracing, the page cache
@@ -123,7 +131,8 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=299, help="the tower's input size")
     parser.add_argument("--embedding-dim", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--variants", default="embed,beam-1,beam-2", help="which variants, in this order")
+    parser.add_argument("--variants", default="embed,beam-1,beam-2", help="which variants, in this order (empty: only the diagnostics)")
+    parser.add_argument("--rounds", type=int, default=1, help="times each variant runs, in turn")
     parser.add_argument("--diagnostic-images", type=int, default=256, help="images for the per-stage diagnostics (0: none)")
     parser.add_argument("--workdir", default="", help="work folder (default: a temporary one, deleted)")
     parser.add_argument("--out", default="", help="write the results as JSON here")
@@ -150,38 +159,49 @@ def main() -> int:
         print(f"{count} images; InceptionV3 at {args.image_size} px exported to {export}", flush=True)
 
         cli = [sys.executable, "-m", "street2shop"]
-        commands = {
-            "embed": [*cli, "embed", str(manifest), "--model", str(export), "--out", str(work / "embed"),
-                      "--batch-size", str(args.batch_size), "--json"],
-        }
-        for workers in (1, 2):
-            commands[f"beam-{workers}"] = [
-                *cli, "beam-embed", str(manifest), "--model", str(export), "--out", str(work / f"beam-{workers}"),
-                "--batch-size", str(args.batch_size), "--json", "--runner", "DirectRunner",
-                "--direct_running_mode", "multi_processing", "--direct_num_workers", str(workers)]
-        seconds, loads = {}, {}
-        for name in args.variants.split(","):
-            seconds[name] = run_command(commands[name], work / f"{name}.log")
-            loads[name] = round(os.getloadavg()[0], 2)
-            print(f"{name}: {count} images in {seconds[name]:.1f} s = {count / seconds[name]:.1f} images/s (load {loads[name]})", flush=True)
 
+        def command(name: str, out: Path) -> list[str]:
+            if name == "embed":  # a fresh folder each time: embed resumes a folder it finds
+                return [*cli, "embed", str(manifest), "--model", str(export), "--out", str(out),
+                        "--batch-size", str(args.batch_size), "--json"]
+            return [*cli, "beam-embed", str(manifest), "--model", str(export), "--out", str(out),
+                    "--batch-size", str(args.batch_size), "--json", "--runner", "DirectRunner",
+                    "--direct_running_mode", "multi_processing", "--direct_num_workers", name.split("-")[1]]
+
+        names = [name for name in args.variants.split(",") if name]
+        all_seconds: dict[str, list[float]] = {name: [] for name in names}
+        loads: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(args.rounds):
+            for name in names:
+                seconds_taken = run_command(command(name, work / f"{name}-{r}"), work / f"{name}-{r}.log")
+                all_seconds[name].append(seconds_taken)
+                loads[name].append(round(os.getloadavg()[0], 2))
+                print(f"round {r + 1} {name}: {count} images in {seconds_taken:.1f} s = {count / seconds_taken:.1f} images/s "
+                      f"(load {loads[name][-1]})", flush=True)
+        seconds = {name: statistics.median(v) for name, v in all_seconds.items()}
         rates = {name: round(count / s, 2) for name, s in seconds.items()}
         checks: dict[str, Any] = {}
         if "embed" in seconds:
-            reference_vectors, reference_items, _ = load_embeddings(work / "embed")
+            reference_vectors, reference_items, _ = load_embeddings(work / "embed-0")
             reference = {(i["image_path"], i["product_id"]): v for i, v in zip(reference_items, reference_vectors)}
             for name in seconds:
                 if name.startswith("beam"):
-                    vectors, items, _ = read_embedding_sets([work / name])
+                    vectors, items, _ = read_embedding_sets([work / f"{name}-0"])
                     got = {(i["image_path"], i["product_id"]): v for i, v in zip(items, vectors)}
                     same_ids = set(got) == set(reference)
                     diff = max(float(np.abs(got[k] - reference[k]).max()) for k in reference) if same_ids else float("inf")
                     checks[name] = {"same_ids": same_ids, "max_abs_diff": diff, "equal_within_tolerance": diff <= TOLERANCE}
                     print(f"check {name}: same ids {same_ids}, max |difference| {diff:.2e} (tolerance {TOLERANCE})", flush=True)
-        ratios = {f"{name}_over_embed": round(rates[name] / rates["embed"], 3) for name in rates if name != "embed" and "embed" in rates}
+        ratios: dict[str, Any] = {f"{name}_over_embed": round(rates[name] / rates["embed"], 3)
+                                  for name in rates if name != "embed" and "embed" in rates}
+        for name in rates:
+            if name != "embed" and "embed" in rates:  # round by round: neighbours in time share the machine's load
+                ratios[f"{name}_over_embed_per_round"] = [round(e / b, 3) for e, b in zip(all_seconds["embed"], all_seconds[name])]
+                ratios[f"{name}_over_embed_paired_median"] = round(statistics.median(ratios[f"{name}_over_embed_per_round"]), 3)
         if "beam-1_over_embed" in ratios:
             ratios["target_met"] = ratios["beam-1_over_embed"] >= TARGET
-            print(f"beam-1 / embed = {ratios['beam-1_over_embed']:.3f} (target >= {TARGET})", flush=True)
+            print(f"beam-1 / embed = {ratios['beam-1_over_embed']:.3f} of medians, "
+                  f"{ratios['beam-1_over_embed_paired_median']:.3f} median of per-round ratios (target >= {TARGET})", flush=True)
         if "beam-2_over_embed" in ratios:
             print(f"beam-2 / embed = {ratios['beam-2_over_embed']:.3f}", flush=True)
         parts = {}
@@ -192,7 +212,8 @@ def main() -> int:
     print(f"uptime after: {after}")
     result = {
         "command": " ".join(sys.argv), "images": count, "image_size": args.image_size, "batch_size": args.batch_size,
-        "seconds": {k: round(v, 1) for k, v in seconds.items()}, "images_per_s": rates, "ratios": ratios, "checks": checks,
+        "rounds": args.rounds, "seconds": {k: [round(x, 1) for x in v] for k, v in all_seconds.items()},
+        "images_per_s_of_median": rates, "ratios": ratios, "checks": checks,
         "diagnostics_ms_per_image": parts, "load_after_each_variant": loads, "uptime_before": before, "uptime_after": after,
         "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
     }
