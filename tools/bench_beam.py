@@ -45,20 +45,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench_serving import DEFAULT_MANIFEST, ROOT, TOLERANCE, uptime  # tools/ is on the path: this file's folder
 
-DEFAULT_MANIFEST = ROOT.parent / "shared" / "data" / "grocery" / "manifest.csv"
 TARGET = 0.8
-TOLERANCE = 1e-5
-
-
-def uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "load average: %.2f, %.2f, %.2f" % os.getloadavg()
 
 
 def benchmark_manifest(source: Path, street_splits: set[str], out: Path) -> int:
