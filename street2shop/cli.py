@@ -161,6 +161,32 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_beam_embed(args: argparse.Namespace) -> int:
+    try:
+        from street2shop.beam_embed import beam_embed
+    except ModuleNotFoundError as e:
+        if e.name != "apache_beam":
+            raise
+        from street2shop.errors import ConfigError
+
+        raise ConfigError("beam-embed needs Apache Beam: pip install 'street2shop[beam]'. Received: no module apache_beam") from None
+
+    result = beam_embed(
+        args.manifest, args.out, model=args.model, split=args.split, batch_size=args.batch_size,
+        min_batch_size=args.min_batch_size, shard_rows=args.shard_rows, crop_to_box=not args.no_crop,
+        decode_check=args.decode_check, runner=args.runner, pipeline_args=args.pipeline_args,
+    )
+    summary = {"out": result.out, "run": result.run, "shards": len(result.shards), "embedded": result.embedded,
+               "dead_letter": result.dead_letter, "replaced": result.replaced, "seconds": round(result.seconds, 1),
+               "model": result.identity.to_dict()}
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"embedded {result.embedded} images ({result.dead_letter} in the dead letter) with {result.identity} "
+              f"into {len(result.shards)} shards of {result.out}")
+    return 0
+
+
 def cmd_index_build(args: argparse.Namespace) -> int:
     from street2shop.index.build import build_index
 
@@ -341,6 +367,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=256, help="images per saved chunk (the unit of resuming)")
     p.add_argument("--no-crop", action="store_true", help="ignore boxes of shop images")
 
+    p = command(sub, "beam-embed", cmd_beam_embed, "embed the shop images of a manifest (or a glob of shards) on Apache Beam "
+                "(RunInference) into sharded embeddings; needs street2shop[beam]")
+    p.epilog = ("Any other option is a Beam pipeline option, passed on: --direct_running_mode multi_processing "
+                "--direct_num_workers 2 (local worker processes); --project, --region, --temp_location (Dataflow); "
+                "--flink_master, --environment_type (Flink). See README.md, 'Catalogues beyond one machine'.")
+    p.add_argument("manifest", help="manifest CSV, or a glob of manifest shards (local, gs://, s3://)")
+    p.add_argument("--out", required=True, help="output folder: shards.json and the run's shards (a re-run replaces it whole)")
+    p.add_argument("--model", required=True, help="an export base (its newest version) or version folder; remote: the version folder")
+    p.add_argument("--split", default="", help="only shop images of these comma-separated splits (default: all shop images)")
+    p.add_argument("--batch-size", type=int, default=32, help="most images per model call")
+    p.add_argument("--min-batch-size", type=int, default=None, help="fewest images per model call (default: --batch-size)")
+    p.add_argument("--shard-rows", type=int, default=100_000, help="manifest lines per output shard (an embeddings folder)")
+    p.add_argument("--no-crop", action="store_true", help="ignore boxes of shop images")
+    p.add_argument("--decode-check", action="store_true", help="decode each image before the model (catches truncated files earlier)")
+    p.add_argument("--runner", default="DirectRunner",
+                   help="Beam runner; DirectRunner runs Beam's FnApiRunner (never Prism, which downloads a binary)")
+    p.set_defaults(pipeline_args=[])
+
     index = sub.add_parser("index", help="build Annoy indexes", formatter_class=_Formatter)
     index_sub = index.add_subparsers(dest="index_command", metavar="INDEX_COMMAND", required=True)
     p = command(index_sub, "build", cmd_index_build, "build an index from embed output folders (all of one model)")
@@ -420,7 +464,11 @@ def _setup_logging(verbosity: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``street2shop`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # only a command that passes options on to another tool (beam-embed: Beam's) takes them
+        if not hasattr(args, "pipeline_args"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.pipeline_args = extra
     _setup_logging(getattr(args, "verbose", 0))
     try:
         return int(args.func(args) or 0)

@@ -30,14 +30,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
 from street2shop import contract
 from street2shop.contract import ModelIdentity, check_same_model
-from street2shop.data.image import DEFAULT_MAX_PIXELS, Box, inspect_image
+from street2shop.data.image import DEFAULT_MAX_PIXELS, Box, check_photo
 from street2shop.errors import BadRequestError, ConfigError, ImageError, ModelError, ModelMismatchError
 
 logger = logging.getLogger(__name__)
@@ -144,12 +144,7 @@ class Embedder:
         for i, data in enumerate(images):
             box = boxes[i] if boxes is not None else None
             try:
-                info = inspect_image(data, max_pixels=self.max_pixels, decode=self.decode_check)
-                normalised = None
-                if box is not None:
-                    if box.pixel_bounds(info.width, info.height) is None:
-                        raise ImageError(f"box {box.as_ltwh()} lies outside the {info.width}x{info.height} image")
-                    normalised = box.normalized(info.width, info.height)
+                normalised = check_photo(data, box, max_pixels=self.max_pixels, decode=self.decode_check)
             except ImageError as e:
                 errors[i] = str(e)
                 continue
@@ -167,24 +162,46 @@ class Embedder:
         return Embeddings(vectors, errors, identities[-1] if identities else None)
 
     def _run(self, items, vectors: np.ndarray, errors: list[str | None], identities: list[ModelIdentity]) -> None:
-        """Embeds items; if the model rejects the batch, tries them one by one to find the bad one."""
-        use_boxes = any(box is not None for _, _, box in items)
+        """Embeds items ``(position, bytes, normalised box)``; a batch the model rejects is tried image by image."""
+        answers = embed_isolating([(data, box) for _, data, box in items], self._embed_batch)
+        for (i, _, _), answer in zip(items, answers):
+            if isinstance(answer, str):
+                errors[i] = answer
+            else:
+                vectors[i], identity = answer
+                identities.append(identity)
 
-        def call(part):
-            boxes = np.array([box if box is not None else (0.0, 0.0, 1.0, 1.0) for _, _, box in part], np.float32) if use_boxes else None
-            return self._embed_batch([data for _, data, _ in part], boxes)
 
-        try:
-            out, identity = call(items)
-        except BadRequestError as e:
-            if len(items) == 1:
-                errors[items[0][0]] = str(e)
-                return
-            for item in items:
-                self._run([item], vectors, errors, identities)
-            return
-        vectors[[i for i, _, _ in items]] = out
-        identities.append(identity)
+Answer = TypeVar("Answer")
+
+
+def embed_isolating(
+    items: Sequence[tuple[bytes, tuple[float, float, float, float] | None]],
+    call: Callable[[list[bytes], np.ndarray | None], tuple[np.ndarray, Answer]],
+) -> list[tuple[np.ndarray, Answer] | str]:
+    """Embeds checked images in one call; if the model rejects the call, tries them one by one to find the bad ones.
+
+    Args:
+        items: ``(encoded image, normalised box or None)`` pairs, checked
+            already (:func:`street2shop.data.image.check_photo`).
+        call: ``(images, boxes or None) → (vectors [n, D], what the model said
+            of itself)``, raising BadRequestError when the model rejects the
+            images. Boxes go in only when some item has one (the others get
+            the whole image, ``[0, 0, 1, 1]``).
+
+    Returns:
+        One entry per item, in order: ``(vector, what call returned beside
+        the vectors)``, or the reason the model rejected that image alone.
+    """
+    use_boxes = any(box is not None for _, box in items)
+    boxes = np.array([box if box is not None else (0.0, 0.0, 1.0, 1.0) for _, box in items], np.float32) if use_boxes else None
+    try:
+        vectors, said = call([data for data, _ in items], boxes)
+    except BadRequestError as e:
+        if len(items) == 1:
+            return [str(e)]
+        return [answer for item in items for answer in embed_isolating([item], call)]
+    return [(vector, said) for vector in vectors]
 
 
 # --------------------------------------------------------------------------- in process: a SavedModel
@@ -205,24 +222,10 @@ class LocalEmbedder(Embedder):
 
     def __init__(self, export: str | os.PathLike[str], **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        import tensorflow as tf
-
         self.path = contract.resolve_export(export)
         self.card = contract.read_card(self.path)
         self._identity = contract.card_identity(self.path, self.card)
-        try:
-            self._model = tf.saved_model.load(str(self.path))
-        except (OSError, ValueError) as e:
-            raise ModelError(f"cannot load SavedModel {self.path}: {e}") from None
-        missing = {contract.SERVING_DEFAULT, contract.EMBED_BOXES} - set(self._model.signatures)
-        if missing:
-            raise ModelError(f"{self.path} is not a street2shop export: it lacks the signature(s) {sorted(missing)}")
-        outputs = set(self._model.signatures[contract.SERVING_DEFAULT].structured_outputs)
-        if contract.FINGERPRINT not in outputs:
-            raise ModelError(
-                f"{self.path} was exported by a street2shop before 0.2: it does not name its model in its answers "
-                f"(no {contract.FINGERPRINT!r} output). Export it again from its checkpoint. Received: outputs {sorted(outputs)}"
-            )
+        self._model = load_savedmodel(str(self.path))
 
     @property
     def dimension(self) -> int:
@@ -236,19 +239,57 @@ class LocalEmbedder(Embedder):
         return self._identity
 
     def _embed_batch(self, images: list[bytes], boxes: np.ndarray | None) -> tuple[np.ndarray, ModelIdentity]:
-        import tensorflow as tf
+        return call_savedmodel(self._model, images, boxes)[0], self._identity
 
-        from street2shop.errors import tf_error_text
 
-        chunk = tf.constant(images, dtype=tf.string)
-        try:
-            if boxes is None:
-                result = self._model.signatures[contract.SERVING_DEFAULT](**{contract.IMAGE_BYTES: chunk})
-            else:
-                result = self._model.signatures[contract.EMBED_BOXES](**{contract.IMAGE_BYTES: chunk, contract.BOXES: tf.constant(boxes)})
-        except tf.errors.InvalidArgumentError as e:
-            raise BadRequestError(f"the model rejected the image: {tf_error_text(e.message)}") from None
-        return result[contract.EMBEDDING].numpy(), self._identity
+def load_savedmodel(path: str) -> Any:
+    """Loads an exported SavedModel (``tf.saved_model.load``; local or any path TensorFlow reads) and checks its contract.
+
+    Raises:
+        ModelError: it cannot be loaded, lacks the ``serving_default`` or
+            ``embed_boxes`` signature, or does not answer ``model_fingerprint``.
+    """
+    import tensorflow as tf
+
+    try:
+        model = tf.saved_model.load(str(path))
+    except (OSError, ValueError, tf.errors.OpError) as e:
+        raise ModelError(f"cannot load SavedModel {path}: {e}") from None
+    missing = {contract.SERVING_DEFAULT, contract.EMBED_BOXES} - set(model.signatures)
+    if missing:
+        raise ModelError(f"{path} is not a street2shop export: it lacks the signature(s) {sorted(missing)}")
+    outputs = set(model.signatures[contract.SERVING_DEFAULT].structured_outputs)
+    if contract.FINGERPRINT not in outputs:
+        raise ModelError(
+            f"{path} was exported by a street2shop before 0.2: it does not name its model in its answers "
+            f"(no {contract.FINGERPRINT!r} output). Export it again from its checkpoint. Received: outputs {sorted(outputs)}"
+        )
+    return model
+
+
+def call_savedmodel(model: Any, images: list[bytes], boxes: np.ndarray | None) -> tuple[np.ndarray, list[str]]:
+    """Runs a loaded export on encoded images: ``serving_default``, or ``embed_boxes`` with normalised boxes.
+
+    Returns:
+        ``(vectors, fingerprints)``: float32 ``[n, D]`` and the
+        ``model_fingerprint`` output, one string per image.
+
+    Raises:
+        BadRequestError: the model rejected the images (one that cannot be decoded).
+    """
+    import tensorflow as tf
+
+    from street2shop.errors import tf_error_text
+
+    chunk = tf.constant(images, dtype=tf.string)
+    try:
+        if boxes is None:
+            result = model.signatures[contract.SERVING_DEFAULT](**{contract.IMAGE_BYTES: chunk})
+        else:
+            result = model.signatures[contract.EMBED_BOXES](**{contract.IMAGE_BYTES: chunk, contract.BOXES: tf.constant(boxes, tf.float32)})
+    except tf.errors.InvalidArgumentError as e:
+        raise BadRequestError(f"the model rejected the image: {tf_error_text(e.message)}") from None
+    return result[contract.EMBEDDING].numpy(), [f.decode() for f in result[contract.FINGERPRINT].numpy().tolist()]
 
 
 # --------------------------------------------------------------------------- TF Serving over gRPC

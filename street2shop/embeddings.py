@@ -10,10 +10,17 @@ build`` reads:
   count embedded, and the images skipped with their reasons.
 
 Files are replaced atomically (written beside, then renamed).
+
+A **sharded output** (``street2shop beam-embed``) is a folder holding
+``shards.json`` and the shards it names, each an embeddings folder as above:
+``shards.json`` is written last and names one run's shards only, so a reader
+that goes through it (:func:`embedding_folders`, and so ``index build``) sees
+one whole run, never a mix of two.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -35,26 +42,74 @@ def item_of(record: Any) -> dict[str, Any]:
     return item
 
 
+EMBEDDINGS_FILE = "embeddings.npy"
+ITEMS_FILE = "items.jsonl"
+SUMMARY_FILE = "embed.json"
+SHARDS_FILE = "shards.json"
+SHARDS_FORMAT_VERSION = 1
+
+
+def encode_embeddings(vectors: np.ndarray, items: Sequence[Mapping[str, Any]], identity: ModelIdentity | None,
+                      skipped: Mapping[str, str], **extra: Any) -> dict[str, bytes]:
+    """The three files of an embeddings folder as ``{name: bytes}``, for any file system.
+
+    ``identity`` None (no image embedded, so no model answered) records no
+    model; ``extra`` goes into ``embed.json`` too.
+    """
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(vectors, np.float32))
+    model = identity.to_dict() if identity is not None else {"fingerprint": None, "version": None, "dimension": None}
+    summary = {**model, "embedded": len(items), "skipped": dict(skipped), **extra}
+    return {
+        EMBEDDINGS_FILE: buffer.getvalue(),
+        ITEMS_FILE: "".join(json.dumps(dict(item), ensure_ascii=False) + "\n" for item in items).encode("utf-8"),
+        SUMMARY_FILE: json.dumps(summary, indent=2).encode("utf-8"),
+    }
+
+
 def write_embeddings(out: str | os.PathLike[str], vectors: np.ndarray, items: Sequence[Mapping[str, Any]],
                      identity: ModelIdentity, skipped: Mapping[str, str]) -> None:
-    """Writes (or replaces) the three files of an embeddings folder."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".embeddings.tmp.npy"
-    np.save(tmp, np.asarray(vectors, np.float32))
-    os.replace(tmp, out / "embeddings.npy")
-    write_atomic(out / "items.jsonl", "".join(json.dumps(dict(item), ensure_ascii=False) + "\n" for item in items))
-    summary = {**identity.to_dict(), "embedded": len(items), "skipped": dict(skipped)}
-    write_atomic(out / "embed.json", json.dumps(summary, indent=2))
+    """Writes (or replaces) the three files of an embeddings folder, each atomically, ``embed.json`` last."""
+    for name, data in encode_embeddings(vectors, items, identity, skipped).items():
+        write_atomic(Path(out) / name, data)
+
+
+def encode_shards(run: str, shards: Sequence[str], identity: ModelIdentity, embedded: int, skipped: int, **extra: Any) -> bytes:
+    """``shards.json`` of a sharded output: the run, its shard folders (relative), the model and the counts."""
+    record = {"format_version": SHARDS_FORMAT_VERSION, "run": run, "shards": list(shards), **identity.to_dict(),
+              "embedded": int(embedded), "skipped": int(skipped), **extra}
+    return json.dumps(record, indent=2).encode("utf-8")
+
+
+def read_shards(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The ``shards.json`` of a sharded output, or None when ``folder`` is not one."""
+    path = Path(folder) / SHARDS_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("shards"), list):
+        raise DataError(f"{path} does not name its shards: expected a JSON object with a list 'shards'. Received: {str(record)[:200]}")
+    return record
+
+
+def embedding_folders(folder: str | os.PathLike[str]) -> list[Path]:
+    """The embeddings folders ``folder`` stands for: itself, or the shards its ``shards.json`` names."""
+    shards = read_shards(folder)
+    if shards is None:
+        return [Path(folder)]
+    return [Path(folder) / name for name in shards["shards"]]
 
 
 def load_embeddings(out_dir: str | os.PathLike[str]) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, Any]]:
     """Reads ``embeddings.npy``, ``items.jsonl`` and ``embed.json`` of a finished run."""
     out = Path(out_dir)
     try:
-        embeddings = np.load(out / "embeddings.npy")
-        items = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines() if line.strip()]
-        summary = json.loads((out / "embed.json").read_text())
+        embeddings = np.load(out / EMBEDDINGS_FILE)
+        items = [json.loads(line) for line in (out / ITEMS_FILE).read_text().splitlines() if line.strip()]
+        summary = json.loads((out / SUMMARY_FILE).read_text())
     except FileNotFoundError as e:
         raise DataError(f"{out} is not a finished embedding run: missing {Path(e.filename).name}") from None
     if len(items) != len(embeddings):
@@ -65,6 +120,8 @@ def load_embeddings(out_dir: str | os.PathLike[str]) -> tuple[np.ndarray, list[d
 def read_embedding_sets(folders: Sequence[str | os.PathLike[str]]) -> tuple[np.ndarray, list[dict[str, Any]], ModelIdentity]:
     """The vectors and item rows of one or more embeddings folders, which must all come from one model.
 
+    A sharded output (``shards.json``) stands for the shards it names.
+
     Raises:
         DataError: a folder is not a finished embedding run, or records no model.
         ModelMismatchError: two folders come from different models.
@@ -74,7 +131,7 @@ def read_embedding_sets(folders: Sequence[str | os.PathLike[str]]) -> tuple[np.n
     vectors, items = [], []
     identity: ModelIdentity | None = None
     first = None
-    for folder in folders:
+    for folder in [shard for given in folders for shard in embedding_folders(given)]:
         embeddings, rows, summary = load_embeddings(folder)
         found = ModelIdentity.from_dict(summary)
         if found is None:

@@ -7,8 +7,8 @@ from street2shop.cli import build_parser, main
 
 COMMANDS = [
     [], ["data"], ["data", "synth"], ["data", "import-street2shop"], ["data", "check"], ["train"], ["export"],
-    ["serve"], ["embed"], ["index"], ["index", "build"], ["index", "update"], ["index", "compact"], ["search"], ["service"],
-    ["evaluate"], ["demo"],
+    ["serve"], ["embed"], ["beam-embed"], ["index"], ["index", "build"], ["index", "update"], ["index", "compact"], ["search"],
+    ["service"], ["evaluate"], ["demo"],
 ]
 
 
@@ -79,3 +79,19 @@ def test_embed_and_index_a_folder_of_images(tmp_path, capsys, monkeypatch):
     assert main(["index", "build", str(tmp_path / "emb"), "--out", str(tmp_path / "index"), "--json"]) == 0
     items = [line for line in (tmp_path / "index" / "1" / "items.jsonl").read_text().splitlines() if line]
     assert [__import__("json").loads(line)["product_id"] for line in items] == ["a", "b", "c"]
+
+
+def test_beam_embed_without_apache_beam_says_which_extra(monkeypatch, tmp_path, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_beam(name, *args, **kwargs):
+        if name == "apache_beam" or name.startswith("apache_beam."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name="apache_beam")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "street2shop.beam_embed", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_beam)
+    assert main(["beam-embed", "m.csv", "--out", str(tmp_path), "--model", "x"]) == 2
+    assert "pip install 'street2shop[beam]'" in capsys.readouterr().err

@@ -205,6 +205,26 @@ def inspect_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, decode: 
     return ImageInfo(fmt, int(width), int(height))
 
 
+def check_photo(
+    data: bytes, box: Box | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS, decode: bool = False
+) -> tuple[float, float, float, float] | None:
+    """Checks a photo before any model sees it: :func:`inspect_image`, and that its pixel box keeps some of it.
+
+    Returns:
+        The box normalised for the ``embed_boxes`` signature
+        (:meth:`Box.normalized`), or None when there is no box.
+
+    Raises:
+        ImageError: the image is bad (see :func:`inspect_image`), or the box lies outside it.
+    """
+    info = inspect_image(data, max_pixels=max_pixels, decode=decode)
+    if box is None:
+        return None
+    if box.pixel_bounds(info.width, info.height) is None:
+        raise ImageError(f"box {box.as_ltwh()} lies outside the {info.width}x{info.height} image")
+    return box.normalized(info.width, info.height)
+
+
 def read_image_file(path: str | os.PathLike[str]) -> bytes:
     """The bytes of an image file (ImageError naming the file and the reason when it cannot be read)."""
     try:

@@ -14,9 +14,11 @@ import csv
 import dataclasses
 import logging
 import os
+import posixpath
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
+from typing import IO
 
 from street2shop.data.image import IMAGE_EXTENSIONS, Box, is_image_file
 from street2shop.errors import DataError
@@ -132,6 +134,68 @@ def _parse_box(row: Mapping[str, str], where: str) -> Box | None:
         raise DataError(f"{where}: malformed box: {e}. Received: {dict(zip(BOX_COLUMNS, raw))}") from None
 
 
+def manifest_root(path: str | os.PathLike[str]) -> str:
+    """The folder a manifest's relative image paths start from: its own (symlinks resolved; for a URL, its prefix)."""
+    text = os.fspath(path)
+    if "://" in text:
+        return posixpath.dirname(text)
+    return str(Path(text).resolve().parent)
+
+
+def image_location(image: str, root: str) -> str:
+    """A manifest's ``image_path`` as a full path: absolute paths and URLs (``gs://...``) as they are, others under ``root``."""
+    if "://" in image or os.path.isabs(image):
+        return image
+    return posixpath.join(root, image) if "://" in root else str(Path(root) / image)
+
+
+def manifest_rows(handle: IO[str], source: str, root: str) -> Iterator[tuple[int, Record]]:
+    """Parses an open manifest CSV into ``(line, Record)`` pairs, one per non-blank row; the one row parser.
+
+    ``source`` names the file in messages; relative image paths are resolved
+    under ``root`` (:func:`manifest_root`). Whether the images exist is left
+    to the caller.
+
+    Raises:
+        DataError: a required column is absent, or a row has more fields than
+            the header, an empty image path or product id, an unknown domain or
+            a malformed box. The message names the file and line.
+    """
+    reader = csv.DictReader(handle)
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    reader.fieldnames = header
+    absent = [c for c in REQUIRED_COLUMNS if c not in header]
+    if absent:
+        raise DataError(
+            f"{source} line 1: missing required column(s) {', '.join(absent)}. "
+            f"Expected at least {', '.join(REQUIRED_COLUMNS)}. Received: {', '.join(header) or '(empty header)'}"
+        )
+    known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
+    for row in reader:
+        line = reader.line_num
+        where = f"{source} line {line}"
+        if None in row:  # more fields than the header
+            raise DataError(f"{where}: {len(header) + len(row[None])} fields, header has {len(header)}.")
+        if not any((v or "").strip() for v in row.values()):
+            continue  # blank line
+        image = (row["image_path"] or "").strip()
+        product = (row["product_id"] or "").strip()
+        domain = (row["domain"] or "").strip().lower()
+        split = (row["split"] or "").strip()
+        if not image:
+            raise DataError(f"{where}: empty image_path.")
+        if not product:
+            raise DataError(f"{where}: empty product_id for {image}.")
+        if domain not in DOMAINS:
+            raise DataError(
+                f"{where}: domain must be 'street' or 'shop'. Received: domain={row['domain']!r}"
+            )
+        box = _parse_box(row, where)
+        category = (row.get("category") or "").strip() or None
+        meta = {k: v for k, v in row.items() if k not in known and v is not None}
+        yield line, Record(image_location(image, root), product, domain, split, category, box, meta)
+
+
 def read_manifest(
     path: str | os.PathLike[str], *, strict: bool = False, check_files: bool = True
 ) -> RecordSet:
@@ -154,50 +218,17 @@ def read_manifest(
     path = Path(path)
     if not path.is_file():
         raise DataError(f"manifest not found: {path}")
-    root = path.resolve().parent
     records: list[Record] = []
     missing: list[str] = []
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = [h.strip() for h in (reader.fieldnames or [])]
-            reader.fieldnames = header
-            absent = [c for c in REQUIRED_COLUMNS if c not in header]
-            if absent:
-                raise DataError(
-                    f"{path} line 1: missing required column(s) {', '.join(absent)}. "
-                    f"Expected at least {', '.join(REQUIRED_COLUMNS)}. Received: {', '.join(header) or '(empty header)'}"
-                )
-            known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
-            for row in reader:
-                line = reader.line_num
-                where = f"{path} line {line}"
-                if None in row:  # more fields than the header
-                    raise DataError(f"{where}: {len(header) + len(row[None])} fields, header has {len(header)}.")
-                if not any((v or "").strip() for v in row.values()):
-                    continue  # blank line
-                image = (row["image_path"] or "").strip()
-                product = (row["product_id"] or "").strip()
-                domain = (row["domain"] or "").strip().lower()
-                split = (row["split"] or "").strip()
-                if not image:
-                    raise DataError(f"{where}: empty image_path.")
-                if not product:
-                    raise DataError(f"{where}: empty product_id for {image}.")
-                if domain not in DOMAINS:
-                    raise DataError(
-                        f"{where}: domain must be 'street' or 'shop'. Received: domain={row['domain']!r}"
-                    )
-                box = _parse_box(row, where)
-                full = Path(image) if os.path.isabs(image) else root / image
-                if check_files and not full.is_file():
+            for line, record in manifest_rows(f, str(path), manifest_root(path)):
+                if check_files and not os.path.isfile(record.image_path):
                     if strict:
-                        raise DataError(f"{where}: image not found: {full}")
-                    missing.append(str(full))
+                        raise DataError(f"{path} line {line}: image not found: {record.image_path}")
+                    missing.append(record.image_path)
                     continue
-                category = (row.get("category") or "").strip() or None
-                meta = {k: v for k, v in row.items() if k not in known and v is not None}
-                records.append(Record(str(full), product, domain, split, category, box, meta))
+                records.append(record)
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"cannot read manifest {path}: {e}") from None
     result = RecordSet(records, missing, str(path))
@@ -280,15 +311,25 @@ def catalogue_records(source: str | os.PathLike[str], split: str = "") -> list[R
             raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
         return [Record(str(p.resolve()), p.stem, "shop", "catalog") for p in files]
     records = read_manifest(source)
-    splits = {s.strip() for s in split.split(",") if s.strip()}
-    chosen = [r for r in records if r.domain == "shop" and (not splits or r.split in splits)]
+    chosen = [r for r in records if is_catalogue(r, split)]
     if not chosen:
         shop_splits = sorted({r.split for r in records if r.domain == "shop"})
         raise DataError(
-            f"no shop photo of split(s) {sorted(splits)} in {source}; its shop photos are in split(s) {shop_splits}. "
-            f"Received: --split {split!r}"
+            f"no shop photo of split(s) {sorted(catalogue_splits(split))} in {source}; its shop photos are in split(s) "
+            f"{shop_splits}. Received: --split {split!r}"
         )
     return chosen
+
+
+def catalogue_splits(split: str) -> set[str]:
+    """``"catalog,val"`` → ``{"catalog", "val"}``; empty for all splits."""
+    return {s.strip() for s in split.split(",") if s.strip()}
+
+
+def is_catalogue(record: Record, split: str = "") -> bool:
+    """Whether a manifest row is a catalogue image to embed: a shop photo, of one of the comma-separated ``split`` s (any if empty)."""
+    splits = catalogue_splits(split)
+    return record.domain == "shop" and (not splits or record.split in splits)
 
 
 @dataclasses.dataclass

@@ -268,3 +268,13 @@ def test_image_files_and_sizes():
         im.image_size_2d((1, 2, 3))
     jpeg = im.pattern_jpeg(24, 16)
     assert im.inspect_image(jpeg, decode=True) == im.ImageInfo("JPEG", 24, 16)
+
+
+def test_check_photo_normalises_the_box_or_refuses_it():
+    png = encode(square_image(), "PNG")  # 100 x 80
+    assert im.check_photo(png) is None
+    assert im.check_photo(png, im.Box(10, 20, 50, 40)) == pytest.approx((0.25, 0.1, 0.75, 0.6))
+    with pytest.raises(im.ImageError, match="box .* lies outside the 100x80 image"):
+        im.check_photo(png, im.Box(150, 10, 5, 5))
+    with pytest.raises(im.ImageError, match="empty file"):
+        im.check_photo(b"", im.Box(0, 0, 1, 1))

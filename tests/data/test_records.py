@@ -231,3 +231,28 @@ def test_relative_image_path_is_written_absolute_when_outside(tmp_path, monkeypa
     m = write_manifest([Record("a.jpg", "p1", "shop", "catalog")], tmp_path / "out" / "m.csv")
     back = read_manifest(m, strict=True)
     assert back.records[0].image_path == str(tmp_path / "cwd" / "a.jpg")
+
+
+def test_manifest_rows_resolve_paths_under_any_root():
+    """The one row parser, on an open stream: relative paths go under the root (a bucket too); absolute ones and URLs stay."""
+    import io
+
+    from street2shop.data.records import image_location, manifest_root, manifest_rows
+
+    text = io.StringIO(f"{HEADER},colour\nimg/a.jpg,p1,shop,catalog,bags,,,,,red\n\ngs://other/b.jpg,p2,street,val,,1,2,3,4,\n/abs/c.png,p3,shop,catalog,,,,,,\n")
+    rows = list(manifest_rows(text, "gs://bucket/manifests/part-0.csv", "gs://bucket/manifests"))
+    assert [(line, r.image_path, r.product_id) for line, r in rows] == [
+        (2, "gs://bucket/manifests/img/a.jpg", "p1"), (4, "gs://other/b.jpg", "p2"), (5, "/abs/c.png", "p3")]
+    assert rows[0][1].metadata == {"colour": "red"} and rows[1][1].box == Box(1, 2, 3, 4)
+    assert manifest_root("gs://bucket/manifests/part-0.csv") == "gs://bucket/manifests"
+    assert image_location("img/a.jpg", "/data/shop") == "/data/shop/img/a.jpg"
+    with pytest.raises(DataError, match="gs://bucket/m.csv line 2: domain must be"):
+        list(manifest_rows(io.StringIO(f"{HEADER}\na.jpg,p,kitchen,catalog,,,,,\n"), "gs://bucket/m.csv", "gs://bucket"))
+
+
+def test_catalogue_rows_are_the_shop_photos_of_the_splits():
+    from street2shop.data.records import is_catalogue
+
+    shop, street = Record("/a", "p", "shop", "catalog"), Record("/b", "p", "street", "catalog")
+    assert is_catalogue(shop) and not is_catalogue(street)
+    assert is_catalogue(shop, " val , catalog") and not is_catalogue(shop, "val")
