@@ -6,11 +6,12 @@ with the defaults (50 trees, search_k 20000), published as version 1. Then
 ``street2shop.index.updates.update_index`` adds points of the same clusters,
 growing the delta to each of ``--deltas`` in turn (each update a new version;
 the base hard-linked), and removes ``--remove`` base images in the last one.
-For each version: 500 held-out queries (after 100 for warm-up), image-level
-top-10 (``by_product=False``), p50/p99 latency through ``query``, recall@10
-against exact search over exactly the live items (base − removed + delta).
 Then ``compact_index`` rebuilds one Annoy version from the last one, timed
-against the updates, and measured the same way.
+against the updates. Then every version is loaded and measured on 500
+held-out queries (after 100 for warm-up), each query asked of every version
+in turn so the machine's load hits them alike: image-level top-10
+(``by_product=False``), p50/p99 latency through ``query``, recall@10 against
+exact search over exactly that version's live items (base − removed + delta).
 
 Target (issue 14): p50 with a 10k delta <= 1.5x the base's p50; recall@10
 with a delta at least the base index's.
@@ -46,7 +47,7 @@ from street2shop.contract import ModelIdentity  # noqa: E402
 from street2shop.embeddings import write_embeddings  # noqa: E402
 from street2shop.index import ExactIndex, load_index  # noqa: E402
 from street2shop.index.build import build_index  # noqa: E402
-from street2shop.index.updates import compact_index, compaction_advice, update_index  # noqa: E402
+from street2shop.index.updates import compact_index, update_index  # noqa: E402
 
 K = 10
 MODEL = ModelIdentity("bench-model", 1, 128)
@@ -56,21 +57,23 @@ def items_for(prefix: str, n: int, start: int = 0) -> list[dict]:
     return [{"product_id": f"{prefix}{start + i}", "image_path": f"/{prefix}/{start + i}.jpg", "category": None} for i in range(n)]
 
 
-def measure(index, live_vectors: np.ndarray, queries: np.ndarray, warmup: np.ndarray) -> dict:
+def measure(indexes: dict[int, object], truths: dict[int, ExactIndex], queries: np.ndarray, warmup: np.ndarray) -> dict[int, dict]:
+    """Latency and recall@10 of each version, its queries interleaved with the others' (a, b, c, a, b, c, ...)
+    so the machine's changing load hits every version alike."""
     for q in warmup:
-        index.query(q, K, by_product=False)
-    times, found = [], []
+        for index in indexes.values():
+            index.query(q, K, by_product=False)
+    times: dict[int, list[float]] = {v: [] for v in indexes}
+    hits: dict[int, int] = {v: 0 for v in indexes}
     for q in queries:
-        start = time.perf_counter()
-        answers = index.query(q, K, by_product=False)
-        times.append(time.perf_counter() - start)
-        found.append([a.image_path for a in answers])
-    exact = ExactIndex.from_arrays(live_vectors[0], live_vectors[1])
-    hits = 0
-    for q, got in zip(queries, found):
-        truth = {a.image_path for a in exact.query(q, K, by_product=False)}
-        hits += len(truth & set(got))
-    return {**{k: round(v, 3) for k, v in percentiles(times).items()}, "recall_at_10": round(hits / (K * len(queries)), 4)}
+        for version, index in indexes.items():
+            start = time.perf_counter()
+            answers = index.query(q, K, by_product=False)
+            times[version].append(time.perf_counter() - start)
+            truth = {a.image_path for a in truths[version].query(q, K, by_product=False)}
+            hits[version] += len(truth & {a.image_path for a in answers})
+    return {v: {**{k: round(x, 3) for k, x in percentiles(times[v]).items()}, "recall_at_10": round(hits[v] / (K * len(queries)), 4)}
+            for v in indexes}
 
 
 def main() -> int:
@@ -86,7 +89,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
 
     uptime = lambda: "load average %.2f, %.2f, %.2f" % os.getloadavg()  # noqa: E731
-    report: dict = {"command": " ".join([".venv/bin/python", *sys.argv]), "base": args.base, "uptime_before": uptime(), "versions": []}
+    report: dict = {"command": " ".join([".venv/bin/python", *sys.argv]), "base": args.base, "uptime_before": uptime()}
     total_new = max(args.deltas)
     base_vectors, held, _ = clustered_unit_vectors(args.base + total_new, args.queries + 100, 0, 128, 1000, 1.0, args.seed)
     base_vectors, new_vectors = base_vectors[: args.base], base_vectors[args.base :]
@@ -101,11 +104,7 @@ def main() -> int:
         build_index([work / "emb-base"], work / "index")
         build_seconds = time.perf_counter() - start
         print(f"base: {args.base} items built and published in {build_seconds:.1f} s", flush=True)
-        index = load_index(work / "index")
-        live = (base_vectors, [it for it in index.items])
-        row = {"version": 1, "delta": 0, "removed": 0, "update_seconds": round(build_seconds, 1), **measure(index, live, queries, warmup)}
-        report["versions"].append(row)
-        print(row, flush=True)
+        rows = {1: {"version": 1, "delta": 0, "removed": 0, "update_seconds": round(build_seconds, 1)}}
 
         have = 0
         for i, target in enumerate(sorted(args.deltas)):
@@ -119,23 +118,26 @@ def main() -> int:
             result = update_index(work / "index", add=[work / f"emb-{target}"], remove=remove)
             seconds = time.perf_counter() - start
             have = target
-            index = load_index(work / "index")
-            exact = index.exact()
-            row = {"version": result["version"], "delta": len(index.delta), "removed": int(index.base.dead.sum()),
-                   "update_seconds": round(seconds, 2), "advice": compaction_advice(index)["reason"],
-                   **measure(index, (np.asarray(exact.vectors), list(exact.items)), queries, warmup)}
-            report["versions"].append(row)
-            print(row, flush=True)
-            del exact
+            rows[result["version"]] = {"version": result["version"], "delta": result["delta_count"], "removed": result["removed_from_base"],
+                                       "update_seconds": round(seconds, 2), "advice": result["compaction"]["reason"]}
+            print(rows[result["version"]], flush=True)
 
         start = time.perf_counter()
         compacted = compact_index(work / "index")
-        compact_seconds = time.perf_counter() - start
-        index = load_index(work / "index")
-        row = {"version": compacted["version"], "delta": 0, "removed": 0, "compacted": True, "update_seconds": round(compact_seconds, 1),
-               **measure(index, (np.asarray(index.vectors), list(index.items)), queries, warmup)}
-        report["versions"].append(row)
-        print(row, flush=True)
+        rows[compacted["version"]] = {"version": compacted["version"], "delta": 0, "removed": 0, "compacted": True,
+                                      "update_seconds": round(time.perf_counter() - start, 1)}
+        print(rows[compacted["version"]], flush=True)
+
+        indexes = {v: load_index(work / "index" / str(v)) for v in rows}
+        truths = {}
+        for v, index in indexes.items():  # exact search over exactly the live items of each version
+            exact = index.exact()
+            truths[v] = ExactIndex.from_arrays(np.asarray(exact.vectors), list(exact.items))
+        for v, measured in measure(indexes, truths, queries, warmup).items():
+            rows[v].update(measured)
+        report["versions"] = [rows[v] for v in sorted(rows)]
+        for row in report["versions"]:
+            print(row, flush=True)
         disk = {v.name: sum(f.stat().st_size for f in v.rglob("*") if f.is_file()) / 2**20 for v in sorted((work / "index").iterdir()) if v.name.isdigit()}
         report["version_folder_mb_apparent"] = {k: round(v, 1) for k, v in disk.items()}
     report["uptime_after"] = uptime()
