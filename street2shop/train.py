@@ -151,8 +151,16 @@ def steps_per_epoch(config: TrainConfig, replicas: int) -> int:
     return steps
 
 
-def build_datasets(config: TrainConfig, data: TrainingData, steps: int, initial_epoch: int) -> tuple[Any, Any, int | None]:
-    """``(train_ds, val_ds, val_steps)``: the pair datasets of ``data`` (validation None when there is none)."""
+def build_datasets(config: TrainConfig, data: TrainingData, steps: int, initial_epoch: int, strategy: Any = None) -> tuple[Any, Any, int | None]:
+    """``(train_ds, val_ds, val_steps)``: the pair datasets of ``data`` (validation None when there is none).
+
+    With a ``strategy`` of several replicas, each input pipeline (one per
+    worker) builds only its share of every plan (``PairPlan.shard``), batched
+    per replica: a step's batches over all replicas are the plan's next
+    global batch, exactly what one process would train on, and no pair goes
+    to two workers. Pipeline ``i`` augments with seed ``seed + i``, so the
+    workers do not draw the same transformations.
+    """
     from street2shop.data.pairs import PairPlanner
     from street2shop.data.pipeline import AugmentConfig, pair_dataset
 
@@ -162,11 +170,23 @@ def build_datasets(config: TrainConfig, data: TrainingData, steps: int, initial_
     class_weights = (config.loss.w_product, config.loss.w_cls)
     with_classes = bool(data.num_classes)
     planner = PairPlanner(data.train, config.data.pair_config(steps * fc.batch_size, fc.seed), **planner_args)
-    train_ds = pair_dataset(
-        planner.plan, image_size=config.data.image_size, batch_size=fc.batch_size, start_epoch=initial_epoch,
-        augment=AugmentConfig(street=config.data.street_augment, shop=config.data.shop_augment, seed=fc.seed),
-        with_classes=with_classes, pair_weights=weights, class_weights=class_weights,
-    )
+    distributed = strategy is not None and strategy.num_replicas_in_sync > 1
+
+    def distribute(make):  # make(batch_size, index, count) -> the dataset of input pipeline index of count
+        if not distributed:
+            return make(fc.batch_size, 0, 1)
+        return strategy.distribute_datasets_from_function(
+            lambda context: make(context.get_per_replica_batch_size(fc.batch_size), context.input_pipeline_id, context.num_input_pipelines))
+
+    def train_pipeline(batch_size, index, count):
+        return pair_dataset(
+            lambda epoch: planner.plan(epoch).shard(batch_size, index, count), image_size=config.data.image_size,
+            batch_size=batch_size, start_epoch=initial_epoch,
+            augment=AugmentConfig(street=config.data.street_augment, shop=config.data.shop_augment, seed=fc.seed + index),
+            with_classes=with_classes, pair_weights=weights, class_weights=class_weights,
+        )
+
+    train_ds = distribute(train_pipeline)
     if data.val and 0 < config.data.val_pairs < fc.batch_size:
         logger.warning("val_pairs %d < batch_size %d: training without validation", config.data.val_pairs, fc.batch_size)
     if not data.val or config.data.val_pairs < fc.batch_size:
@@ -177,9 +197,13 @@ def build_datasets(config: TrainConfig, data: TrainingData, steps: int, initial_
         logger.warning("no validation pairs: %s", e)
         return train_ds, None, None
     val_plan = val_planner.plan(0)
-    val_ds = pair_dataset(lambda _epoch: val_plan, image_size=config.data.image_size, batch_size=fc.batch_size, epochs=1,
-                          with_classes=with_classes, pair_weights=weights, class_weights=class_weights)
-    return train_ds, val_ds, len(val_plan) // fc.batch_size
+
+    def val_pipeline(batch_size, index, count):
+        share = val_plan.shard(batch_size, index, count)
+        return pair_dataset(lambda _epoch: share, image_size=config.data.image_size, batch_size=batch_size, epochs=1,
+                            with_classes=with_classes, pair_weights=weights, class_weights=class_weights)
+
+    return train_ds, distribute(val_pipeline), len(val_plan) // fc.batch_size
 
 
 def build_losses_and_metrics(config: TrainConfig, num_classes: int | None):
@@ -334,7 +358,7 @@ def train(
     initial_epoch = _resume_epoch(out / "backup")
     if initial_epoch:
         logger.info("resuming %s at epoch %d", out, initial_epoch + 1)
-    train_ds, val_ds, val_steps = build_datasets(config, data, steps, initial_epoch)
+    train_ds, val_ds, val_steps = build_datasets(config, data, steps, initial_epoch, strategy)
     with strategy.scope():
         model = build_model(config, data.num_classes)
     monitor = "val_loss" if val_ds is not None else "loss"
