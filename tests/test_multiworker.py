@@ -1,13 +1,35 @@
-"""Training on several workers: the pair plans dealt to input pipelines."""
+"""Training on several workers: the pair plans dealt to input pipelines, who writes where, and real worker processes.
 
+The slow tests start two ``MultiWorkerMirroredStrategy`` workers on loopback,
+each a process with its own ``TF_CONFIG`` (ports picked free), as the README's
+cluster recipe does.
+"""
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from street2shop.callbacks import RestoreFromChief
+from street2shop.cluster import WorkerRole, worker_role, worker_write_dir
 from street2shop.data.pairs import PairPlan
 from street2shop.errors import ConfigError
+from street2shop.export import load_checkpoint
 from street2shop.train import build_datasets, load_training_data
 from tests.test_train import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def numbered_plan(rows):
@@ -68,3 +90,185 @@ def test_input_pipelines_together_train_on_the_global_batches_of_one_process(syn
             shares = [next(it) for it in iterators for _ in range(per_pipeline)]
             assert all(len(y["distance"]) == 8 // replicas for _, y, _ in shares)
             assert _rows(shares) == _rows([batch]), f"step {step}: the pipelines' batches are not the one process's batch"
+
+
+def test_a_worker_restores_from_the_chiefs_backup_and_backs_up_to_its_own_folder(tmp_path):
+    x = np.random.default_rng(0).normal(size=(8, 3)).astype("float32")
+    y = x.sum(axis=1, keepdims=True)
+
+    def model(seed):
+        keras.utils.set_random_seed(seed)
+        m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+        m.compile(optimizer="sgd", loss="mse")
+        return m
+
+    chief_backup, own_backup = tmp_path / "out" / "backup", tmp_path / "worker" / "backup"
+    chief = model(0)
+    chief.fit(x, y, epochs=2, batch_size=4, verbose=0, callbacks=[keras.callbacks.BackupAndRestore(str(chief_backup), delete_checkpoint=False)])
+    chief_files = {p.name: p.read_bytes() for p in chief_backup.iterdir()}
+
+    worker = model(1)
+    assert not np.allclose(worker.get_weights()[0], chief.get_weights()[0])
+    seen = []
+
+    def on_epoch_begin(epoch, logs=None):
+        seen.append((epoch, [w.copy() for w in worker.get_weights()]))
+
+    def on_epoch_end(epoch, logs=None):
+        seen.append(json.loads((own_backup / "training_metadata.json").read_text()))
+
+    history = worker.fit(x, y, epochs=4, batch_size=4, verbose=0,
+                         callbacks=[RestoreFromChief(str(own_backup), str(chief_backup)),
+                                    keras.callbacks.LambdaCallback(on_epoch_begin=on_epoch_begin, on_epoch_end=on_epoch_end)])
+    assert history.epoch == [2, 3]  # resumed where the chief's backup stands
+    assert seen[0][0] == 2
+    for resumed, saved in zip(seen[0][1], chief.get_weights()):
+        np.testing.assert_array_equal(resumed, saved)
+    assert seen[1] == {"epoch": 3, "batch": 0} and seen[3] == {"epoch": 4, "batch": 0}  # its own backup, every epoch
+    assert not own_backup.exists()  # removed at the end, like any finished run's
+    assert {p.name: p.read_bytes() for p in chief_backup.iterdir()} == chief_files  # the chief's: read, never written
+
+
+def test_worker_roles_from_the_cluster():
+    def role(cluster, task_type, task_id):
+        resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(tf.train.ClusterSpec(cluster), task_type=task_type, task_id=task_id)
+        return worker_role(types.SimpleNamespace(cluster_resolver=resolver))
+
+    workers = {"worker": ["h0:1", "h1:1", "h2:1"]}
+    with_chief = {"chief": ["c:1"], "worker": ["h0:1", "h1:1"]}
+    assert worker_role(types.SimpleNamespace()) == WorkerRole(0, 1, True)
+    assert role(workers, "worker", 0) == WorkerRole(0, 3, True)
+    assert role(workers, "worker", 2) == WorkerRole(2, 3, False)
+    assert role(with_chief, "chief", 0) == WorkerRole(0, 3, True)
+    assert role(with_chief, "worker", 0) == WorkerRole(1, 3, False)
+    assert role(with_chief, "worker", 1) == WorkerRole(2, 3, False)
+    with pytest.raises(ConfigError, match="'ps'"):
+        role({"worker": ["h0:1"], "ps": ["p:1"]}, "ps", 0)
+
+
+def test_only_the_chief_writes_to_the_output_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    out = tmp_path / "run"
+    assert worker_write_dir(out, WorkerRole(0, 2, True)) == out
+    first = worker_write_dir(out, WorkerRole(1, 2, False))
+    assert first.parent == tmp_path / "tmp" and first.is_dir() and not out.exists()
+    (first / "left-by-a-killed-run").write_text("x")
+    again = worker_write_dir(out, WorkerRole(1, 2, False))
+    assert again == first and list(again.iterdir()) == []  # the same folder, emptied
+    assert worker_write_dir(out, WorkerRole(2, 3, False)) != first
+    assert worker_write_dir(tmp_path / "other", WorkerRole(1, 2, False)) != first
+
+
+# --------------------------------------------------------------------------- real worker processes
+
+TINY = dict(backbone="mobilenet_v3_small", weights="none", image_size=32, embedding_dim=8, pairs_per_epoch=16, val_pairs=8,
+            batch_size=8, epochs=2, learning_rate=1e-3, street_augment=0.5, shop_augment=0.3)
+
+# Trains like `street2shop train`, and SIGKILLs itself at the end of a given batch of a given epoch.
+KILLABLE_WORKER = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    import keras
+        from street2shop.train import train
+
+    class KillAt(keras.callbacks.Callback):
+        def __init__(self, epoch, batch):
+            super().__init__()
+            self.at, self.epoch = (epoch, batch), None
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+        def on_train_batch_end(self, batch, logs=None):
+            if (self.epoch, batch) == self.at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    kill = json.loads(sys.argv[2])
+    train(TrainConfig().replace(**json.loads(sys.argv[1])), extra_callbacks=[KillAt(*kill)] if kill else [], verbose=0)
+    """
+)
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def run_workers(commands, logs, tmpdir, timeout=900):
+    """Runs one process per command as the workers of a loopback cluster; returns their exit codes and pids.
+
+    ``timeout`` only guards against a hang (the test fails then): the verdict never depends on speed.
+    """
+    ports = free_ports(len(commands))
+    procs = []
+    for i, command in enumerate(commands):
+        tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": i}}
+        env = dict(os.environ, TF_CONFIG=json.dumps(tf_config), TMPDIR=str(tmpdir), TF_CPP_MIN_LOG_LEVEL="2")
+        with open(logs / f"worker{i}.out", "w") as stdout, open(logs / f"worker{i}.err", "w") as stderr:
+            procs.append(subprocess.Popen(command, env=env, cwd=ROOT, stdout=stdout, stderr=stderr))
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"workers still running after {timeout} s; stderr of worker 0: {(logs / 'worker0.err').read_text()[-3000:]}")
+    return codes, [p.pid for p in procs]
+
+
+def cli_command(values, *extra):
+    flags = [part for key, value in values.items() for part in ("--" + key.replace("_", "-"), str(value))]
+    return [sys.executable, "-m", "street2shop", "train", "--json", *flags, *extra]
+
+
+def logged_epochs(out):
+    with open(out / "log.csv") as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+@pytest.mark.slow
+def test_two_workers_resume_after_one_is_killed_and_leave_only_the_chiefs_files(synth_dataset, tmp_path):
+    out, tmpdir = tmp_path / "run", tmp_path / "tmp"
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "resumed").mkdir()
+    tmpdir.mkdir()
+    values = dict(TINY, manifest=str(synth_dataset), output_dir=str(out))
+
+    # Worker 1 is killed after the first batch of epoch 2; the chief then stops on its own (its peer's heartbeats stop).
+    killable = [[sys.executable, "-c", KILLABLE_WORKER, json.dumps(values), json.dumps(kill)] for kill in (None, [1, 0])]
+    codes, killed_pids = run_workers(killable, tmp_path / "killed", tmpdir)
+    assert codes[1] == -signal.SIGKILL
+    assert codes[0] not in (0, None), "the chief finished although a worker was killed"
+    assert json.loads((out / "backup" / "training_metadata.json").read_text())["epoch"] == 1
+    assert logged_epochs(out) == [0]
+    assert [p.name for p in tmpdir.iterdir() if p.name.endswith("-worker1")], "the killed worker's temporary folder"
+
+    # Both started again with the same command (the README's recipe): they resume at epoch 2.
+    codes, resumed_pids = run_workers([cli_command(values)] * 2, tmp_path / "resumed", tmpdir)
+    assert codes == [0, 0], (tmp_path / "resumed" / "worker0.err").read_text()[-3000:]
+    for i in range(2):
+        summary = json.loads((tmp_path / "resumed" / f"worker{i}.out").read_text())
+        assert summary["epochs_run"] == 1 and np.isfinite(summary["final"]["loss"]), summary
+    assert logged_epochs(out) == [0, 1]
+    assert sorted(p.name for p in out.iterdir()) == ["best.keras", "config.toml", "last.keras", "log.csv", "tensorboard"]
+    writers = {int(p.name.split(".")[-3]) for p in (out / "tensorboard").rglob("events.out.tfevents.*")}
+    assert writers and writers <= {killed_pids[0], resumed_pids[0]}, "only the chiefs write TensorBoard logs"
+    assert not [p.name for p in tmpdir.iterdir() if p.name.startswith("street2shop-")], "temporary folders removed"
+
+    model = load_checkpoint(out / "best.keras")
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    distance = np.asarray(model({"image_a": pixels, "image_b": pixels[::-1]}, training=False)["distance"])
+    assert distance.shape[0] == 2 and np.all(np.isfinite(distance))
+
+
+@pytest.mark.slow
+def test_workers_that_disagree_stop_before_training(synth_dataset, tmp_path):
+    out = tmp_path / "run"
+    values = dict(TINY, manifest=str(synth_dataset), output_dir=str(out))
+    codes, _ = run_workers([cli_command(values), cli_command(values, "--seed", "1")], tmp_path, tmp_path)
+    assert codes == [2, 2]
+    for i in range(2):
+        assert "the workers disagree on config" in (tmp_path / f"worker{i}.err").read_text()
+    assert not out.exists()
