@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -383,6 +384,27 @@ def train(
             shutil.rmtree(write, ignore_errors=True)
 
 
+def _warn_if_the_quantile_cannot_drop(config: TrainConfig, data: TrainingData, replicas: int) -> None:
+    """Warns when each replica's share of a batch has too few positives for the robust loss's quantile to drop one.
+
+    The quantile is taken per replica (``RobustContrastiveLoss``), so with
+    ``n`` positives in a replica's share it drops ``floor((1 − q)·n)`` of them:
+    none below ``1/(1 − q)`` positives (10 at q = 0.9).
+    """
+    q = config.loss.get("positive_quantile")
+    if config.loss.loss != "robust" or q is None or q >= 1.0:
+        return
+    pos, _, aux = config.data.pair_config(config.data.pairs_per_epoch, config.fit.seed).fractions(data.auxiliary is not None)
+    share = pos + aux / 2  # about half the auxiliary pairs are positives
+    positives = config.fit.batch_size / replicas * share
+    if share > 0 and math.floor((1.0 - q) * positives + 1e-6) < 1:
+        needed = replicas * math.ceil(1.0 / ((1.0 - q) * share) - 1e-6)
+        logger.warning(
+            "robust loss: the %g quantile is taken over each replica's share of the batch, about %.0f positive pairs "
+            "(batch_size %d over %d replica(s)): too few to drop one, so it drops (almost) nothing. "
+            "batch_size %d or more lets it drop the farthest positives", q, positives, config.fit.batch_size, replicas, needed)
+
+
 def _fit(config: TrainConfig, strategy: Any, data: TrainingData, steps: int, out: Path, write: Path, initial_epoch: int,
          multi_worker: bool, extra_callbacks: list[Any] | None, verbose: int | str) -> TrainResult:
     """The rest of :func:`train`, once this worker knows where it reads the run's state (``out``) and writes (``write``)."""
@@ -402,6 +424,7 @@ def _fit(config: TrainConfig, strategy: Any, data: TrainingData, steps: int, out
         model = build_model(config, data.num_classes)
     monitor = "val_loss" if val_ds is not None else "loss"
     callbacks = build_callbacks(config, model, out, initial_epoch, monitor, write) + list(extra_callbacks or [])
+    _warn_if_the_quantile_cannot_drop(config, data, replicas)
 
     tasks = " and ".join(f"{n} {kind} classes" for n, kind in ((data.auxiliary_classes, "auxiliary"), (len(data.product_labels or ()), "product")) if n)
     logger.info(

@@ -23,10 +23,11 @@ import tensorflow as tf
 
 from street2shop.callbacks import RestoreFromChief
 from street2shop.cluster import WorkerRole, worker_role, worker_write_dir
+from street2shop.config import TrainConfig
 from street2shop.data.pairs import PairPlan
 from street2shop.errors import ConfigError
 from street2shop.export import load_checkpoint
-from street2shop.train import build_datasets, load_training_data
+from street2shop.train import TrainingData, _warn_if_the_quantile_cannot_drop, build_datasets, load_training_data
 from tests.test_train import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,6 +160,24 @@ def test_only_the_chief_writes_to_the_output_dir(tmp_path, monkeypatch):
     assert worker_write_dir(tmp_path / "other", WorkerRole(1, 2, False)) != first
 
 
+@pytest.mark.parametrize("batch_size, replicas, loss, needed", [
+    (32, 2, "robust", 40),  # 8 positives per replica: floor(0.1 * 8) = 0 dropped
+    (40, 2, "robust", None),  # 10 per replica: 1 dropped
+    (16, 1, "robust", 20),
+    (32, 1, "robust", None),
+    (32, 2, "contrastive", None),
+])
+def test_warns_when_a_replicas_share_of_the_batch_is_too_small_for_the_quantile(caplog, batch_size, replicas, loss, needed):
+    config = TrainConfig().replace(batch_size=batch_size, loss=loss)  # half the pairs positive, q = 0.9
+    with caplog.at_level("WARNING", logger="street2shop.train"):
+        _warn_if_the_quantile_cannot_drop(config, TrainingData([], []), replicas)
+    warnings = [r.getMessage() for r in caplog.records]
+    if needed is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and f"batch_size {needed} or more" in warnings[0], warnings
+
+
 # --------------------------------------------------------------------------- real worker processes
 
 TINY = dict(backbone="mobilenet_v3_small", weights="none", image_size=32, embedding_dim=8, pairs_per_epoch=16, val_pairs=8,
@@ -169,7 +188,8 @@ KILLABLE_WORKER = textwrap.dedent(
     """
     import json, os, signal, sys
     import keras
-        from street2shop.train import train
+    from street2shop.config import TrainConfig
+    from street2shop.train import train
 
     class KillAt(keras.callbacks.Callback):
         def __init__(self, epoch, batch):
