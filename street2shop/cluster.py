@@ -105,7 +105,7 @@ def check_workers_agree(strategy: Any, facts: Mapping[str, Any]) -> None:
     if any(not -(2**31) <= v < 2**31 for v in local):
         raise ConfigError(f"facts compared across workers must fit an int32. Received: {dict(zip(names, local))}")
     mine = tf.constant(local, tf.int32)
-    gathered = strategy.gather(strategy.run(lambda: tf.identity(mine)), axis=0)
+    gathered = tf.function(lambda: strategy.gather(strategy.run(lambda: tf.identity(mine)), axis=0))()
     table = np.asarray(gathered).reshape(-1, len(names))
     differ = [name for j, name in enumerate(names) if len(set(table[:, j].tolist())) > 1]
     if differ:
@@ -137,7 +137,8 @@ def _mean_over_replicas(original: Any) -> Any:
     def reduce_per_replica(values: Any, strategy: Any, reduction: str) -> Any:
         multi = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and worker_role(strategy).count > 1
         flat = tf.nest.flatten(values)
-        if not multi or reduction not in ("auto", "mean") or not flat or any(v.shape.rank != 0 for v in flat):
+        if not multi or reduction not in ("auto", "mean") or not flat or any(
+                strategy.experimental_local_results(v)[0].shape.rank != 0 for v in flat):
             return original(values, strategy, reduction=reduction)
         dtypes = [v.dtype for v in flat]
         stacked = strategy.run(lambda *vs: tf.stack([tf.cast(v, tf.float32) for v in vs]), args=tuple(flat))
@@ -170,3 +171,23 @@ def multi_worker_fit(model: Any) -> Iterator[None]:
     finally:
         trainer.reduce_per_replica = original
         del model._maybe_symbolic_build
+
+
+def loopback_tf_configs(count: int) -> list[str]:
+    """``TF_CONFIG`` values for a cluster of ``count`` workers on this machine (free loopback ports; worker 0 is the chief).
+
+    For tests and benchmarks. The ports are free when picked; another
+    program could take one before the workers bind it.
+    """
+    import json
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        workers = [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+    return [json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}) for i in range(count)]

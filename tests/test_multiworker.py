@@ -9,7 +9,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,8 +21,8 @@ import pytest
 import tensorflow as tf
 
 from street2shop.callbacks import RestoreFromChief
-from street2shop.cluster import WorkerRole, worker_role, worker_write_dir
-from street2shop.config import TrainConfig
+from street2shop.cluster import WorkerRole, loopback_tf_configs, worker_role, worker_write_dir
+from street2shop.config import TrainConfig, save_config
 from street2shop.data.pairs import PairPlan
 from street2shop.errors import ConfigError
 from street2shop.export import load_checkpoint
@@ -147,6 +146,14 @@ def test_worker_roles_from_the_cluster():
         role({"worker": ["h0:1"], "ps": ["p:1"]}, "ps", 0)
 
 
+def test_loopback_cluster_configs():
+    configs = [json.loads(c) for c in loopback_tf_configs(3)]
+    workers = configs[0]["cluster"]["worker"]
+    assert [c["task"] for c in configs] == [{"type": "worker", "index": i} for i in range(3)]
+    assert all(c["cluster"] == {"worker": workers} for c in configs)
+    assert len(set(workers)) == 3 and all(w.startswith("127.0.0.1:") and int(w.split(":")[1]) > 0 for w in workers)
+
+
 def test_only_the_chief_writes_to_the_output_dir(tmp_path, monkeypatch):
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
     out = tmp_path / "run"
@@ -188,7 +195,7 @@ KILLABLE_WORKER = textwrap.dedent(
     """
     import json, os, signal, sys
     import keras
-    from street2shop.config import TrainConfig
+    from street2shop.config import TrainConfig, save_config
     from street2shop.train import train
 
     class KillAt(keras.callbacks.Callback):
@@ -207,26 +214,14 @@ KILLABLE_WORKER = textwrap.dedent(
 )
 
 
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def run_workers(commands, logs, tmpdir, timeout=900):
     """Runs one process per command as the workers of a loopback cluster; returns their exit codes and pids.
 
     ``timeout`` only guards against a hang (the test fails then): the verdict never depends on speed.
     """
-    ports = free_ports(len(commands))
     procs = []
-    for i, command in enumerate(commands):
-        tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": i}}
-        env = dict(os.environ, TF_CONFIG=json.dumps(tf_config), TMPDIR=str(tmpdir), TF_CPP_MIN_LOG_LEVEL="2")
+    for i, (command, tf_config) in enumerate(zip(commands, loopback_tf_configs(len(commands)))):
+        env = dict(os.environ, TF_CONFIG=tf_config, TMPDIR=str(tmpdir), TF_CPP_MIN_LOG_LEVEL="2")
         with open(logs / f"worker{i}.out", "w") as stdout, open(logs / f"worker{i}.err", "w") as stderr:
             procs.append(subprocess.Popen(command, env=env, cwd=ROOT, stdout=stdout, stderr=stderr))
     try:
@@ -238,9 +233,9 @@ def run_workers(commands, logs, tmpdir, timeout=900):
     return codes, [p.pid for p in procs]
 
 
-def cli_command(values, *extra):
-    flags = [part for key, value in values.items() for part in ("--" + key.replace("_", "-"), str(value))]
-    return [sys.executable, "-m", "street2shop", "train", "--json", *flags, *extra]
+def cli_command(config, output_dir, *extra):
+    """The README's recipe: the same `street2shop train --config ... --output-dir ...` on every worker."""
+    return [sys.executable, "-m", "street2shop", "train", "--json", "--config", str(config), "--output-dir", str(output_dir), *extra]
 
 
 def logged_epochs(out):
@@ -266,7 +261,8 @@ def test_two_workers_resume_after_one_is_killed_and_leave_only_the_chiefs_files(
     assert [p.name for p in tmpdir.iterdir() if p.name.endswith("-worker1")], "the killed worker's temporary folder"
 
     # Both started again with the same command (the README's recipe): they resume at epoch 2.
-    codes, resumed_pids = run_workers([cli_command(values)] * 2, tmp_path / "resumed", tmpdir)
+    config = save_config(TrainConfig().replace(**values), tmp_path / "run.toml")
+    codes, resumed_pids = run_workers([cli_command(config, out)] * 2, tmp_path / "resumed", tmpdir)
     assert codes == [0, 0], (tmp_path / "resumed" / "worker0.err").read_text()[-3000:]
     for i in range(2):
         summary = json.loads((tmp_path / "resumed" / f"worker{i}.out").read_text())
@@ -286,8 +282,8 @@ def test_two_workers_resume_after_one_is_killed_and_leave_only_the_chiefs_files(
 @pytest.mark.slow
 def test_workers_that_disagree_stop_before_training(synth_dataset, tmp_path):
     out = tmp_path / "run"
-    values = dict(TINY, manifest=str(synth_dataset), output_dir=str(out))
-    codes, _ = run_workers([cli_command(values), cli_command(values, "--seed", "1")], tmp_path, tmp_path)
+    config = save_config(TrainConfig().replace(**TINY, manifest=str(synth_dataset)), tmp_path / "run.toml")
+    codes, _ = run_workers([cli_command(config, out), cli_command(config, out, "--seed", "1")], tmp_path, tmp_path)
     assert codes == [2, 2]
     for i in range(2):
         assert "the workers disagree on config" in (tmp_path / f"worker{i}.err").read_text()
