@@ -195,7 +195,7 @@ KILLABLE_WORKER = textwrap.dedent(
     """
     import json, os, signal, sys
     import keras
-    from street2shop.config import TrainConfig, save_config
+    from street2shop.config import TrainConfig
     from street2shop.train import train
 
     class KillAt(keras.callbacks.Callback):
