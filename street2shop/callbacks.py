@@ -48,3 +48,25 @@ class DropWarmup(keras.callbacks.Callback):
                 if hasattr(callback, "best_weights"):
                     callback.best_weights = None
         self.active.assign(1.0 if on else 0.0)
+
+
+class RestoreFromChief(keras.callbacks.BackupAndRestore):
+    """``BackupAndRestore`` for a worker other than the chief: backs up to its own folder, restores from the chief's.
+
+    Every worker of a multi-worker run must resume from the same state, and
+    only the chief's backup (in ``output_dir``, on a file system the workers
+    share) is kept; this worker's own backup goes to ``backup_dir`` in its
+    temporary folder and is never read. The chief's is read, never written
+    or removed, here.
+    """
+
+    def __init__(self, backup_dir: str, chief_backup_dir: str) -> None:
+        super().__init__(backup_dir)
+        self.chief = keras.callbacks.BackupAndRestore(chief_backup_dir, delete_checkpoint=False)
+
+    def set_model(self, model: Any) -> None:
+        super().set_model(model)
+        self.chief.set_model(model)
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.chief.on_train_begin(logs)

@@ -14,15 +14,23 @@ Outputs in ``config.fit.output_dir``:
 Distribution goes through ``tf.distribute``: one device by default,
 ``MirroredStrategy`` over the local GPUs, ``MultiWorkerMirroredStrategy`` from
 ``TF_CONFIG``. The model and optimizer are created under the strategy's scope;
-``batch_size`` is the global batch, split across replicas.
+``batch_size`` is the global batch, split across replicas, and each worker
+reads only its share of every global batch (``build_datasets``). On several
+workers the chief writes the outputs above; the others write theirs to a
+temporary folder, remove it at the end, and resume from the chief's backup
+(``street2shop.cluster``), so ``output_dir`` must be a folder every worker
+sees at the same path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -151,8 +159,16 @@ def steps_per_epoch(config: TrainConfig, replicas: int) -> int:
     return steps
 
 
-def build_datasets(config: TrainConfig, data: TrainingData, steps: int, initial_epoch: int) -> tuple[Any, Any, int | None]:
-    """``(train_ds, val_ds, val_steps)``: the pair datasets of ``data`` (validation None when there is none)."""
+def build_datasets(config: TrainConfig, data: TrainingData, steps: int, initial_epoch: int, strategy: Any = None) -> tuple[Any, Any, int | None]:
+    """``(train_ds, val_ds, val_steps)``: the pair datasets of ``data`` (validation None when there is none).
+
+    With a ``strategy`` of several replicas, each input pipeline (one per
+    worker) builds only its share of every plan (``PairPlan.shard``), batched
+    per replica: a step's batches over all replicas are the plan's next
+    global batch, exactly what one process would train on, and no pair goes
+    to two workers. Pipeline ``i`` augments with seed ``seed + i``, so the
+    workers do not draw the same transformations.
+    """
     from street2shop.data.pairs import PairPlanner
     from street2shop.data.pipeline import AugmentConfig, pair_dataset
 
@@ -162,11 +178,23 @@ def build_datasets(config: TrainConfig, data: TrainingData, steps: int, initial_
     class_weights = (config.loss.w_product, config.loss.w_cls)
     with_classes = bool(data.num_classes)
     planner = PairPlanner(data.train, config.data.pair_config(steps * fc.batch_size, fc.seed), **planner_args)
-    train_ds = pair_dataset(
-        planner.plan, image_size=config.data.image_size, batch_size=fc.batch_size, start_epoch=initial_epoch,
-        augment=AugmentConfig(street=config.data.street_augment, shop=config.data.shop_augment, seed=fc.seed),
-        with_classes=with_classes, pair_weights=weights, class_weights=class_weights,
-    )
+    distributed = strategy is not None and strategy.num_replicas_in_sync > 1
+
+    def distribute(make):  # make(batch_size, index, count) -> the dataset of input pipeline index of count
+        if not distributed:
+            return make(fc.batch_size, 0, 1)
+        return strategy.distribute_datasets_from_function(
+            lambda context: make(context.get_per_replica_batch_size(fc.batch_size), context.input_pipeline_id, context.num_input_pipelines))
+
+    def train_pipeline(batch_size, index, count):
+        return pair_dataset(
+            lambda epoch: planner.plan(epoch).shard(batch_size, index, count), image_size=config.data.image_size,
+            batch_size=batch_size, start_epoch=initial_epoch,
+            augment=AugmentConfig(street=config.data.street_augment, shop=config.data.shop_augment, seed=fc.seed + index),
+            with_classes=with_classes, pair_weights=weights, class_weights=class_weights,
+        )
+
+    train_ds = distribute(train_pipeline)
     if data.val and 0 < config.data.val_pairs < fc.batch_size:
         logger.warning("val_pairs %d < batch_size %d: training without validation", config.data.val_pairs, fc.batch_size)
     if not data.val or config.data.val_pairs < fc.batch_size:
@@ -177,9 +205,13 @@ def build_datasets(config: TrainConfig, data: TrainingData, steps: int, initial_
         logger.warning("no validation pairs: %s", e)
         return train_ds, None, None
     val_plan = val_planner.plan(0)
-    val_ds = pair_dataset(lambda _epoch: val_plan, image_size=config.data.image_size, batch_size=fc.batch_size, epochs=1,
-                          with_classes=with_classes, pair_weights=weights, class_weights=class_weights)
-    return train_ds, val_ds, len(val_plan) // fc.batch_size
+
+    def val_pipeline(batch_size, index, count):
+        share = val_plan.shard(batch_size, index, count)
+        return pair_dataset(lambda _epoch: share, image_size=config.data.image_size, batch_size=batch_size, epochs=1,
+                            with_classes=with_classes, pair_weights=weights, class_weights=class_weights)
+
+    return train_ds, distribute(val_pipeline), len(val_plan) // fc.batch_size
 
 
 def build_losses_and_metrics(config: TrainConfig, num_classes: int | None):
@@ -261,14 +293,20 @@ def _resume_epoch(backup_dir: Path) -> int:
     return 0
 
 
-def build_callbacks(config: TrainConfig, model: Any, out: Path, initial_epoch: int, monitor: str) -> list[Any]:
-    """Backup (resume), best and last checkpoints, CSV and TensorBoard logs, NaN stop, early stopping, the robust-loss warm-up."""
+def build_callbacks(config: TrainConfig, model: Any, out: Path, initial_epoch: int, monitor: str, write_dir: Path | None = None) -> list[Any]:
+    """Backup (resume), best and last checkpoints, CSV and TensorBoard logs, NaN stop, early stopping, the robust-loss warm-up.
+
+    The run's state is read from ``out``; files are written to ``write_dir``
+    (``out`` unless given: a multi-worker run's other workers write to a
+    temporary folder, and resume from the chief's backup in ``out``).
+    """
     import keras
 
-    from street2shop.callbacks import DropWarmup
+    from street2shop.callbacks import DropWarmup, RestoreFromChief
 
     fc = config.fit
-    best, last = out / "best.keras", out / "last.keras"
+    write = write_dir or out
+    best, last = write / "best.keras", write / "last.keras"
     # A resumed run appends to its log and only replaces best.keras with a better epoch;
     # a fresh run in an old folder starts both anew.
     # The robust loss's warm-up switch (None without a warm-up). Warm-up epochs compare only
@@ -278,12 +316,13 @@ def build_callbacks(config: TrainConfig, model: Any, out: Path, initial_epoch: i
     from_epoch = warmup if initial_epoch > warmup else 0
     best_so_far = _best_logged(out / "log.csv", monitor, from_epoch=from_epoch) if initial_epoch else None
     best_checkpoint = keras.callbacks.ModelCheckpoint(str(best), monitor=monitor, save_best_only=True, initial_value_threshold=best_so_far)
+    backup = keras.callbacks.BackupAndRestore(str(out / "backup")) if write == out else RestoreFromChief(str(write / "backup"), str(out / "backup"))
     callbacks: list[Any] = [
-        keras.callbacks.BackupAndRestore(str(out / "backup")),
+        backup,
         best_checkpoint,
         keras.callbacks.ModelCheckpoint(str(last)),
-        keras.callbacks.CSVLogger(str(out / "log.csv"), append=bool(initial_epoch)),
-        keras.callbacks.TensorBoard(str(out / "tensorboard"), write_graph=False, profile_batch=0),
+        keras.callbacks.CSVLogger(str(write / "log.csv"), append=bool(initial_epoch)),
+        keras.callbacks.TensorBoard(str(write / "tensorboard"), write_graph=False, profile_batch=0),
         keras.callbacks.TerminateOnNaN(),
     ]
     if fc.early_stopping_patience:
@@ -319,26 +358,73 @@ def train(
     Returns:
         TrainResult.
     """
-    import keras
+    from street2shop.cluster import check_workers_agree, worker_role, worker_write_dir
 
     fc = config.fit
     # The strategy first: MultiWorkerMirroredStrategy must exist before any TF op runs.
     strategy = strategy or get_strategy(fc.distribution)
     replicas = strategy.num_replicas_in_sync
+    role = worker_role(strategy)
     steps = steps_per_epoch(config, replicas)
     data = load_training_data(config)  # bad data fails before anything is written
     out = Path(fc.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.toml")
-    keras.utils.set_random_seed(fc.seed)
     initial_epoch = _resume_epoch(out / "backup")
+    if role.count > 1:
+        # Every worker must draw the same plans and resume at the same epoch (from the chief's backup).
+        auxiliary_labels = None if data.auxiliary_labels is None else data.auxiliary_labels.tolist()
+        check_workers_agree(strategy, {"config": config.to_dict(), "records": (data.train, data.val, data.auxiliary, auxiliary_labels),
+                                       "resume_epoch": initial_epoch})
+    write = worker_write_dir(out, role)
+    if not role.is_chief:
+        logger.info("worker %d of %d: %s is the chief's; this worker writes to %s and removes it at the end", role.index, role.count, out, write)
+    try:
+        return _fit(config, strategy, data, steps, out, write, initial_epoch, role.count > 1, extra_callbacks, verbose)
+    finally:
+        if write != out:
+            shutil.rmtree(write, ignore_errors=True)
+
+
+def _warn_if_the_quantile_cannot_drop(config: TrainConfig, data: TrainingData, replicas: int) -> None:
+    """Warns when each replica's share of a batch has too few positives for the robust loss's quantile to drop one.
+
+    The quantile is taken per replica (``RobustContrastiveLoss``), so with
+    ``n`` positives in a replica's share it drops ``floor((1 − q)·n)`` of them:
+    none below ``1/(1 − q)`` positives (10 at q = 0.9).
+    """
+    q = config.loss.get("positive_quantile")
+    if config.loss.loss != "robust" or q is None or q >= 1.0:
+        return
+    pos, _, aux = config.data.pair_config(config.data.pairs_per_epoch, config.fit.seed).fractions(data.auxiliary is not None)
+    share = pos + aux / 2  # about half the auxiliary pairs are positives
+    positives = config.fit.batch_size / replicas * share
+    if share > 0 and math.floor((1.0 - q) * positives + 1e-6) < 1:
+        needed = replicas * math.ceil(1.0 / ((1.0 - q) * share) - 1e-6)
+        logger.warning(
+            "robust loss: the %g quantile is taken over each replica's share of the batch, about %.0f positive pairs "
+            "(batch_size %d over %d replica(s)): too few to drop one, so it drops (almost) nothing. "
+            "batch_size %d or more lets it drop the farthest positives", q, positives, config.fit.batch_size, replicas, needed)
+
+
+def _fit(config: TrainConfig, strategy: Any, data: TrainingData, steps: int, out: Path, write: Path, initial_epoch: int,
+         multi_worker: bool, extra_callbacks: list[Any] | None, verbose: int | str) -> TrainResult:
+    """The rest of :func:`train`, once this worker knows where it reads the run's state (``out``) and writes (``write``)."""
+    import keras
+
+    from street2shop.cluster import multi_worker_fit
+
+    fc = config.fit
+    replicas = strategy.num_replicas_in_sync
+    write.mkdir(parents=True, exist_ok=True)
+    save_config(config, write / "config.toml")
+    keras.utils.set_random_seed(fc.seed)
     if initial_epoch:
         logger.info("resuming %s at epoch %d", out, initial_epoch + 1)
-    train_ds, val_ds, val_steps = build_datasets(config, data, steps, initial_epoch)
+    train_ds, val_ds, val_steps = build_datasets(config, data, steps, initial_epoch, strategy)
     with strategy.scope():
         model = build_model(config, data.num_classes)
     monitor = "val_loss" if val_ds is not None else "loss"
-    callbacks = build_callbacks(config, model, out, initial_epoch, monitor) + list(extra_callbacks or [])
+    callbacks = build_callbacks(config, model, out, initial_epoch, monitor, write) + list(extra_callbacks or [])
+    _warn_if_the_quantile_cannot_drop(config, data, replicas)
 
     tasks = " and ".join(f"{n} {kind} classes" for n, kind in ((data.auxiliary_classes, "auxiliary"), (len(data.product_labels or ()), "product")) if n)
     logger.info(
@@ -347,11 +433,12 @@ def train(
         ", multi-task with " if tasks else "", tasks,
     )
     start = time.perf_counter()
-    history = model.fit(
-        train_ds, epochs=fc.epochs, steps_per_epoch=steps, validation_data=val_ds, validation_steps=val_steps,
-        shuffle=False,  # the pair plans are shuffled; tf.data input is not reshuffled by Keras anyway
-        callbacks=callbacks, verbose=verbose,
-    )
+    with multi_worker_fit(model) if multi_worker else contextlib.nullcontext():
+        history = model.fit(
+            train_ds, epochs=fc.epochs, steps_per_epoch=steps, validation_data=val_ds, validation_steps=val_steps,
+            shuffle=False,  # the pair plans are shuffled; tf.data input is not reshuffled by Keras anyway
+            callbacks=callbacks, verbose=verbose,
+        )
     seconds = time.perf_counter() - start
     epochs_run = max(0, len(history.epoch))
     pairs_per_second = epochs_run * steps * fc.batch_size / seconds if seconds > 0 else 0.0

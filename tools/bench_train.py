@@ -6,6 +6,16 @@ times training steps with (a) ``RobustContrastiveLoss`` plus its metrics and
 alternating rounds so that machine noise hits both alike. Target: (a)/(b) >= 0.95.
 
     .venv/bin/python tools/bench_train.py --image-size 96 --batch-size 32 --rounds 3 --steps 5
+
+``--workers N`` measures something else: what training on N workers costs.
+Each round trains the same run (a generated dataset, the full pipeline,
+``train()``) once in one process and once as N ``MultiWorkerMirroredStrategy``
+worker processes on loopback, on this machine's cores, with the same global
+batch; pairs/s are timed over the epochs after the first (tracing and start-up
+left out). On one machine the workers share its cores, so this shows the
+overhead of the collectives and of N processes, not a speed-up.
+
+    .venv/bin/python tools/bench_train.py --workers 2 --image-size 96 --batch-size 32 --rounds 3
 """
 
 from __future__ import annotations
@@ -29,7 +39,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round and variant")
     parser.add_argument("--out", default="")
+    parser.add_argument("--workers", type=int, default=1, help="N > 1: N loopback workers vs one process (not the loss cost)")
+    parser.add_argument("--epochs", type=int, default=3, help="--workers: epochs per run; the first is not timed")
+    parser.add_argument("--pairs-per-epoch", type=int, default=256, help="--workers: training pairs per epoch")
+    parser.add_argument("--worker-threads", type=int, default=0, help="--workers: TF intra- and inter-op threads per worker process (0 = TF's default)")
     args = parser.parse_args()
+    if args.workers > 1:
+        return bench_workers(args)
 
     import keras
     import numpy as np
@@ -65,6 +81,91 @@ def main() -> int:
         "robust_pairs_per_s": round(pairs["robust"], 2), "plain_pairs_per_s": round(pairs["plain"], 2),
         "ratio": round(pairs["robust"] / pairs["plain"], 3),
         "robust_round_s": [round(t, 2) for t in times["robust"]], "plain_round_s": [round(t, 2) for t in times["plain"]],
+    }
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+# One training run; prints the chief's epoch times. Every worker process runs it with its own TF_CONFIG.
+TIMED_RUN = """
+import json, sys, time
+import keras
+from street2shop.config import TrainConfig
+from street2shop.train import train
+
+class EpochTimes(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self.start)
+
+timer = EpochTimes()
+result = train(TrainConfig().replace(**json.loads(sys.argv[1])), extra_callbacks=[timer], verbose=0)
+print("EPOCH_SECONDS " + json.dumps({"seconds": timer.seconds, "loss": result.history["loss"]}))
+"""
+
+
+def _timed_run(values: dict, workers: int, threads: int, logs: Path) -> dict:
+    """Runs ``TIMED_RUN`` as ``workers`` processes (a loopback cluster when > 1); the chief's epoch times and losses."""
+    import subprocess
+
+    from street2shop.cluster import loopback_tf_configs
+
+    configs = loopback_tf_configs(workers) if workers > 1 else [""]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    if threads:
+        env.update(TF_NUM_INTRAOP_THREADS=str(threads), TF_NUM_INTEROP_THREADS=str(threads))
+    procs = []
+    for i, tf_config in enumerate(configs):
+        with open(logs / f"w{workers}-{i}.out", "w") as out, open(logs / f"w{workers}-{i}.err", "w") as err:
+            procs.append(subprocess.Popen([sys.executable, "-c", TIMED_RUN, json.dumps(values)], stdout=out, stderr=err,
+                                          env=dict(env, TF_CONFIG=tf_config)))
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"a run of {workers} worker(s) failed ({codes}); see {logs}/w{workers}-*.err")
+    line = next(line for line in (logs / f"w{workers}-0.out").read_text().splitlines() if line.startswith("EPOCH_SECONDS "))
+    return json.loads(line.split(" ", 1)[1])
+
+
+def bench_workers(args: argparse.Namespace) -> int:
+    """``--workers N``: the same training run in one process and on N loopback workers, in alternating rounds."""
+    import tempfile
+
+    from street2shop.data.synthetic import generate
+
+    if args.epochs < 2:
+        raise SystemExit("--epochs must be >= 2 (the first epoch is not timed)")
+    load = [os.getloadavg()]
+    with tempfile.TemporaryDirectory(prefix="bench-workers-") as tmp:
+        tmp = Path(tmp)
+        generate(tmp / "data", products=40, street_per_product=6, image_size=max(128, args.image_size), seed=0)
+        values = dict(manifest=str(tmp / "data" / "manifest.csv"), backbone=args.backbone, weights="none", image_size=args.image_size,
+                      batch_size=args.batch_size, pairs_per_epoch=args.pairs_per_epoch, epochs=args.epochs, val_pairs=0)
+        variants = {"one_process": 1, f"{args.workers}_workers": args.workers}
+        timed: dict[str, list[float]] = {name: [] for name in variants}
+        losses: dict[str, list[list[float]]] = {name: [] for name in variants}
+        for r in range(args.rounds):
+            for name, workers in variants.items():
+                run = dict(values, output_dir=str(tmp / f"run-{name}-{r}"))
+                (tmp / f"logs-{r}").mkdir(exist_ok=True)
+                epochs = _timed_run(run, workers, args.worker_threads if workers > 1 else 0, tmp / f"logs-{r}")
+                timed[name].append(sum(epochs["seconds"][1:]))
+                losses[name].append([round(v, 4) for v in epochs["loss"]])
+                print(f"round {r + 1}: {name}: {(args.epochs - 1) * args.pairs_per_epoch / timed[name][-1]:.2f} pairs/s", file=sys.stderr)
+            load.append(os.getloadavg())
+    pairs = {name: (args.epochs - 1) * args.pairs_per_epoch / min(t) for name, t in timed.items()}  # best round: least disturbed
+    one, many = pairs["one_process"], pairs[f"{args.workers}_workers"]
+    result = {
+        "backbone": args.backbone, "image_size": args.image_size, "global_batch_size": args.batch_size, "workers": args.workers,
+        "worker_threads": args.worker_threads or "default", "pairs_per_epoch": args.pairs_per_epoch, "timed_epochs": args.epochs - 1,
+        "rounds": args.rounds, "pairs_per_s": {name: round(v, 2) for name, v in pairs.items()}, "ratio_workers_to_one": round(many / one, 3),
+        "timed_s": {name: [round(t, 1) for t in ts] for name, ts in timed.items()}, "losses": losses,
+        "load_1_5_15": [[round(v, 2) for v in avg] for avg in load],
     }
     print(json.dumps(result, indent=2))
     if args.out:

@@ -70,6 +70,23 @@ class PairPlan:
     def as_arrays(self) -> tuple[np.ndarray, ...]:
         return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
 
+    def shard(self, batch_size: int, index: int, count: int) -> PairPlan:
+        """Input pipeline ``index`` of ``count``'s share of this plan.
+
+        The plan's consecutive runs of ``batch_size`` rows are dealt to the
+        pipelines in turn: run ``r`` goes to pipeline ``r % count``. With
+        ``batch_size`` the per-replica batch, a training step (one run per
+        replica) takes exactly the plan's next global batch, whatever the
+        number of replicas per pipeline, and no row goes to two pipelines.
+        ``count == 1`` returns the plan itself.
+        """
+        if batch_size < 1 or count < 1 or not 0 <= index < count:
+            raise ConfigError(f"shard needs batch_size >= 1 and 0 <= index < count. Received: batch_size={batch_size}, index={index}, count={count}")
+        if count == 1:
+            return self
+        keep = (np.arange(len(self)) // batch_size) % count == index
+        return PairPlan(*(array[keep] for array in self.as_arrays()))
+
     @staticmethod
     def array_dtypes():
         import tensorflow as tf
