@@ -107,7 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from street2shop.train import train
 
     config = _resolve_train_config(args)
-    result = train(config, verbose=0 if args.json else (1 if sys.stdout.isatty() else 2))
+    result = train(config, verbose=0 if args.json else "auto")
     summary = {
         "output_dir": str(result.output_dir), "best_checkpoint": str(result.best_checkpoint),
         "last_checkpoint": str(result.last_checkpoint), "epochs_run": len(next(iter(result.history.values()), [])),
@@ -245,7 +245,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from street2shop.demo import DEMO_TRAINING, DemoConfig, run_demo
 
     fields = {f.name for f in dataclasses.fields(DemoConfig)} - {"verbose", "train"}
-    config = DemoConfig(**{k: v for k, v in vars(args).items() if k in fields}, verbose=0 if args.json else 2,
+    config = DemoConfig(**{k: v for k, v in vars(args).items() if k in fields}, verbose=0 if args.json else "auto",
                         train=_resolve_train_config(args, DEMO_TRAINING))
     summary = run_demo(config)
     if args.json:
@@ -413,15 +413,17 @@ def _setup_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("street2shop").setLevel(logging.INFO if verbosity <= 1 else logging.DEBUG)
-    if verbosity < 2:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``street2shop`` console script."""
+    from street2shop.console import quiet_tensorflow, uninstall_quiet_tensorflow
+
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(getattr(args, "verbose", 0))
+    if getattr(args, "verbose", 0) < 2:
+        quiet_tensorflow()  # TensorFlow's C++ start-up lines stay off the terminal unless -vv
     try:
         return int(args.func(args) or 0)
     except Street2ShopError as e:
@@ -437,6 +439,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("street2shop: interrupted", file=sys.stderr)
         return 130
+    finally:
+        uninstall_quiet_tensorflow()
 
 
 if __name__ == "__main__":  # pragma: no cover

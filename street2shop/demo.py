@@ -45,7 +45,8 @@ class DemoConfig:
             categories are silhouettes, and ranking all products is the
             harder, more telling test.
         model_name: str. Name the stand-in server answers to.
-        verbose: int. Keras' fit verbosity (0 silent, 2 a line per epoch).
+        verbose: what is shown of training (``train``'s ``verbose``: 0 nothing,
+            1 a bar, 2 a line per epoch, "auto" a bar on a terminal).
         train: TrainConfig. The brief training (:data:`DEMO_TRAINING`); its
             ``manifest``, ``val_split``, ``output_dir`` and ``val_pairs`` are
             set by the demo.
@@ -58,7 +59,7 @@ class DemoConfig:
     street_per_product: int = 8
     by_category: bool = False
     model_name: str = "street2shop"
-    verbose: int = 2
+    verbose: int | str = "auto"
     train: TrainConfig = DEMO_TRAINING
 
     def training(self, manifest: str | Path) -> TrainConfig:
