@@ -25,7 +25,13 @@ logger = logging.getLogger("street2shop")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Adds "(default: ...)" to a flag's help unless the help already says it, or there is nothing to say (None, '', off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "(default:" in text or action.default in (None, "", False):
+            return text
+        return super()._get_help_string(action)
 
 
 def _print_json(value: Any) -> None:
@@ -229,7 +235,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     evaluation, paths = evaluate_manifest(
         args.manifest, index=args.index, split=args.split, model=args.model or None, server=args.server or None,
         model_name=args.model_name, batch_size=args.batch_size, by_category=args.by_category, exact=args.exact,
-        out=args.out, name=args.name, progress=not args.json, config={k: v for k, v in vars(args).items() if k != "func"},
+        out=args.out, name=args.name, label_column=args.label_column, progress=not args.json,
+        config={k: v for k, v in vars(args).items() if k != "func"},
     )
     if args.json:
         _print_json({"report": {k: str(v) for k, v in paths.items()}, "skipped": evaluation.skipped, **evaluation.metrics})
@@ -387,10 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_embedder_flags(p)
     p.add_argument("--split", default="val", help="split of the street photos used as queries (Exact Street2Shop: test)")
     p.add_argument("--exact", action="store_true", help="exact search over the index's vectors instead of Annoy")
-    p.add_argument("--by-category", action=argparse.BooleanOptionalAction, default=True,
-                   help="search only the query's category (the Exact Street2Shop protocol)")
+    p.add_argument("--by-category", action=argparse.BooleanOptionalAction, default=False,
+                   help="search only the query's category (the Exact Street2Shop protocol; easier) instead of the whole catalogue")
     p.add_argument("--out", default="report", help="report folder")
     p.add_argument("--name", default="model", help="name of this run in the report")
+    p.add_argument("--label-column", default=None,
+                   help="manifest column that names products in the report (default: product_name when there is one; '' for ids)")
 
     p = command(sub, "demo", cmd_demo, "the whole pipeline end to end on a generated dataset (or --data)")
     from street2shop.demo import DEMO_SETS, DEMO_TRAINING, DemoConfig
