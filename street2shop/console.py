@@ -131,6 +131,7 @@ class Progress:
     def close(self, info: str = "", *, erase: bool = False) -> None:
         """Ends the bar (on its own line, or erased when ``erase``); in lines mode, a last line if any was logged.
 
+        ``erase`` is for a caller that says the outcome itself: no last bar, no last line.
         ``info`` defaults to the last update's.
         """
         if self._closed:
@@ -144,7 +145,7 @@ class Progress:
                 self._draw(info)
                 self.stream.write("\n")
             self.stream.flush()
-        elif self.mode == "lines" and self.lines:
+        elif self.mode == "lines" and self.lines and not erase:
             logger.info("%s", self._text(info))
 
 

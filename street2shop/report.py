@@ -189,6 +189,10 @@ def _name(product: str, labels: Mapping[str, str]) -> str:
     return f'<span class="name">{html.escape(product)}</span>'
 
 
+def _times(n: int) -> str:
+    return "once" if n == 1 else "twice" if n == 2 else f"{n} times"
+
+
 _STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; }
@@ -268,7 +272,7 @@ def html_page(evaluation: Any, path: str | os.PathLike[str], *, title: str, samp
     hard_rows = "".join(
         f"<tr><td>{_name(h['product_id'], labels)}</td><td>{h['found_first']} of {h['queries']}</td>"
         f"<td>{h['median_rank'] if h['median_rank'] is not None else 'not found'}</td>"
-        f"<td>{_name(h['mistaken_for']['product_id'], labels) + str(h['mistaken_for']['times']) + ' times' if h['mistaken_for'] else ''}</td></tr>"
+        f"<td>{_name(h['mistaken_for']['product_id'], labels) + _times(h['mistaken_for']['times']) if h['mistaken_for'] else ''}</td></tr>"
         for h in hardest
     )
     hard_table = (f'<h2>Products missed most often</h2><table class="hardest"><tr><th>product</th><th>found first</th>'

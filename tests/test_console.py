@@ -73,7 +73,7 @@ def test_log_files_get_a_plain_line_every_30_seconds(caplog):
     assert not any(ANSI.search(line) or "\r" in line for line in lines)
 
 
-def test_short_work_in_a_log_file_and_none_mode_say_nothing(caplog):
+def test_short_work_in_a_log_file_none_mode_and_erase_say_nothing_more(caplog):
     stream, clock = Terminal(), Clock()
     with caplog.at_level(logging.INFO, logger="street2shop.console"):
         quick = Progress(3, "embedding", mode="lines", stream=stream, clock=clock)
@@ -82,7 +82,11 @@ def test_short_work_in_a_log_file_and_none_mode_say_nothing(caplog):
         off = Progress(3, "embedding", mode="none", stream=stream, clock=clock)
         off.update(3)
         off.close()
-    assert caplog.records == [] and stream.getvalue() == ""
+        told = Progress(3, "epoch 1/2", mode="lines", stream=stream, clock=clock, every=30)
+        clock.now += 31
+        told.update(3)  # a line: 30 s have passed
+        told.close(erase=True)  # the caller says the outcome itself: no last line
+    assert [r.getMessage() for r in caplog.records] == ["epoch 1/2: 3/3, 31 s"] and stream.getvalue() == ""
 
 
 # Lines TensorFlow 2.21 writes as it starts on a machine without a GPU (copied from a real run).
