@@ -45,4 +45,4 @@ bench-retrieval: $(STAMP)
 	$(BIN)/python tools/bench_retrieval.py --seeds 0 1
 
 clean:
-	rm -rf $(VENV) build *.egg-info demo-output .pytest_cache
+	rm -rf $(VENV) build *.egg-info demo-output tour .pytest_cache

@@ -25,7 +25,13 @@ logger = logging.getLogger("street2shop")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Adds "(default: ...)" to a flag's help unless the help already says it, or there is nothing to say (None, '', off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "(default:" in text or action.default is None or action.default is False or action.default == "":
+            return text
+        return super()._get_help_string(action)
 
 
 def _print_json(value: Any) -> None:
@@ -107,7 +113,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from street2shop.train import train
 
     config = _resolve_train_config(args)
-    result = train(config, verbose=0 if args.json else (1 if sys.stdout.isatty() else 2))
+    result = train(config, verbose=0 if args.json else "auto")
     summary = {
         "output_dir": str(result.output_dir), "best_checkpoint": str(result.best_checkpoint),
         "last_checkpoint": str(result.last_checkpoint), "epochs_run": len(next(iter(result.history.values()), [])),
@@ -255,10 +261,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     evaluation, paths = evaluate_manifest(
         args.manifest, index=args.index, split=args.split, model=args.model or None, server=args.server or None,
         model_name=args.model_name, batch_size=args.batch_size, by_category=args.by_category, exact=args.exact,
-        out=args.out, name=args.name, progress=not args.json, config={k: v for k, v in vars(args).items() if k != "func"},
+        out=args.out, name=args.name, label_column=args.label_column, progress=not args.json,
+        config={k: v for k, v in vars(args).items() if k != "func"},
     )
     if args.json:
-        _print_json({"report": {k: str(v) for k, v in paths.items()}, "skipped": evaluation.skipped, **evaluation.metrics})
+        _print_json({"report": {k: str(v) for k, v in paths.items()}, "searched": evaluation.searched, "by_category": evaluation.by_category,
+                     "skipped": evaluation.skipped, **evaluation.metrics})
     else:
         print(f"{args.name}: {headline(evaluation)}")
         if evaluation.skipped:
@@ -271,7 +279,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from street2shop.demo import DEMO_TRAINING, DemoConfig, run_demo
 
     fields = {f.name for f in dataclasses.fields(DemoConfig)} - {"verbose", "train"}
-    config = DemoConfig(**{k: v for k, v in vars(args).items() if k in fields}, verbose=0 if args.json else 2,
+    config = DemoConfig(**{k: v for k, v in vars(args).items() if k in fields}, verbose=0 if args.json else "auto",
                         train=_resolve_train_config(args, DEMO_TRAINING))
     summary = run_demo(config)
     if args.json:
@@ -431,10 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_embedder_flags(p)
     p.add_argument("--split", default="val", help="split of the street photos used as queries (Exact Street2Shop: test)")
     p.add_argument("--exact", action="store_true", help="exact search over the index's vectors instead of Annoy")
-    p.add_argument("--by-category", action=argparse.BooleanOptionalAction, default=True,
-                   help="search only the query's category (the Exact Street2Shop protocol)")
+    p.add_argument("--by-category", action=argparse.BooleanOptionalAction, default=False,
+                   help="search only the query's category (the Exact Street2Shop protocol; easier) instead of the whole catalogue")
     p.add_argument("--out", default="report", help="report folder")
     p.add_argument("--name", default="model", help="name of this run in the report")
+    p.add_argument("--label-column", default=None,
+                   help="manifest column that names products in the report (default: product_name when there is one; '' for ids)")
 
     p = command(sub, "demo", cmd_demo, "the whole pipeline end to end on a generated dataset (or --data)")
     from street2shop.demo import DEMO_SETS, DEMO_TRAINING, DemoConfig
@@ -457,12 +467,12 @@ def _setup_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("street2shop").setLevel(logging.INFO if verbosity <= 1 else logging.DEBUG)
-    if verbosity < 2:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``street2shop`` console script."""
+    from street2shop.console import quiet_tensorflow, uninstall_quiet_tensorflow
+
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # only a command that passes options on to another tool (beam-embed: Beam's) takes them
@@ -470,6 +480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.pipeline_args = extra
     _setup_logging(getattr(args, "verbose", 0))
+    if getattr(args, "verbose", 0) < 2:
+        quiet_tensorflow()  # TensorFlow's C++ start-up lines stay off the terminal unless -vv
     try:
         return int(args.func(args) or 0)
     except Street2ShopError as e:
@@ -485,6 +497,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("street2shop: interrupted", file=sys.stderr)
         return 130
+    finally:
+        uninstall_quiet_tensorflow()
 
 
 if __name__ == "__main__":  # pragma: no cover

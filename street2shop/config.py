@@ -161,7 +161,7 @@ class LossConfig(_Section):
     w_pair: float = dataclasses.field(default=1.0, metadata=_help("weight of the contrastive loss on product pairs"))
     w_aux: float = dataclasses.field(default=1.0, metadata=_help("weight of the contrastive loss on auxiliary pairs"))
     w_cls: float = dataclasses.field(default=0.5, metadata=_help("weight of each softmax loss on auxiliary images"))
-    w_product: float = dataclasses.field(default=0.0, metadata=_help("weight of each softmax loss on product images: a softmax over the training products (those with street photos in the training split and a shop photo), in the auxiliary set's head if there is one; 0 = off"))
+    w_product: float = dataclasses.field(default=0.5, metadata=_help("weight of each softmax loss on product images: a softmax over the training products (those with street photos in the training split and a shop photo), in the auxiliary set's head if there is one; 0 = off (the head holds a vector per product: consider 0 for millions)"))
 
     def __post_init__(self) -> None:
         _check(self.loss in ("robust", "contrastive"), "loss", self.loss, "'robust' or 'contrastive'")

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from street2shop.console import Progress
 from street2shop.contract import ModelIdentity, check_same_model
 from street2shop.data.image import read_image_file
 from street2shop.data.records import Record
@@ -96,7 +97,7 @@ def _embed_batch(embedder: Any, records: Sequence[Record], crop_to_box: bool) ->
 
 
 def embed_records(
-    records: Sequence[Record], embedder: Any, *, batch_size: int = 32, crop_to_box: bool = True, progress: bool = False
+    records: Sequence[Record], embedder: Any, *, batch_size: int = 32, crop_to_box: bool = True, progress: bool | str = False
 ) -> RecordEmbeddings:
     """Embeds records in batches, skipping bad images (in memory; :func:`embed_catalog` persists and resumes).
 
@@ -105,11 +106,7 @@ def embed_records(
         float32 ``[len(rows), D]`` vectors, image path → reason for each
         skipped one, and the model (every batch's; two models are refused).
     """
-    bar = None
-    if progress:
-        import keras
-
-        bar = keras.utils.Progbar(len(records), unit_name="image")
+    bar = Progress(len(records), "embedding", unit="images", mode=progress)
     rows: list[int] = []
     vectors = [np.zeros((0, embedder.dimension), np.float32)]
     skipped: dict[str, str] = {}
@@ -122,8 +119,8 @@ def embed_records(
         rows += [start + r for r in batch.rows]
         vectors.append(batch.vectors)
         skipped.update(batch.skipped)
-        if bar is not None:
-            bar.add(len(records[start : start + batch_size]))
+        bar.add(len(records[start : start + batch_size]))
+    bar.close()
     if skipped:
         logger.warning("skipped %d unreadable images (%s%s)", len(skipped), "; ".join(list(skipped)[:3]), " ..." if len(skipped) > 3 else "")
     return RecordEmbeddings(rows, np.concatenate(vectors), skipped, identity)
@@ -138,7 +135,7 @@ def embed_catalog(
     batch_size: int = 32,
     in_flight: int = 2,
     crop_to_box: bool = True,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> EmbedResult:
     """Embeds ``records`` in chunks; resumes a killed run where it stopped.
 
@@ -150,7 +147,8 @@ def embed_catalog(
         batch_size: int. Images per embed call.
         in_flight: int. Embed calls running at once (use 2-8 with a server).
         crop_to_box: bool. Crop images that have a box to it.
-        progress: bool. Show a progress bar.
+        progress: bool or a :func:`~street2shop.console.progress_mode` mode. True: a bar on a
+            terminal, a log line every 30 s elsewhere.
 
     Raises:
         DataError: ``out_dir`` holds chunks of another catalogue.
@@ -189,12 +187,8 @@ def embed_catalog(
     todo = [c for c in range(n_chunks) if c not in done]
     if done:
         logger.info("resuming: %d of %d chunks already embedded in %s", len(done), n_chunks, out)
-    bar = None
-    if progress:
-        import keras
-
-        bar = keras.utils.Progbar(len(records), unit_name="image")
-        bar.update(sum(min(chunk_size, len(records) - c * chunk_size) for c in done))
+    bar = Progress(len(records), "embedding the catalogue", unit="images", mode=progress)
+    bar.update(sum(min(chunk_size, len(records) - c * chunk_size) for c in done))
 
     with ThreadPoolExecutor(max_workers=max(1, in_flight)) as pool:
         for c in todo:
@@ -211,8 +205,8 @@ def embed_catalog(
             np.savez(tmp, rows=np.array(rows, np.int64), embeddings=np.concatenate(vectors).astype(np.float32),
                      skipped=np.array(json.dumps(skipped)))
             os.replace(tmp, chunks_dir / f"chunk-{c:06d}.npz")
-            if bar is not None:
-                bar.add(len(chunk))
+            bar.add(len(chunk))
+    bar.close()
     return _assemble(records, out, n_chunks, identity, len(done))
 
 
@@ -228,7 +222,7 @@ def embed_source(
     chunk_size: int = 256,
     in_flight: int = 2,
     crop_to_box: bool = True,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> EmbedResult:
     """``street2shop embed``: the shop photos of a manifest (or a folder of images), embedded into ``out``.
 

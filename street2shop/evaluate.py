@@ -2,7 +2,9 @@
 
 Protocol (as in the street-to-shop literature): every street photo of a split
 is a query, cropped to its box when it has one; the gallery is the shop
-images, restricted to the query's category when asked (``by_category``).
+images: the whole catalogue by default (what a shop's search does), or only
+the query's category when asked (``by_category``, the Exact Street2Shop
+protocol; easier, so its figures are higher). Every report says which.
 A gallery ranking is made of images, ranked by the one rule of
 :mod:`street2shop.index.ranking` through an index (the Annoy index, or an
 exact one); it is de-duplicated by product (a product appears once, at its
@@ -24,6 +26,7 @@ are left out of every metric and counted in ``unanswerable``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -33,16 +36,19 @@ import numpy as np
 from street2shop.errors import ConfigError
 from street2shop.index import ranking
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_KS = (1, 5, 10, 20)
 
 
 @dataclasses.dataclass
 class QueryResult:
-    """One query's image ranking over its gallery (gallery row indices, best first)."""
+    """One query's image ranking over its gallery (gallery row indices, best first), and their similarities."""
 
     product_id: str
     category: str | None
     ranking: np.ndarray  # gallery rows, best first (may be truncated by an index)
+    similarities: np.ndarray | None = None  # cosine of each row of ``ranking``, when known
 
 
 def average_precision(relevant: np.ndarray, n_relevant: int | None = None) -> float:
@@ -165,6 +171,13 @@ class Evaluation:
     gallery_paths: list[str]
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
     query_boxes: list[tuple[float, float, float, float] | None] = dataclasses.field(default_factory=list)
+    by_category: bool = False  # each query searched only its category (else the whole catalogue)
+    gallery_labels: list[dict[str, str]] = dataclasses.field(default_factory=list)  # the manifest's other columns per row
+
+    @property
+    def searched(self) -> str:
+        """What each query was searched against, in words."""
+        return "the query's category only" if self.by_category else "the whole catalogue"
 
 
 def evaluate_embeddings(
@@ -177,6 +190,7 @@ def evaluate_embeddings(
     gallery_categories: Sequence[str | None] | None = None,
     query_paths: Sequence[str] = (),
     gallery_paths: Sequence[str] = (),
+    gallery_labels: Sequence[dict[str, str]] = (),
     index: Any = None,
     ks: Sequence[int] = DEFAULT_KS,
     bootstrap_samples: int = 2000,
@@ -186,7 +200,8 @@ def evaluate_embeddings(
     Categories restrict each query's gallery to its category (the Exact
     Street2Shop protocol); pass None for both to search the whole gallery.
     Returns metrics with 95% bootstrap intervals (over queries) of top-k
-    and MRR.
+    and MRR, each query's ranking with its similarities, and which of the two
+    it was (``Evaluation.by_category``).
     """
     use_categories = query_categories is not None and gallery_categories is not None and any(c is not None for c in gallery_categories)
     qc = list(query_categories) if use_categories else None
@@ -194,8 +209,8 @@ def evaluate_embeddings(
     if index is None:
         index = _gallery_index(query_embeddings, gallery_embeddings, gallery_products, gallery_categories)
     depth = len(index) if index.kind == "exact" else max(200, 10 * max(ks))
-    rankings = index.rank_images(query_embeddings, depth, categories=qc)
-    results = [QueryResult(p, qc[i] if qc else None, r) for i, (p, r) in enumerate(zip(query_products, rankings))]
+    rankings = index.rank_images(query_embeddings, depth, categories=qc, with_similarities=True)
+    results = [QueryResult(p, qc[i] if qc else None, rows, sims) for i, (p, (rows, sims)) in enumerate(zip(query_products, rankings))]
     metrics = retrieval_metrics(results, gallery_products, gallery_categories=gc, ks=ks)
     ranks = per_query_ranks(results, gallery_products)
     in_gallery = set(gallery_products)
@@ -211,7 +226,8 @@ def evaluate_embeddings(
     for k in sorted(set(ks)):
         intervals[f"top_{k}"] = bootstrap_interval([1.0 if r is not None and r <= k else 0.0 for r in answerable], samples=bootstrap_samples)
     intervals["mrr"] = bootstrap_interval([1.0 / r if r else 0.0 for r in answerable], samples=bootstrap_samples)
-    return Evaluation(metrics, intervals, ranks, results, list(query_paths), list(gallery_products), list(gallery_paths))
+    return Evaluation(metrics, intervals, ranks, results, list(query_paths), list(gallery_products), list(gallery_paths),
+                      by_category=use_categories, gallery_labels=[dict(labels) for labels in gallery_labels])
 
 
 def _gallery_index(query_embeddings: np.ndarray, gallery_embeddings: np.ndarray | None, gallery_products: Sequence[str],
@@ -235,11 +251,11 @@ def evaluate_queries(
     embedder: Any,
     index: Any,
     *,
-    by_category: bool = True,
+    by_category: bool = False,
     exact: bool = False,
     ks: Sequence[int] = DEFAULT_KS,
     batch_size: int = 32,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> Evaluation:
     """Street photo records against an indexed catalogue, embedded with ``embedder``.
 
@@ -266,6 +282,7 @@ def evaluate_queries(
     )
     evaluation.skipped = embedded.skipped
     evaluation.query_boxes = [r.box.as_ltwh() if r.box is not None else None for r in kept]
+    evaluation.gallery_labels = [dict(it.labels) for it in items]
     return evaluation
 
 
@@ -278,16 +295,20 @@ def evaluate_manifest(
     server: str | None = None,
     model_name: str = "street2shop",
     batch_size: int = 32,
-    by_category: bool = True,
+    by_category: bool = False,
     exact: bool = False,
     out: str = "report",
     name: str = "model",
-    progress: bool = False,
+    label_column: str | None = None,
+    progress: bool | str = False,
     config: dict[str, Any] | None = None,
 ) -> tuple[Evaluation, dict[str, Any]]:
     """``street2shop evaluate``: the street photos of a manifest's ``split`` against an index folder; writes the report.
 
-    The embedder (``model`` in process, or ``server``) must use the index's model.
+    The embedder (``model`` in process, or ``server``) must use the index's
+    model. Each query searches the whole catalogue unless ``by_category``.
+    ``label_column`` names products in the HTML page (see
+    :func:`street2shop.report.html_page`).
 
     Returns:
         The :class:`Evaluation` and the report's paths.
@@ -296,17 +317,20 @@ def evaluate_manifest(
     from street2shop.embedders import open_embedder
     from street2shop.errors import DataError
     from street2shop.index import load_index
-    from street2shop.report import write_report
+    from street2shop.report import label_column_of, write_report
 
-    catalogue = load_index(index)
-    if catalogue.identity is None:
-        catalogue.check_model(None)  # refuses, saying why
     records = read_manifest(manifest)
     queries = [r for r in records if r.domain == "street" and r.split == split]
     if not queries:
         splits = sorted({r.split for r in records if r.domain == "street"})
         raise DataError(f"no street photo of split {split!r} in {manifest}; its street photos are in split(s) {splits}. Received: --split {split!r}")
+    catalogue = load_index(index)
+    if catalogue.identity is None:
+        catalogue.check_model(None)  # refuses, saying why
+    label_column_of([item.labels for item in catalogue.items], label_column)  # a wrong column fails before any photo is embedded
+    if by_category and not any(item.category for item in catalogue.items):
+        logger.warning("--by-category: the index's catalogue has no categories, so each query searches the whole catalogue")
     with open_embedder(model, server, model_name=model_name, batch_size=batch_size, expected=catalogue.identity) as embedder:
         evaluation = evaluate_queries(queries, embedder, catalogue, by_category=by_category, exact=exact, batch_size=batch_size, progress=progress)
-    paths = write_report({name: evaluation}, out, config=config)
+    paths = write_report({name: evaluation}, out, config=config, label_column=label_column)
     return evaluation, paths

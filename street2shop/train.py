@@ -316,14 +316,15 @@ def build_callbacks(config: TrainConfig, model: Any, out: Path, initial_epoch: i
     from_epoch = warmup if initial_epoch > warmup else 0
     best_so_far = _best_logged(out / "log.csv", monitor, from_epoch=from_epoch) if initial_epoch else None
     best_checkpoint = keras.callbacks.ModelCheckpoint(str(best), monitor=monitor, save_best_only=True, initial_value_threshold=best_so_far)
-    backup = keras.callbacks.BackupAndRestore(str(out / "backup")) if write == out else RestoreFromChief(str(write / "backup"), str(out / "backup"))
+    # At the end of an epoch, everything that records it (log row, checkpoints) runs before the backup,
+    # which marks the epoch done: a Ctrl-C in between redoes the epoch, and the resumed run drops the
+    # log rows of epochs it redoes (_trim_log), so log.csv holds every finished epoch exactly once.
     callbacks: list[Any] = [
-        backup,
-        best_checkpoint,
-        keras.callbacks.ModelCheckpoint(str(last)),
         keras.callbacks.CSVLogger(str(write / "log.csv"), append=bool(initial_epoch)),
         keras.callbacks.TensorBoard(str(write / "tensorboard"), write_graph=False, profile_batch=0),
         keras.callbacks.TerminateOnNaN(),
+        best_checkpoint,
+        keras.callbacks.ModelCheckpoint(str(last)),
     ]
     if fc.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, patience=fc.early_stopping_patience, restore_best_weights=False))
@@ -336,7 +337,34 @@ def build_callbacks(config: TrainConfig, model: Any, out: Path, initial_epoch: i
     elif config.loss.drop_warmup_epochs:
         logger.warning("drop_warmup_epochs %d ignored: it applies to the robust loss, and this run uses the %s loss",
                        config.loss.drop_warmup_epochs, config.loss.loss)
+    # Last: see above. Another worker than the chief resumes from the chief's backup (cluster.py).
+    callbacks.append(keras.callbacks.BackupAndRestore(str(out / "backup")) if write == out
+                     else RestoreFromChief(str(write / "backup"), str(out / "backup")))
     return callbacks
+
+
+def _trim_log(log_csv: Path, initial_epoch: int) -> None:
+    """Keeps the rows of epochs before ``initial_epoch`` (0-based): a resumed run writes the others again."""
+    import csv
+    import io
+
+    from street2shop.fileio import write_atomic
+
+    try:
+        text = log_csv.read_text()
+    except FileNotFoundError:
+        return
+    lines = text.splitlines(keepends=True)
+    if not lines:
+        return
+    kept = [lines[0]]
+    for line in lines[1:]:
+        row = next(csv.reader(io.StringIO(line)), [])
+        if line.endswith("\n") and row and row[0].isdigit() and int(row[0]) < initial_epoch:
+            kept.append(line)
+    if len(kept) < len(lines):
+        logger.info("%s: dropping %d row(s) of epochs the resumed run does again", log_csv, len(lines) - len(kept))
+        write_atomic(log_csv, "".join(kept))
 
 
 def train(
@@ -352,8 +380,12 @@ def train(
         config: TrainConfig.
         strategy: a tf.distribute.Strategy to use instead of the one
             ``config.fit.distribution`` names.
-        extra_callbacks: more Keras callbacks to pass to fit.
-        verbose: Keras' fit verbosity (progress bar by default).
+        extra_callbacks: more Keras callbacks to pass to fit (they run after
+            the run's own, the backup included).
+        verbose: what is shown of ``fit`` (:class:`~street2shop.callbacks.TrainingProgress`):
+            0 nothing, 1 a progress bar and a line per epoch, 2 a line per
+            epoch (and one every 30 s within it), ``"auto"`` 1 when stderr is
+            a terminal, else 2.
 
     Returns:
         TrainResult.
@@ -369,6 +401,8 @@ def train(
     data = load_training_data(config)  # bad data fails before anything is written
     out = Path(fc.output_dir)
     initial_epoch = _resume_epoch(out / "backup")
+    if initial_epoch and role.is_chief:
+        _trim_log(out / "log.csv", initial_epoch)  # before the workers compare notes: they read it after
     if role.count > 1:
         # Every worker must draw the same plans and resume at the same epoch (from the chief's backup).
         auxiliary_labels = None if data.auxiliary_labels is None else data.auxiliary_labels.tolist()
@@ -410,6 +444,7 @@ def _fit(config: TrainConfig, strategy: Any, data: TrainingData, steps: int, out
     """The rest of :func:`train`, once this worker knows where it reads the run's state (``out``) and writes (``write``)."""
     import keras
 
+    from street2shop.callbacks import TrainingProgress
     from street2shop.cluster import multi_worker_fit
 
     fc = config.fit
@@ -423,7 +458,9 @@ def _fit(config: TrainConfig, strategy: Any, data: TrainingData, steps: int, out
     with strategy.scope():
         model = build_model(config, data.num_classes)
     monitor = "val_loss" if val_ds is not None else "loss"
-    callbacks = build_callbacks(config, model, out, initial_epoch, monitor, write) + list(extra_callbacks or [])
+    progress = {0: "none", 1: "bar", 2: "lines"}.get(verbose, verbose)  # type: ignore[call-overload]
+    callbacks = ([TrainingProgress(fc.epochs, steps, progress)] + build_callbacks(config, model, out, initial_epoch, monitor, write)
+                 + list(extra_callbacks or []))
     _warn_if_the_quantile_cannot_drop(config, data, replicas)
 
     tasks = " and ".join(f"{n} {kind} classes" for n, kind in ((data.auxiliary_classes, "auxiliary"), (len(data.product_labels or ()), "product")) if n)
@@ -437,7 +474,7 @@ def _fit(config: TrainConfig, strategy: Any, data: TrainingData, steps: int, out
         history = model.fit(
             train_ds, epochs=fc.epochs, steps_per_epoch=steps, validation_data=val_ds, validation_steps=val_steps,
             shuffle=False,  # the pair plans are shuffled; tf.data input is not reshuffled by Keras anyway
-            callbacks=callbacks, verbose=verbose,
+            callbacks=callbacks, verbose=0,  # TrainingProgress shows it
         )
     seconds = time.perf_counter() - start
     epochs_run = max(0, len(history.epoch))

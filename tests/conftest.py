@@ -13,3 +13,9 @@ def synth_dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
     generate(out, products=6, street_per_product=4, image_size=64, seed=0, categories=3)
     return out / "manifest.csv"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first (a stable sort). Under ``-n 2 --dist loadfile`` a file that takes minutes, collected
+    last, would run alone on one worker after the other has finished everything else."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -1,3 +1,4 @@
+import argparse
 import subprocess
 import sys
 
@@ -95,3 +96,49 @@ def test_beam_embed_without_apache_beam_says_which_extra(monkeypatch, tmp_path, 
     monkeypatch.setattr(builtins, "__import__", no_beam)
     assert main(["beam-embed", "m.csv", "--out", str(tmp_path), "--model", "x"]) == 2
     assert "pip install 'street2shop[beam]'" in capsys.readouterr().err
+
+
+def _options(parser, path=()):
+    """(command, action) for every option of every command, nested ones too."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _options(sub, (*path, name))
+        elif action.option_strings and action.help is not argparse.SUPPRESS:
+            yield " ".join(path), parser, action
+
+
+def test_help_says_each_default_once_and_every_option_has_help():
+    checked = 0
+    for command, parser, action in _options(build_parser()):
+        if action.dest in ("help", "version"):
+            continue
+        text = parser._get_formatter()._get_help_string(action) or ""
+        where = f"{command} {action.option_strings[0]}"
+        assert text.strip(), f"{where} has no help"
+        assert text.count("(default:") <= 1, f"{where}: {text}"
+        assert "(default: None)" not in text and "(default: )" not in text, f"{where}: {text}"
+        checked += 1
+    assert checked > 150  # the config flags of train and demo included
+
+
+def test_demo_help_explains_w_product_and_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--w-product W_PRODUCT weight of each softmax loss on product images" in out
+    assert "(default: 0.5)" in out.rsplit("--w-product W_PRODUCT", 1)[1].split(" --", 1)[0]
+
+
+def test_embed_with_a_split_that_selects_nothing_lists_the_splits_there_are(synth_dataset, tmp_path, capsys):
+    assert main(["embed", str(synth_dataset), "--split", "catalg", "--model", "unused", "--out", str(tmp_path / "emb")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no shop photo of split(s) ['catalg']" in err and "split(s) ['catalog']" in err
+    assert not (tmp_path / "emb").exists()
+
+
+def test_evaluate_with_a_missing_split_lists_the_splits_there_are(synth_dataset, tmp_path, capsys):
+    # Checked before the index is opened (there is none here) or any model is loaded.
+    assert main(["evaluate", str(synth_dataset), "--split", "test", "--index", str(tmp_path / "no-index"), "--model", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no street photo of split 'test'" in err and "split(s) ['train', 'val']" in err

@@ -396,11 +396,18 @@ class SearchIndex:
         """``_search`` for each of several checked queries (a subclass may do them together)."""
         return [self._search(q, k, by_product, excluded, search_k, rerank) for q in queries]
 
-    def rank_images(self, embeddings: np.ndarray, depth: int, *, categories: Sequence[str | None] | None = None) -> list[np.ndarray]:
-        """Each query's image ranking (rows, best first), ``depth`` images deep: what evaluation scores."""
+    def rank_images(self, embeddings: np.ndarray, depth: int, *, categories: Sequence[str | None] | None = None,
+                    with_similarities: bool = False) -> list[Any]:
+        """Each query's image ranking (rows, best first), ``depth`` images deep: what evaluation scores.
+
+        With ``with_similarities``, each is a pair ``(rows, similarities)``.
+        """
         depth = max(1, min(int(depth), len(self))) if len(self) else 1
         answers = self.query_batch(np.asarray(embeddings, np.float32), k=depth, by_product=False, categories=categories)
-        return [np.asarray([a.row for a in results], np.int64) for results in answers]
+        rows = [np.asarray([a.row for a in results], np.int64) for results in answers]
+        if not with_similarities:
+            return rows
+        return [(r, np.asarray([a.similarity for a in results], np.float64)) for r, results in zip(rows, answers)]
 
     def _filter(self, excluded: frozenset[str]) -> ranking.Filter:
         return ranking.Filter(excluded, self.dead)

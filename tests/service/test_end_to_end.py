@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.browser import launch, needs_chromium
 from tests.serving.conftest import build_tiny_savedmodel
 
 pytest.importorskip("fastapi")
@@ -139,10 +139,7 @@ def _up(port: int) -> bool:
         return False
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (Debian: apt-get install chromium; .ci/run installs it)")
+@needs_chromium
 def test_the_web_page_in_headless_chromium(deployment, synth_dataset, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -157,9 +154,7 @@ def test_the_web_page_in_headless_chromium(deployment, synth_dataset, tmp_path):
     try:
         until(lambda: _up(port) and http(f"http://127.0.0.1:{port}/readyz")[0] == 200, "the service", tmp_path / "service.log")
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync"])
+            browser = launch(p)
             page = browser.new_page(viewport={"width": 1200, "height": 900})
             page.goto(f"http://127.0.0.1:{port}/")
             page.set_input_files("#file", street.image_path)
