@@ -128,8 +128,18 @@ def _pair_config(config: TrainConfig, pairs: int, seed: int):
     )
 
 
-def build_losses_and_metrics(config: TrainConfig, num_classes: int | None):
-    """The ``loss``, ``loss_weights`` and ``metrics`` dicts for ``model.compile``."""
+NOISE_QUANTILES = (0.5, 0.6, 0.7, 0.8, 0.9)  # positive-distance quantiles logged on data with corruption flags
+
+
+def build_losses_and_metrics(config: TrainConfig, num_classes: int | None, label_noise: bool = False):
+    """The ``loss``, ``loss_weights`` and ``metrics`` dicts for ``model.compile``.
+
+    With ``label_noise`` (the training records carry corruption flags: a
+    label-noise benchmark), the pair metrics also measure what the robust
+    loss drops: its precision and recall on the corrupted positives, the mean
+    distances of clean and corrupted positives, their AUC and the positive
+    distances' quantiles ``NOISE_QUANTILES``.
+    """
     from street2shop import losses, metrics
 
     lc = config.loss
@@ -152,6 +162,11 @@ def build_losses_and_metrics(config: TrainConfig, num_classes: int | None):
     ]
     if lc.loss == "robust":
         pair_metrics += [metrics.PositiveDropRate.from_loss(pair_loss), metrics.NegativeDropRate.from_loss(pair_loss)]
+    if label_noise:
+        if lc.loss == "robust":
+            pair_metrics += [metrics.PositiveDropPrecision.from_loss(pair_loss), metrics.PositiveDropRecall.from_loss(pair_loss)]
+        pair_metrics += [metrics.MeanCleanPositiveDistance(), metrics.MeanCorruptedPositiveDistance(), metrics.CorruptedPositiveAUC()]
+        pair_metrics += [metrics.PositiveDistanceQuantile(q) for q in NOISE_QUANTILES]
     loss: dict[str, Any] = {"distance": pair_loss}
     loss_weights = {"distance": 1.0}
     metric_map: dict[str, Any] = {"distance": pair_metrics}
@@ -173,8 +188,8 @@ def build_optimizer(config: TrainConfig):
     return BackboneAdamW(learning_rate=fc.learning_rate, weight_decay=fc.weight_decay, backbone_lr_multiplier=fc.backbone_lr_multiplier)
 
 
-def build_model(config: TrainConfig, num_classes: int | None):
-    """The compiled siamese model (call under the strategy's scope)."""
+def build_model(config: TrainConfig, num_classes: int | None, label_noise: bool = False):
+    """The compiled siamese model (call under the strategy's scope); ``label_noise``: see :func:`build_losses_and_metrics`."""
     from street2shop.model.siamese import build_siamese
     from street2shop.model.tower import build_tower
 
@@ -191,11 +206,37 @@ def build_model(config: TrainConfig, num_classes: int | None):
         pooling=mc.pooling,
     )
     model = build_siamese(tower, num_classes=num_classes, classifier_scale=mc.classifier_scale or None)
-    loss, loss_weights, metric_map = build_losses_and_metrics(config, num_classes)
+    loss, loss_weights, metric_map = build_losses_and_metrics(config, num_classes, label_noise)
     optimizer = build_optimizer(config)
     optimizer.set_backbone_variables(tower.get_layer("backbone").trainable_variables)
     model.compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights, metrics=metric_map)
     return model
+
+
+def load_tower_weights(model: Any, checkpoint: str | os.PathLike[str]) -> None:
+    """Copies the tower weights of a ``.keras`` checkpoint (a siamese model or a tower) into ``model``'s tower.
+
+    Only the tower: a classifier head, its classes and the optimizer state
+    are not taken. The two towers must have the same architecture (backbone,
+    image size, embedding dimension).
+
+    Raises:
+        ConfigError: the file is missing, or its tower does not fit.
+    """
+    import keras
+
+    from street2shop.model.siamese import tower_of
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ConfigError(f"init_checkpoint not found. Received: init_checkpoint={str(checkpoint)!r}")
+    source = tower_of(keras.saving.load_model(path, compile=False))
+    target = tower_of(model)
+    try:
+        target.set_weights(source.get_weights())
+    except ValueError as e:
+        raise ConfigError(f"the tower of {path} does not fit this model's tower (backbone, image_size, embedding_dim must match): {e}") from None
+    logger.info("tower weights from %s", path)
 
 
 def _best_logged(log_csv: Path, monitor: str, from_epoch: int = 0) -> float | None:
@@ -319,7 +360,11 @@ def train(
                                   class_weights=class_weights)
 
     with strategy.scope():
-        model = build_model(config, num_classes)
+        model = build_model(config, num_classes, label_noise=planner.has_label_noise)
+        if config.model.init_checkpoint:
+            load_tower_weights(model, config.model.init_checkpoint)  # a resumed run then restores its own backup
+    if planner.has_label_noise:
+        logger.info("training records carry corruption flags (true_product_id): logging the drop's precision and recall")
 
     monitor = "val_loss" if val_ds is not None else "loss"
     best, last = out / "best.keras", out / "last.keras"
