@@ -120,6 +120,7 @@ class ModelConfig(_Section):
     dropout: float = dataclasses.field(default=0.0, metadata=_help("dropout before the projection"))
     pooling: str = dataclasses.field(default="avg", metadata=_help("global pooling: avg or max"))
     classifier_scale: float = dataclasses.field(default=16.0, metadata=_help("softmax head of multi-task: a cosine classifier with logits scale·cos(embedding, class); 0 = a plain Dense layer", unset=0.0))
+    init_checkpoint: str = dataclasses.field(default="", metadata=_help("start from the tower weights of this .keras checkpoint (e.g. another run's last.keras; same backbone, image_size and embedding_dim; the classifier head is not taken); '' = off", unset=""))
 
     def __post_init__(self) -> None:
         _check(self.backbone in BACKBONES, "backbone", self.backbone, f"one of {', '.join(BACKBONES)}")

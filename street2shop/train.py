@@ -124,6 +124,13 @@ class TrainingData:
     product_labels: dict[str, int] | None = None
 
     @property
+    def label_noise(self) -> bool:
+        """Some training record names a ``true_product_id`` other than its ``product_id`` (a label-noise benchmark)."""
+        from street2shop.data.pairs import true_product
+
+        return any(true_product(r) != r.product_id for r in self.train)
+
+    @property
     def num_classes(self) -> int | None:
         """Classes of the shared softmax head (auxiliary, then products), None without one."""
         total = self.auxiliary_classes + len(self.product_labels or ())
@@ -214,8 +221,18 @@ def build_datasets(config: TrainConfig, data: TrainingData, steps: int, initial_
     return train_ds, distribute(val_pipeline), len(val_plan) // fc.batch_size
 
 
-def build_losses_and_metrics(config: TrainConfig, num_classes: int | None):
-    """The ``loss``, ``loss_weights`` and ``metrics`` dicts for ``model.compile``."""
+NOISE_QUANTILES = (0.5, 0.6, 0.7, 0.8, 0.9)  # positive-distance quantiles logged on data with corruption flags
+
+
+def build_losses_and_metrics(config: TrainConfig, num_classes: int | None, label_noise: bool = False):
+    """The ``loss``, ``loss_weights`` and ``metrics`` dicts for ``model.compile``.
+
+    With ``label_noise`` (the training records carry corruption flags: a
+    label-noise benchmark), the pair metrics also measure what the robust
+    loss drops: its precision and recall on the corrupted positives, the mean
+    distances of clean and corrupted positives, their AUC and the positive
+    distances' quantiles ``NOISE_QUANTILES``.
+    """
     from street2shop import losses, metrics
 
     lc = config.loss
@@ -233,6 +250,11 @@ def build_losses_and_metrics(config: TrainConfig, num_classes: int | None):
     ]
     if lc.loss == "robust":
         pair_metrics += [metrics.PositiveDropRate.from_loss(pair_loss), metrics.NegativeDropRate.from_loss(pair_loss)]
+    if label_noise:
+        if lc.loss == "robust":
+            pair_metrics += [metrics.PositiveDropPrecision.from_loss(pair_loss), metrics.PositiveDropRecall.from_loss(pair_loss)]
+        pair_metrics += [metrics.MeanCleanPositiveDistance(), metrics.MeanCorruptedPositiveDistance(), metrics.CorruptedPositiveAUC()]
+        pair_metrics += [metrics.PositiveDistanceQuantile(q) for q in NOISE_QUANTILES]
     loss: dict[str, Any] = {"distance": pair_loss}
     loss_weights = {"distance": 1.0}
     metric_map: dict[str, Any] = {"distance": pair_metrics}
@@ -254,18 +276,44 @@ def build_optimizer(config: TrainConfig):
     return BackboneAdamW(learning_rate=fc.learning_rate, weight_decay=fc.weight_decay, backbone_lr_multiplier=fc.backbone_lr_multiplier)
 
 
-def build_model(config: TrainConfig, num_classes: int | None):
-    """The compiled siamese model (call under the strategy's scope)."""
+def build_model(config: TrainConfig, num_classes: int | None, label_noise: bool = False):
+    """The compiled siamese model (call under the strategy's scope); ``label_noise``: see :func:`build_losses_and_metrics`."""
     from street2shop.model.siamese import build_siamese
     from street2shop.model.tower import build_tower
 
     tower = build_tower(image_size=(config.data.image_size, config.data.image_size), **config.model.tower_kwargs())
     model = build_siamese(tower, num_classes=num_classes, classifier_scale=config.model.get("classifier_scale"))
-    loss, loss_weights, metric_map = build_losses_and_metrics(config, num_classes)
+    loss, loss_weights, metric_map = build_losses_and_metrics(config, num_classes, label_noise)
     optimizer = build_optimizer(config)
     optimizer.set_backbone_variables(tower.get_layer("backbone").trainable_variables)
     model.compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights, metrics=metric_map)
     return model
+
+
+def load_tower_weights(model: Any, checkpoint: str | os.PathLike[str]) -> None:
+    """Copies the tower weights of a ``.keras`` checkpoint (a siamese model or a tower) into ``model``'s tower.
+
+    Only the tower: a classifier head, its classes and the optimizer state
+    are not taken. The two towers must have the same architecture (backbone,
+    image size, embedding dimension).
+
+    Raises:
+        ConfigError: the file is missing, or its tower does not fit.
+    """
+    import keras
+
+    from street2shop.model.siamese import tower_of
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ConfigError(f"init_checkpoint not found. Received: init_checkpoint={str(checkpoint)!r}")
+    source = tower_of(keras.saving.load_model(path, compile=False))
+    target = tower_of(model)
+    try:
+        target.set_weights(source.get_weights())
+    except ValueError as e:
+        raise ConfigError(f"the tower of {path} does not fit this model's tower (backbone, image_size, embedding_dim must match): {e}") from None
+    logger.info("tower weights from %s", path)
 
 
 def _best_logged(log_csv: Path, monitor: str, from_epoch: int = 0) -> float | None:
@@ -456,7 +504,11 @@ def _fit(config: TrainConfig, strategy: Any, data: TrainingData, steps: int, out
         logger.info("resuming %s at epoch %d", out, initial_epoch + 1)
     train_ds, val_ds, val_steps = build_datasets(config, data, steps, initial_epoch, strategy)
     with strategy.scope():
-        model = build_model(config, data.num_classes)
+        model = build_model(config, data.num_classes, label_noise=data.label_noise)
+        if config.model.init_checkpoint:
+            load_tower_weights(model, config.model.init_checkpoint)  # a resumed run then restores its own backup
+    if data.label_noise:
+        logger.info("training records carry corruption flags (true_product_id): logging the drop's precision and recall")
     monitor = "val_loss" if val_ds is not None else "loss"
     progress = {0: "none", 1: "bar", 2: "lines"}.get(verbose, verbose)  # type: ignore[call-overload]
     callbacks = ([TrainingProgress(fc.epochs, steps, progress)] + build_callbacks(config, model, out, initial_epoch, monitor, write)

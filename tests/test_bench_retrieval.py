@@ -1,6 +1,7 @@
 """The statistics and argument handling of tools/bench_retrieval.py (no training here)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +77,190 @@ def test_the_histogram_pairs_with_every_seed(bench):
     ]
     mean, _, _, per_seed = bench._paired_difference(results, "a", "histogram", k=1, samples=200)
     assert per_seed == {0: 0.25, 5: -0.25} and mean == 0.0
+
+
+# --- label noise ------------------------------------------------------------------------------------
+
+
+def _grocery_like():
+    """3 coarse classes: A (products a1, a2), B (b1 alone) in super X, C (c1 alone) in super Y; 10 train photos each."""
+    from street2shop.data.records import Record
+
+    groups = {"a1": ("A", "X"), "a2": ("A", "X"), "b1": ("B", "X"), "c1": ("C", "Y")}
+    records = []
+    for product, (coarse, super_) in groups.items():
+        meta = {"coarse_class": coarse, "supercategory": super_}
+        records.append(Record(f"/d/shop-{product}.jpg", product, "shop", "catalog", metadata=meta))
+        records += [Record(f"/d/train-{product}-{k}.jpg", product, "street", "train", metadata=meta) for k in range(10)]
+        records += [Record(f"/d/val-{product}-{k}.jpg", product, "street", "val", metadata=meta) for k in range(3)]
+    return records, groups
+
+
+def _untouched(records, noisy, bench):
+    return [(r.image_path, r.product_id, r.domain, r.split) for r in records if not (r.split == "train" and r.domain == "street")] == \
+        [(r.image_path, r.product_id, r.domain, r.split) for r in noisy if not (r.split == "train" and r.domain == "street")]
+
+
+@pytest.mark.parametrize("kind", ["uniform", "same-category"])
+def test_corruption_rate_determinism_and_untouched_queries_and_catalogue(bench, kind):
+    records, _ = _grocery_like()
+    noisy, info = bench.corrupt_labels(records, 0.25, kind, seed=3)
+    changed = [(r, n) for r, n in zip(records, noisy) if r.product_id != n.product_id]
+    assert info["corrupted"] == len(changed) == 10 and info["street_photos"] == 40  # round(0.25 · 40)
+    assert all(r.split == "train" and r.domain == "street" for r, _ in changed)
+    assert _untouched(records, noisy, bench)
+    assert all(n.metadata["true_product_id"] == r.product_id for r, n in zip(records, noisy))  # every record says its truth
+    again, info_again = bench.corrupt_labels(records, 0.25, kind, seed=3)
+    assert [r.product_id for r in again] == [r.product_id for r in noisy] and info_again == info
+    other, info_other = bench.corrupt_labels(records, 0.25, kind, seed=4)
+    assert [r.product_id for r in other] != [r.product_id for r in noisy] and info_other["digest"] != info["digest"]
+    # nested in the rate: the photos wrong at 0.25 are wrong alike at 0.5
+    more, info_more = bench.corrupt_labels(records, 0.5, kind, seed=3)
+    assert info_more["corrupted"] == 20
+    assert all(m.product_id == n.product_id for n, m in zip(noisy, more) if n.product_id != n.metadata["true_product_id"])
+    none, info_none = bench.corrupt_labels(records, 0.0, kind, seed=3)
+    assert info_none["corrupted"] == 0 and [r.product_id for r in none] == [r.product_id for r in records]
+
+
+def test_same_category_noise_stays_in_the_category_then_the_supercategory(bench):
+    records, groups = _grocery_like()
+    noisy, info = bench.corrupt_labels(records, 1.0, "same-category", seed=0)
+    for r, n in zip(records, noisy):
+        if r.split != "train" or r.domain != "street":
+            continue
+        true, wrong = r.product_id, n.product_id
+        assert wrong != true
+        if true in ("a1", "a2"):  # the category has another product
+            assert groups[wrong][0] == "A"
+        elif true == "b1":  # alone in B: another product of supercategory X
+            assert groups[wrong][1] == "X"
+        else:  # c1 alone in C and in Y: any other product
+            assert wrong in ("a1", "a2", "b1")
+    assert info["by_group"] == {"coarse_class": 20, "supercategory": 10, "any": 10}
+    uniform, _ = bench.corrupt_labels(records, 1.0, "uniform", seed=0)
+    a_wrong = [n.product_id for r, n in zip(records, uniform) if r.split == "train" and r.product_id == "a1"]
+    assert set(a_wrong) - {"a2"}  # uniform noise leaves the category
+
+
+def test_noisy_manifest_is_written_once_and_read_back(bench, tmp_path):
+    import argparse
+
+    from street2shop.data.records import read_manifest, write_manifest
+
+    records, _ = _grocery_like()
+    images = tmp_path / "images"
+    images.mkdir()
+    from street2shop.data.records import Record
+
+    local = [Record(str(images / Path(r.image_path).name), r.product_id, r.domain, r.split, r.category, r.box, r.metadata) for r in records]
+    for r in local:
+        Path(r.image_path).write_bytes(b"x")
+    manifest = write_manifest(local, tmp_path / "manifest.csv")
+    args = argparse.Namespace(manifest=str(manifest), noise_rate=0.5, noise_kind="uniform", train_split="train")
+    path, info = bench.noisy_manifest(args, 7, tmp_path / "out")
+    noisy = read_manifest(path).records
+    assert info["corrupted"] == 20 and sum(r.product_id != r.metadata["true_product_id"] for r in noisy) == 20
+    assert _untouched(local, noisy, bench)
+    assert json.loads((tmp_path / "out" / "noise" / "manifest-seed7.json").read_text())["digest"] == info["digest"]
+    args.noise_kind = "same-category"  # another draw into the same folder is refused
+    with pytest.raises(SystemExit, match="drawn differently"):
+        bench.noisy_manifest(args, 7, tmp_path / "out")
+    args.noise_rate = 0.0
+    assert bench.noisy_manifest(args, 7, tmp_path / "other") == (str(manifest), None)
+
+
+def _args(bench, **kw):
+    import argparse
+
+    values = dict(train_split="train", backbone="inception_v3", weights="none", image_size=96, embedding_dim=128,
+                  bn_momentum=0.9, epochs=8, pairs=8192, batch_size=32, learning_rate=1e-3, aux_dir="/aux",
+                  w_product=0.5, street_street_fraction=0.0, hard_negative_fraction=0.5, positive_quantile=0.9,
+                  robust_tau=0.8, drop_warmup_epochs=2, tau_warmup=0.0, set={})
+    values.update(kw)
+    return argparse.Namespace(**values)
+
+
+def test_variant_configs_set_each_drop_rule(bench, tmp_path):
+    args = _args(bench)
+
+    def loss_of(variant, **kw):
+        config, rule = bench.variant_config(variant, 1, args, "m.csv", tmp_path, **kw)
+        lc = config.loss
+        return (lc.loss, lc.positive_quantile, lc.positive_threshold, lc.drop_warmup_epochs, bool(config.data.auxiliary_dir),
+                lc.w_product), rule
+
+    assert loss_of("plain")[0] == ("contrastive", 0.9, 0.0, 0, False, 0.0) and loss_of("plain")[1] is None
+    assert loss_of("robust")[0] == ("robust", 0.9, 0.0, 0, False, 0.0)
+    assert loss_of("robust_tau")[0] == ("robust", 0.9, 0.8, 0, False, 0.0)
+    assert loss_of("robust_warmup")[0] == ("robust", 0.9, 0.0, 2, False, 0.0)
+    assert loss_of("robust_matched", noise_rate=0.4)[0] == ("robust", pytest.approx(0.6), 0.0, 0, False, 0.0)
+    assert loss_of("robust_tau_warmup", noise_rate=0.4, tau=0.7)[0] == ("robust", 0.0, 0.7, 2, False, 0.0)
+    # with the auxiliary set a third of the pairs, half of them positive: 2/3 of the positives are product pairs
+    assert loss_of("robust_matched_multitask_products", noise_rate=0.3)[0] == ("robust", pytest.approx(0.8), 0.0, 0, True, 0.5)
+    config, rule = bench.variant_config("robust_matched", 1, args, "m.csv", tmp_path / "run", noise_rate=0.2, init_checkpoint="/t.keras")
+    assert rule == {"rule": "matched", "positive_quantile": pytest.approx(0.8), "positive_threshold": 0.0, "drop_warmup_epochs": 0}
+    assert config.model.init_checkpoint == "/t.keras" and config.fit.output_dir == str(tmp_path / "run")
+    with pytest.raises(ValueError, match="needs its τ"):
+        bench.variant_config("robust_tau_warmup", 1, args, "m.csv", tmp_path)
+    assert bench.sister("robust_tau_warmup") == "plain"
+    assert bench.sister("robust_tau_warmup_multitask_products") == "plain_multitask_products"
+
+
+def test_tau_is_read_from_the_plain_runs_last_warmup_epoch(bench, tmp_path):
+    run = tmp_path / "runs" / "plain-seed1"
+    run.mkdir(parents=True)
+    header = "epoch,loss,positive_distance_q50,positive_distance_q60,positive_distance_q70,positive_distance_q80,positive_distance_q90"
+    (run / "log.csv").write_text(header + "\n0,1.0,0.9,1.0,1.1,1.2,1.3\n1,0.5,0.4,0.5,0.6,0.7,0.8\n2,0.4,0.3,0.4,0.5,0.6,0.7\n")
+    args = _args(bench)
+    tau, info = bench.tau_for("robust_tau_warmup", 1, args, tmp_path, "m.csv", 0.4)  # epoch 2 (index 1), q60
+    assert tau == pytest.approx(0.5) and info["epoch"] == 2 and info["quantile"] == pytest.approx(0.6)
+    assert bench.tau_for("robust_tau_warmup", 1, args, tmp_path, "m.csv", 0.25)[0] == pytest.approx(0.65)  # q75: between q70 and q80
+    assert bench.logged_quantile(run / "log.csv", 1, 0.95) == pytest.approx(1.4)  # above q90: towards 2
+    assert bench.tau_for("robust_tau_warmup", 1, args, tmp_path, "m.csv", 0.0)[0] == 2.0  # no noise: nothing dropped
+    assert bench.tau_for("robust_tau_warmup", 1, _args(bench, tau_warmup=0.9), tmp_path, "m.csv", 0.4)[0] == 0.9
+    with pytest.raises(SystemExit, match="run plain for this seed first"):
+        bench.tau_for("robust_tau_warmup", 2, args, tmp_path, "m.csv", 0.4)
+    with pytest.raises(SystemExit, match="has no epoch 5"):
+        bench.logged_quantile(run / "log.csv", 4, 0.6)
+
+
+def test_one_folder_holds_one_noise_setting(bench, tmp_path):
+    def write(name, **record):
+        (tmp_path / f"result-{name}.json").write_text(json.dumps(record))
+
+    assert bench._folder_setting(tmp_path) is None
+    write("histogram-seed0", variant="histogram")
+    write("plain-seed0", variant="plain")  # before noise existed: no noise, no pretraining
+    assert bench._folder_setting(tmp_path) == {"noise_rate": 0.0, "noise_kind": None, "pretrain": "none"}
+    write("robust-seed0", variant="robust", noise={"rate": 0.0, "kind": None}, pretrain="none")
+    assert bench._folder_setting(tmp_path)["noise_rate"] == 0.0
+    write("robust-seed1", variant="robust", noise={"rate": 0.4, "kind": "uniform", "digest": "x"}, pretrain="none")
+    with pytest.raises(SystemExit, match="mixes results"):
+        bench._folder_setting(tmp_path)
+
+
+def test_noise_summary_and_the_choice_of_rule(bench, tmp_path):
+    def result(folder, variant, seed, ranks, rate=0.4, pretrain="none", history=None):
+        folder.mkdir(exist_ok=True)
+        record = {"variant": variant, "seed": seed, "ranks": ranks, "noise": {"rate": rate, "kind": "uniform"},
+                  "pretrain": pretrain, "top_k": {"1": 0.0, "5": 0.0, "20": 0.0}, "mrr": 0.0}
+        if history:
+            record.update(history=history, drop={"rule": "matched", "positive_quantile": 0.6, "positive_threshold": 0.0,
+                                                 "drop_warmup_epochs": 0})
+        (folder / f"result-{variant}-seed{seed}.json").write_text(json.dumps(record))
+
+    scratch, aux = tmp_path / "scratch", tmp_path / "aux"
+    for seed in (0, 1):
+        result(scratch, "plain", seed, [1, 9, 9, 9])
+        result(scratch, "robust", seed, [1, 1, 9, 9])  # +25 top-1, +25 top-5
+        result(aux, "plain", seed, [9, 9, 9, 9], pretrain="aux")
+        result(aux, "robust_matched", seed, [1, 1, 3, 9], pretrain="aux",  # +50 top-1, +75 top-5: the choice
+               history={"positive_drop_rate": [0.4, 0.4], "positive_drop_precision": [0.5, 0.7], "positive_drop_recall": [0.5, 0.5],
+                        "corrupted_positive_auc": [0.6, 0.8], "mean_clean_positive_distance": [0.9, 0.5],
+                        "mean_corrupted_positive_distance": [1.0, 0.9]})
+    text, choice = bench.noise_summary([scratch, aux], tmp_path / "summary")
+    assert choice["dir"] == str(aux) and choice["variant"] == "robust_matched" and choice["score"] == pytest.approx(125.0)
+    assert "| aux | uniform | 0.4 | robust_matched − plain | 0, 1 | +50.0" in text
+    assert (tmp_path / "summary" / "noise.png").is_file()
+    mechanism = bench.mechanism_table([json.loads(p.read_text()) for p in aux.glob("result-*.json")])
+    assert "| robust_matched | 40 | q 0.60 | 2 | 40.0 | 60.0 | 50.0 | 0.60 → 0.80 | 0.50 / 0.90 |" in mechanism

@@ -10,12 +10,18 @@ import tensorflow as tf
 from street2shop.errors import ConfigError
 from street2shop.losses import ContrastiveLoss, MaskedSparseCategoricalCrossentropy, RobustContrastiveLoss
 from street2shop.metrics import (
-    MeanNegativeDistance,
+    CorruptedPositiveAUC,
     MaskedSparseCategoricalAccuracy,
+    MeanCleanPositiveDistance,
+    MeanCorruptedPositiveDistance,
+    MeanNegativeDistance,
     MeanPositiveDistance,
     NegativeDropRate,
     PairAccuracy,
+    PositiveDistanceQuantile,
+    PositiveDropPrecision,
     PositiveDropRate,
+    PositiveDropRecall,
 )
 from street2shop.model.layers import PairDistance
 from tests.keras_helpers import assert_config_round_trip
@@ -288,3 +294,154 @@ def test_drop_rate_metrics_do_not_own_the_loss_switch():
         metric.reset_state()
         assert float(loss.active.numpy()) == 1.0
         assert "active" not in metric.get_config()
+
+
+# --- label noise: corrupted positives (label 2) -----------------------------------------------------
+
+
+def test_a_corrupted_positive_is_a_positive_for_every_loss_and_pair_metric():
+    from street2shop.data.pairs import CORRUPTED_POSITIVE
+
+    y1 = np.array([1, 1, 1, 0, 1, 0], "float32")
+    y2 = np.where(np.arange(6) % 2 == 0, y1 * CORRUPTED_POSITIVE, y1)  # pairs 0, 2 and 4 flagged
+    assert set(y2.tolist()) == {0.0, 1.0, 2.0}
+    d = np.array([0.2, 0.9, 0.5, 0.3, 1.1, 1.4], "float32")
+    for make in (ContrastiveLoss, lambda: RobustContrastiveLoss(positive_quantile=0.7), lambda: RobustContrastiveLoss(positive_threshold=0.6)):
+        assert float(make()(y2, d)) == pytest.approx(float(make()(y1, d)))
+    for make in (MeanPositiveDistance, MeanNegativeDistance, PairAccuracy, PositiveDropRate, NegativeDropRate,
+                 lambda: NegativeDropRate(negative_floor=0.4)):
+        one, two = make(), make()
+        one.update_state(y1, d)
+        two.update_state(y2, d)
+        assert value(two) == pytest.approx(value(one))
+
+
+def test_drop_precision_and_recall_by_hand():
+    y = np.array([1, 1, 1, 1, 2, 2, 0, 0], "float32")
+    d = np.array([0.1, 0.2, 0.3, 0.9, 1.0, 0.4, 0.5, 0.5], "float32")
+    # fixed τ = 0.35: drops 0.9 (clean), 1.0 and 0.4 (corrupted)
+    precision = PositiveDropPrecision(positive_threshold=0.35, positive_quantile=None)
+    recall = PositiveDropRecall(positive_threshold=0.35, positive_quantile=None)
+    for m in (precision, recall):
+        m.update_state(y, d)
+    assert value(precision) == pytest.approx(2 / 3) and value(recall) == pytest.approx(2 / 2)
+    # quantile 0.75 of 6 positives keeps ceil(4.5) = 5: drops only 1.0 (corrupted)
+    precision = PositiveDropPrecision(positive_quantile=0.75)
+    recall = PositiveDropRecall(positive_quantile=0.75)
+    for m in (precision, recall):
+        m.update_state(y, d)
+    assert value(precision) == 1.0 and value(recall) == pytest.approx(1 / 2)
+    # a second batch, 5 positives: keeps ceil(3.75) = 4, drops 0.8 (clean); the corrupted 0.3 is kept
+    y_b = np.array([1, 1, 1, 2, 1], "float32")
+    d_b = np.array([0.1, 0.2, 0.8, 0.3, 0.4], "float32")
+    for m in (precision, recall):
+        m.update_state(y_b, d_b)
+    assert value(precision) == pytest.approx(1 / 2) and value(recall) == pytest.approx(1 / 3)
+    # without corruption flags both read 0, however much is dropped
+    clean = PositiveDropPrecision(positive_quantile=0.5)
+    clean.update_state(np.ones(8, "float32"), np.linspace(0.1, 0.8, 8).astype("float32"))
+    assert value(clean) == 0.0
+
+
+def test_drop_precision_and_recall_from_loss_agree_with_the_loss_and_its_switch():
+    from street2shop.losses import drop_switch
+
+    rng = np.random.default_rng(7)
+    y = rng.choice([0.0, 1.0, 2.0], size=64).astype("float32")
+    d = rng.uniform(0, 1.6, 64).astype("float32")
+    loss = RobustContrastiveLoss(positive_threshold=0.5, positive_quantile=0.6)
+    loss.active = drop_switch(on=False)
+    precision, recall = PositiveDropPrecision.from_loss(loss), PositiveDropRecall.from_loss(loss)
+    assert (precision.name, recall.name) == ("positive_drop_precision", "positive_drop_recall")
+    assert (precision.positive_threshold, precision.positive_quantile) == (0.5, 0.6)
+    for m in (precision, recall):
+        m.update_state(y, d)
+    assert value(precision) == 0.0 and value(recall) == 0.0  # warm-up: nothing dropped
+    loss.active.assign(1.0)
+    for m in (precision, recall):
+        m.reset_state()
+        m.update_state(y, d)
+    _, dropped, _ = ref_robust((y > 0.5).astype(int), d, 1.0, tau=0.5, q=0.6)
+    corrupted = y == 2
+    assert dropped.sum() > (dropped & corrupted).sum() > 0
+    assert value(precision) == pytest.approx((dropped & corrupted).sum() / dropped.sum())
+    assert value(recall) == pytest.approx((dropped & corrupted).sum() / corrupted.sum())
+
+
+def test_clean_and_corrupted_mean_distances_by_hand():
+    y = np.array([1, 2, 1, 2, 0], "float32")
+    d = np.array([0.2, 1.0, 0.4, 0.6, 1.5], "float32")
+    clean, corrupted = MeanCleanPositiveDistance(), MeanCorruptedPositiveDistance()
+    for m in (clean, corrupted):
+        m.update_state(y, d)
+    assert value(clean) == pytest.approx(0.3) and value(corrupted) == pytest.approx(0.8)
+    none = MeanCorruptedPositiveDistance()
+    none.update_state(np.ones(3, "float32"), d[:3])
+    assert value(none) == 0.0
+
+
+def test_distance_quantile_by_hand_and_against_numpy():
+    m = PositiveDistanceQuantile(0.6, bins=4)  # bins of width 0.5
+    assert m.name == "positive_distance_q60" and value(m) == 0.0
+    m.update_state(np.array([1, 1, 2, 1, 0], "float32"), np.array([0.1, 0.2, 0.6, 1.2, 0.3], "float32"))
+    assert value(m) == pytest.approx(0.7)  # 2.4 of 4 positives: 0.4 of the way through [0.5, 1)
+    m.update_state(np.array([1.0], "float32"), np.array([2.0000002], "float32"))  # round-off beyond 2: the last bin
+    assert float(m.histogram[0, -1]) == 1.0
+    m.reset_state()
+    assert value(m) == 0.0
+    rng = np.random.default_rng(3)
+    d = rng.uniform(0.1, 1.5, 2000).astype("float32")
+    for q in (0.5, 0.9):
+        m = PositiveDistanceQuantile(q)  # 400 bins: width 0.005
+        m.update_state(np.ones(1000, "float32"), d[:1000])
+        m.update_state(np.ones(1000, "float32"), d[1000:])
+        assert value(m) == pytest.approx(np.quantile(d, q), abs=0.006)
+
+
+def test_corrupted_positive_auc_by_hand_and_against_pairwise_counts():
+    m = CorruptedPositiveAUC(bins=4)
+    m.update_state(np.array([1, 1, 2, 2, 0], "float32"), np.array([0.1, 0.6, 0.6, 1.2, 0.0], "float32"))
+    assert value(m) == pytest.approx(3.5 / 4)  # (0.6, 0.1) and both of 1.2 farther; (0.6, 0.6) a tie
+    rng = np.random.default_rng(5)
+    clean, corrupted = rng.uniform(0.0, 1.2, 300), rng.uniform(0.4, 1.6, 200)
+    exact = np.mean(corrupted[:, None] > clean[None, :]) + 0.5 * np.mean(corrupted[:, None] == clean[None, :])
+    m = CorruptedPositiveAUC()
+    m.update_state(np.r_[np.ones(300), np.full(200, 2.0)].astype("float32"), np.r_[clean, corrupted].astype("float32"))
+    assert 0.7 < exact < 0.95 and value(m) == pytest.approx(exact, abs=0.005)
+    only_clean = CorruptedPositiveAUC()
+    only_clean.update_state(np.ones(3, "float32"), np.array([0.1, 0.2, 0.3], "float32"))
+    assert value(only_clean) == 0.0
+
+
+def test_label_noise_metric_configs_round_trip_and_validation():
+    for metric in (PositiveDropPrecision(positive_threshold=0.8, positive_quantile=None), PositiveDropRecall(),
+                   MeanCleanPositiveDistance(), MeanCorruptedPositiveDistance(name="corr"),
+                   PositiveDistanceQuantile(0.8, bins=100), CorruptedPositiveAUC(bins=50)):
+        clone = assert_config_round_trip(metric)
+        assert clone.get_config() == metric.get_config()
+    with pytest.raises(ConfigError, match="Received: quantile=0$"):
+        PositiveDistanceQuantile(0)
+    with pytest.raises(ConfigError, match="Received: bins=1$"):
+        CorruptedPositiveAUC(bins=1)
+
+
+def test_fit_logs_drop_precision_and_recall_per_epoch_from_the_targets_only():
+    keras.utils.set_random_seed(0)
+    model = _tiny_siamese()
+    loss = RobustContrastiveLoss(margin=1.0, positive_quantile=0.5)
+    ce = MaskedSparseCategoricalCrossentropy()
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.0), loss={"distance": loss, "logits_a": ce, "logits_b": ce},
+                  metrics={"distance": [PositiveDropPrecision.from_loss(loss), PositiveDropRecall.from_loss(loss)]})
+    x, y, _ = _data()
+    yd = y["distance"].copy()
+    yd[[1, 5, 7, 13]] = 2.0  # four of the eight positives are known to be corrupted
+    d = np.asarray(model(x)["distance"]).reshape(-1)
+    history = model.fit(tf.data.Dataset.from_tensor_slices((x, dict(y, distance=yd))).batch(8), epochs=1, verbose=0,
+                        shuffle=False).history
+    dropped = np.concatenate([ref_robust((yd[i:i + 8] > 0.5).astype(int), d[i:i + 8], 1.0, q=0.5)[1] for i in (0, 8)])
+    corrupted = yd == 2
+    assert dropped.sum() > (dropped & corrupted).sum() > 0  # neither 0 nor 1: the test can tell
+    assert history["distance_positive_drop_precision"][0] == pytest.approx((dropped & corrupted).sum() / dropped.sum())
+    assert history["distance_positive_drop_recall"][0] == pytest.approx((dropped & corrupted).sum() / corrupted.sum())
+    # the flag is a target, not an input: the same distances whatever the labels
+    np.testing.assert_array_equal(np.asarray(model(x)["distance"]).reshape(-1), d)

@@ -270,3 +270,72 @@ def test_total_loss_weights_each_task_as_documented(synth_dataset, tmp_path):
     assert set(np.unique(w["logits_a"].numpy())) == {0.25, 2.0}  # both kinds in the batch
     total = model.evaluate(x, y, sample_weight=w, batch_size=16, verbose=0, return_dict=True)["loss"]
     assert total == pytest.approx(expected, rel=1e-4)
+
+
+def _corrupted_manifest(synth_dataset, path, relabelled=4):
+    """The synthetic manifest with ``relabelled`` training street photos given the next product's label."""
+    with open(synth_dataset) as f:
+        rows = list(csv.DictReader(f))
+    products = sorted({row["product_id"] for row in rows})
+    street = [i for i, row in enumerate(rows) if row["split"] == "train" and row["domain"] == "street"]
+    for row in rows:
+        row["image_path"] = str(synth_dataset.parent / row["image_path"])
+        row["true_product_id"] = row["product_id"]
+    for i in street[:relabelled]:
+        rows[i]["product_id"] = products[(products.index(rows[i]["product_id"]) + 1) % len(products)]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_label_noise_metrics_are_logged_only_for_data_with_corruption_flags(synth_dataset, tmp_path):
+    from street2shop.train import build_losses_and_metrics
+
+    noisy = _corrupted_manifest(synth_dataset, tmp_path / "noisy.csv")
+    # Pairs only (w_product 0), as in the label-noise benchmark: the metrics' names then carry no output prefix.
+    result = train(tiny_config(noisy, tmp_path / "noisy", epochs=1, pairs_per_epoch=48, val_pairs=0, positive_quantile=0.5, w_product=0.0),
+                   verbose=0)
+    noise_keys = {"mean_clean_positive_distance", "mean_corrupted_positive_distance", "corrupted_positive_auc",
+                  "positive_distance_q50", "positive_distance_q60", "positive_distance_q70", "positive_distance_q80",
+                  "positive_distance_q90"}
+    drop_keys = {"positive_drop_precision", "positive_drop_recall"}
+    assert noise_keys | drop_keys <= set(result.history), sorted(result.history)
+    with open(tmp_path / "noisy" / "log.csv") as f:
+        row = next(csv.DictReader(f))
+    assert float(row["mean_corrupted_positive_distance"]) > 0  # corrupted positives were drawn and flagged
+    assert 0.0 <= float(row["corrupted_positive_auc"]) <= 1.0
+    assert float(row["positive_distance_q50"]) <= float(row["positive_distance_q90"])
+    # the plain loss drops nothing, so it has no drop precision; clean data gets none of them
+    for loss, label_noise, expected in (("contrastive", True, noise_keys), ("robust", False, set()), ("contrastive", False, set())):
+        _, _, metric_map = build_losses_and_metrics(tiny_config(synth_dataset, tmp_path, loss=loss), None, label_noise=label_noise)
+        assert {m.name for m in metric_map["distance"]} & (noise_keys | drop_keys) == expected, (loss, label_noise)
+
+
+def test_init_checkpoint_starts_from_another_runs_tower(synth_dataset, tmp_path):
+    from street2shop.errors import ConfigError
+    from street2shop.train import load_tower_weights
+
+    keras.utils.set_random_seed(0)
+    first = build_model(tiny_config(synth_dataset, tmp_path), 3)  # with a classifier head, which is not taken
+    first.save(tmp_path / "first.keras")
+    source = [w.copy() for w in first.get_layer("tower").get_weights()]
+
+    class StartingWeights(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.weights = [w.copy() for w in self.model.get_layer("tower").get_weights()]
+
+    seen = StartingWeights()
+    config = tiny_config(synth_dataset, tmp_path / "second", epochs=1, val_pairs=0, seed=5,
+                         init_checkpoint=str(tmp_path / "first.keras"))
+    train(config, verbose=0, extra_callbacks=[seen])
+    assert len(seen.weights) == len(source) and all(np.array_equal(a, b) for a, b in zip(seen.weights, source))
+    fresh = build_model(tiny_config(synth_dataset, tmp_path, seed=5), None)
+    assert not all(np.array_equal(a, b) for a, b in zip(fresh.get_layer("tower").get_weights(), source))
+    # a tower of another shape, or no file, is a ConfigError naming the problem
+    other = build_model(tiny_config(synth_dataset, tmp_path, embedding_dim=4), None)
+    with pytest.raises(ConfigError, match="does not fit"):
+        load_tower_weights(other, tmp_path / "first.keras")
+    with pytest.raises(ConfigError, match="init_checkpoint not found"):
+        load_tower_weights(other, tmp_path / "missing.keras")

@@ -23,6 +23,32 @@ the plain loss with the auxiliary task; ``robust_products`` and
 ``plain_multitask_products``, robust and plain_multitask with the product
 softmax as well.
 
+Label noise (where the robust loss should earn its keep): ``--noise-rate p``
+gives a share p of the training street photos another product's label, within
+the same coarse category (``--noise-kind same-category``; falling back to the
+supercategory, then to any product, when the category has no other product)
+or any other product (``uniform``). The corruption is a pure function of
+(seed, kind), nested in p (the photos corrupted at 0.2 are corrupted alike at
+0.4), the same for every variant of a seed, and written as a manifest under
+``--out/noise/`` with a ``true_product_id`` column; queries and catalogue are
+untouched. Training then logs, per epoch, the drop's precision (share of the
+dropped positives that were corrupted; compare with p) and recall (share of the
+corrupted positives dropped). Drop rules as variants: ``robust`` (the batch
+quantile ``--positive-quantile``, 0.9), ``robust_matched`` (the batch quantile
+matched to the noise: q = 1 − p times the share of product positives among all
+positives) and ``robust_tau_warmup`` (a fixed τ after ``--drop-warmup-epochs``
+plain epochs; τ is the same matched quantile of the training positives'
+distances in the last warm-up epoch of the ``plain`` run of the same seed,
+read from its log, so ``plain`` runs first; ``--tau-warmup`` fixes τ instead).
+``*_multitask_products`` versions of both compare with
+``plain_multitask_products``. ``--pretrain aux`` starts every variant of a seed
+from one tower first trained on the auxiliary set alone (its pairs and
+softmax, the same budget; kept under ``--pretrain-dir`` and shared by every
+``--out``), like fine-tuning from ImageNet features. One ``--out`` per noise
+setting and regime: results of another are refused. ``--noise-summary DIR...``
+tabulates and plots top-1 and top-5 against p over such folders;
+``tools/bench_noise.sh`` runs the whole label-noise benchmark.
+
 Any other training knob goes to every trained variant with ``--set FIELD=VALUE``
 (one ``--out`` per setting: a finished result run with other settings is
 refused, not mixed in).
@@ -41,6 +67,8 @@ Another dataset in the manifest format: ``--manifest M --eval-split S``.
 from __future__ import annotations
 
 import argparse
+import csv
+import hashlib
 import json
 import logging
 import os
@@ -54,18 +82,270 @@ sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data"
 DEFAULT_VARIANTS = ("histogram", "untrained", "plain", "robust", "robust_multitask", "robust_multitask_products")
 VARIANTS = DEFAULT_VARIANTS + ("robust_warmup", "robust_multitask_warmup", "robust_tau", "plain_multitask",
-                               "robust_products", "plain_multitask_products")
+                               "robust_products", "plain_multitask_products", "robust_matched", "robust_tau_warmup",
+                               "robust_matched_multitask_products", "robust_tau_warmup_multitask_products")
 
 NO_SEED = ("histogram",)  # variants without randomness: run once, for the first seed
+
+# Trained variants: (loss, drop rule, auxiliary set, product softmax). Drop rules: "quantile" (the batch
+# quantile --positive-quantile), "quantile_warmup" (the same after --drop-warmup-epochs), "tau_quantile"
+# (--robust-tau and the quantile: dropped beyond both), "matched" (the batch quantile matched to the noise),
+# "tau_warmup" (a fixed τ alone, after the warm-up).
+SPECS = {
+    "plain": ("contrastive", None, False, False),
+    "robust": ("robust", "quantile", False, False),
+    "robust_multitask": ("robust", "quantile", True, False),
+    "robust_multitask_products": ("robust", "quantile", True, True),
+    "robust_warmup": ("robust", "quantile_warmup", False, False),
+    "robust_multitask_warmup": ("robust", "quantile_warmup", True, False),
+    "robust_tau": ("robust", "tau_quantile", False, False),
+    "plain_multitask": ("contrastive", None, True, False),
+    "robust_products": ("robust", "quantile", False, True),
+    "plain_multitask_products": ("contrastive", None, True, True),
+    "robust_matched": ("robust", "matched", False, False),
+    "robust_tau_warmup": ("robust", "tau_warmup", False, False),
+    "robust_matched_multitask_products": ("robust", "matched", True, True),
+    "robust_tau_warmup_multitask_products": ("robust", "tau_warmup", True, True),
+}
 
 # Config fields run_one sets itself: from a flag of this tool, or by the variant.
 RESERVED = frozenset({
     "manifest", "train_split", "val_split", "backbone", "weights", "image_size", "embedding_dim", "bn_momentum",
     "epochs", "pairs_per_epoch", "batch_size", "learning_rate", "seed", "output_dir", "loss", "auxiliary_dir",
-    "drop_warmup_epochs", "positive_threshold", "w_product", "street_street_fraction", "hard_negative_fraction",
+    "drop_warmup_epochs", "positive_threshold", "positive_quantile", "w_product", "street_street_fraction",
+    "hard_negative_fraction", "init_checkpoint",
 })
 
+NOISE_KINDS = ("same-category", "uniform")
+# Product groups for same-category noise, most specific first ("category" is the manifest's own column);
+# a photo whose product is alone in its group falls back to the next, then to any other product.
+NOISE_GROUPS = ("category", "coarse_class", "supercategory")
+
 logger = logging.getLogger("bench_retrieval")
+
+
+def _group_of(record, column):
+    value = record.category if column == "category" else record.metadata.get(column)
+    return (value or "").strip() or None
+
+
+def corrupt_labels(records, rate, kind, seed, train_splits=("train",)):
+    """A share ``rate`` of the training street photos relabelled with another product: ``(records, info)``.
+
+    Every record comes back (in order) with a ``true_product_id`` metadata
+    field: its own product, or for a corrupted photo the product it really
+    shows while ``product_id`` names the wrong one. Only street photos of
+    ``train_splits`` are touched; the new product is one with a shop photo (so
+    the wrong pair is drawn). ``kind`` "uniform": any other such product;
+    "same-category": another product of the same group (:data:`NOISE_GROUPS`,
+    most specific first), else any other one.
+
+    The draw depends on (seed, kind) only: a random order of the photos and a
+    wrong product for each, the first ``round(rate·N)`` of that order
+    corrupted. So a higher rate corrupts a superset, with the same wrong
+    labels. ``info`` has the rate, kind, seed, counts (``by_group``: how many
+    wrong labels came from which group) and a digest of the training labels.
+    """
+    import numpy as np
+
+    from street2shop.data.pairs import TRUE_PRODUCT_COLUMN
+    from street2shop.data.records import Record
+
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"noise kind must be one of {', '.join(NOISE_KINDS)}. Received: {kind!r}")
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"noise rate must be in [0, 1]. Received: {rate!r}")
+    records = list(records)
+    street = [i for i, r in enumerate(records) if r.domain == "street" and r.split in train_splits]
+    targets = sorted({r.product_id for r in records if r.domain == "shop"})
+    groups = {}  # column -> product -> group
+    for column in NOISE_GROUPS:
+        for r in records:
+            g = _group_of(r, column)
+            if g is not None:
+                groups.setdefault(column, {}).setdefault(r.product_id, g)
+    rng = np.random.default_rng([int(seed), NOISE_KINDS.index(kind), 16])
+    order = rng.permutation(len(street))
+    wrong, level = {}, {}
+    for i in order:  # a wrong product for every photo, whatever the rate: the draw does not depend on it
+        product = records[street[i]].product_id
+        candidates, source = [t for t in targets if t != product], "any"
+        if kind == "same-category":
+            for column, of in groups.items():
+                if product not in of:
+                    continue
+                same = [t for t in candidates if of.get(t) == of[product]]
+                if same:
+                    candidates, source = same, column
+                    break
+        wrong[i], level[i] = candidates[rng.integers(len(candidates))], source
+    n = int(round(rate * len(street)))
+    corrupted = {street[i]: i for i in order[:n]}
+    out = []
+    for j, r in enumerate(records):
+        product = wrong[corrupted[j]] if j in corrupted else r.product_id
+        out.append(Record(r.image_path, product, r.domain, r.split, r.category, r.box,
+                          {**r.metadata, TRUE_PRODUCT_COLUMN: r.product_id}))
+    by_group = {}
+    for i in order[:n]:
+        by_group[level[i]] = by_group.get(level[i], 0) + 1
+    labels = "\n".join(f"{r.image_path}\t{r.product_id}\t{r.metadata[TRUE_PRODUCT_COLUMN]}"
+                        for r in sorted((out[j] for j in street), key=lambda r: r.image_path))
+    info = {"rate": rate, "kind": kind, "seed": int(seed), "corrupted": n, "street_photos": len(street),
+            "by_group": by_group, "digest": hashlib.sha256(labels.encode()).hexdigest()[:16]}
+    return out, info
+
+
+def noisy_manifest(args, seed, out):
+    """The manifest a seed trains on, and its corruption's description (None without noise).
+
+    Written once per seed under ``out/noise/`` (and checked against the
+    corruption drawn again, so a changed rule cannot mix in).
+    """
+    if not args.noise_rate:
+        return args.manifest, None
+    from street2shop.data.records import read_manifest, write_manifest
+
+    records, info = corrupt_labels(read_manifest(args.manifest).records, args.noise_rate, args.noise_kind, seed,
+                                   train_splits=tuple(x.strip() for x in args.train_split.split(",")))
+    path = out / "noise" / f"manifest-seed{seed}.csv"
+    described = path.with_suffix(".json")
+    if described.is_file() and json.loads(described.read_text())["digest"] != info["digest"]:
+        raise SystemExit(f"{path} was drawn differently (digest {json.loads(described.read_text())['digest']}, "
+                         f"now {info['digest']}): use another --out")
+    if not path.is_file():
+        write_manifest(records, path)
+        described.write_text(json.dumps(info, indent=2))
+        logger.info("noise: %d of %d training street photos relabelled (%s, by group %s) -> %s", info["corrupted"],
+                    info["street_photos"], args.noise_kind, info["by_group"], path)
+    return str(path), info
+
+
+def matched_quantile(rate, config):
+    """The batch quantile matched to noise rate ``rate``: 1 − rate × the share of product pairs among the positives.
+
+    Auxiliary positives are never corrupted; half the auxiliary pairs are
+    positive (see ``PairPlanner``).
+    """
+    f_pos, _, f_aux = config.data.pair_config(1, 0).fractions(bool(config.data.auxiliary_dir))
+    return 1.0 - rate * f_pos / (f_pos + f_aux / 2)
+
+
+def sister(variant):
+    """The plain-loss variant with the same tasks (a tau_warmup variant reads its τ from it)."""
+    loss, _, multitask, products = SPECS[variant]
+    return next(v for v, spec in SPECS.items() if spec == ("contrastive", None, multitask, products))
+
+
+def logged_quantile(log_csv, epoch, quantile):
+    """The ``quantile`` of the positive distances logged for ``epoch`` (0-based) in a run's log.csv.
+
+    Linear between the logged quantiles (``street2shop.train.NOISE_QUANTILES``);
+    above the highest logged one, linear up to 2 (the largest distance).
+    """
+    import numpy as np
+
+    with open(log_csv, newline="") as f:
+        rows = [row for row in csv.DictReader(f) if int(row["epoch"]) == epoch]
+    if not rows:
+        raise SystemExit(f"{log_csv} has no epoch {epoch + 1}: the plain run it needs is not finished")
+    points = sorted((int(k.rsplit("_q", 1)[1]) / 100, float(v)) for k, v in rows[-1].items()
+                    if k.rsplit("_", 1)[-1].startswith("q") and "positive_distance_q" in k and not k.startswith("val_"))
+    if not points:
+        raise SystemExit(f"{log_csv} logs no positive-distance quantiles: its run had no corruption flags")
+    qs, values = zip(*points)
+    return float(np.interp(quantile, list(qs) + [1.0], list(values) + [2.0]))
+
+
+def variant_config(variant, seed, args, manifest, run_dir, noise_rate=0.0, init_checkpoint="", tau=None):
+    """The TrainConfig of a trained variant, and what its drop rule is (for the result)."""
+    from street2shop.config import TrainConfig
+
+    loss, rule, multitask, products = SPECS[variant]
+    config = TrainConfig().replace(
+        manifest=manifest, train_split=args.train_split, val_split="", backbone=args.backbone, weights=args.weights,
+        image_size=args.image_size, embedding_dim=args.embedding_dim, bn_momentum=args.bn_momentum, epochs=args.epochs,
+        pairs_per_epoch=args.pairs // args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=seed,
+        output_dir=str(run_dir), loss=loss, auxiliary_dir=args.aux_dir if multitask else "",
+        w_product=args.w_product if products else 0.0, street_street_fraction=args.street_street_fraction,
+        hard_negative_fraction=args.hard_negative_fraction, init_checkpoint=init_checkpoint,
+        positive_quantile=args.positive_quantile, positive_threshold=0.0, drop_warmup_epochs=0,
+    ).replace(**args.set)
+    drop = {}
+    if rule == "quantile_warmup":
+        drop = {"drop_warmup_epochs": args.drop_warmup_epochs}
+    elif rule == "tau_quantile":
+        drop = {"positive_threshold": args.robust_tau}
+    elif rule == "matched":
+        drop = {"positive_quantile": matched_quantile(noise_rate, config)}
+    elif rule == "tau_warmup":
+        if tau is None:
+            raise ValueError(f"{variant} needs its τ")
+        drop = {"positive_threshold": tau, "positive_quantile": 0.0, "drop_warmup_epochs": args.drop_warmup_epochs}
+    config = config.replace(**drop)
+    lc = config.loss
+    rule_record = None if loss == "contrastive" else {
+        "rule": rule, "positive_quantile": lc.positive_quantile, "positive_threshold": lc.positive_threshold,
+        "drop_warmup_epochs": lc.drop_warmup_epochs}
+    return config, rule_record
+
+
+def tau_for(variant, seed, args, out, manifest, noise_rate):
+    """τ of a tau_warmup variant: ``--tau-warmup`` if given, else the matched quantile of the sister run's warm-up distances.
+
+    The quantile is the one the matched batch rule uses (1 − p for pairs
+    alone), of the training positives' distances logged in the last warm-up
+    epoch of the plain run of the same seed (whose first epochs are this
+    run's warm-up). Without noise that quantile is 1: τ = 2, nothing dropped.
+    """
+    if args.tau_warmup:
+        return args.tau_warmup, {"tau": args.tau_warmup, "from": "--tau-warmup"}
+    if args.drop_warmup_epochs < 1:
+        raise SystemExit(f"{variant} takes τ from the warm-up's distances: --drop-warmup-epochs must be >= 1 (or give --tau-warmup)")
+    config, _ = variant_config(variant, seed, args, manifest, out, noise_rate, tau=1.0)
+    quantile = matched_quantile(noise_rate, config)
+    if quantile >= 1.0:
+        return 2.0, {"tau": 2.0, "from": "no noise: the largest distance", "quantile": quantile}
+    log_csv = out / "runs" / f"{sister(variant)}-seed{seed}" / "log.csv"
+    if not log_csv.is_file():
+        raise SystemExit(f"{variant} seed {seed} reads τ from {log_csv}: run {sister(variant)} for this seed first")
+    tau = round(logged_quantile(log_csv, args.drop_warmup_epochs - 1, quantile), 4)
+    return tau, {"tau": tau, "from": str(log_csv), "epoch": args.drop_warmup_epochs, "quantile": round(quantile, 4)}
+
+
+def _digest(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def pretrained_tower(seed, args):
+    """The checkpoint every variant of ``seed`` starts from with ``--pretrain aux``, trained once and kept.
+
+    The tower trained on the auxiliary set alone (its pairs with the plain
+    contrastive loss, and its softmax), with the same budget and settings as
+    a variant; no product pair is drawn (product fractions 0).
+    """
+    from street2shop.train import train
+
+    run_dir = Path(args.pretrain_dir) / f"seed{seed}"
+    done = run_dir / "done.json"
+    config, _ = variant_config("plain_multitask", seed, args, args.manifest, run_dir)
+    config = config.replace(positive_fraction=0.0, negative_fraction=0.0, auxiliary_fraction=1.0)
+    if done.is_file():
+        info = json.loads(done.read_text())
+        if info["config"] != config.to_dict():
+            raise SystemExit(f"{done} was trained with other settings: use another --pretrain-dir")
+        return info
+    logger.info("pretraining the tower of seed %d on %s alone -> %s", seed, args.aux_dir, run_dir)
+    result = train(config, verbose=2)
+    info = {"checkpoint": str(result.last_checkpoint), "digest": _digest(result.last_checkpoint), "aux_dir": args.aux_dir,
+            "pairs": args.pairs, "seconds": round(result.seconds, 1), "final_train": {k: v[-1] for k, v in result.history.items() if v},
+            "config": config.to_dict()}
+    done.write_text(json.dumps(info, indent=2))
+    return info
 
 
 def embed_with_tower(tower, records, batch_size=64):
@@ -94,10 +374,9 @@ def evaluate(query_vectors, queries, gallery_vectors, gallery):
     }
 
 
-def run_one(variant, seed, args, queries, gallery):
+def run_one(variant, seed, args, queries, gallery, out):
     import keras
 
-    from street2shop.config import TrainConfig
     from street2shop.train import build_model, train
 
     started = time.perf_counter()
@@ -113,34 +392,51 @@ def run_one(variant, seed, args, queries, gallery):
         record.update(evaluate(q, queries, g, gallery))
         record["seconds"] = round(time.perf_counter() - started, 1)
         return record
-    pairs_per_epoch = args.pairs // args.epochs
-    config = TrainConfig().replace(
-        manifest=args.manifest, train_split=args.train_split, val_split="", backbone=args.backbone, weights=args.weights,
-        image_size=size, embedding_dim=args.embedding_dim, bn_momentum=args.bn_momentum, epochs=args.epochs,
-        pairs_per_epoch=pairs_per_epoch, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=seed,
-        output_dir=str(Path(args.out) / "runs" / f"{variant}-seed{seed}"),
-        loss="contrastive" if variant.startswith("plain") else "robust",
-        auxiliary_dir=args.aux_dir if "multitask" in variant else "",
-        drop_warmup_epochs=args.drop_warmup_epochs if variant.endswith("_warmup") else 0,
-        positive_threshold=args.robust_tau if variant == "robust_tau" else 0.0,
-        w_product=args.w_product if variant.endswith("_products") else 0.0,
-        street_street_fraction=args.street_street_fraction, hard_negative_fraction=args.hard_negative_fraction,
-    ).replace(**args.set)
+    record["noise"] = {"rate": args.noise_rate, "kind": args.noise_kind if args.noise_rate else None}
+    record["pretrain"] = args.pretrain
+    manifest, noise = noisy_manifest(args, seed, out)
+    if noise:
+        record["noise"] = noise
+    init = ""
+    if args.pretrain == "aux":
+        record["init"] = pretrained_tower(seed, args)
+        init = record["init"]["checkpoint"]
+    run_dir = out / "runs" / f"{variant}-seed{seed}"
+    tau = None
+    if variant in SPECS and SPECS[variant][1] == "tau_warmup":
+        tau, record["tau"] = tau_for(variant, seed, args, out, manifest, args.noise_rate)
+    config, record["drop"] = variant_config(variant if variant in SPECS else "plain", seed, args, manifest, run_dir,
+                                            args.noise_rate, init, tau)
     if variant == "untrained":
         keras.utils.set_random_seed(seed)
-        tower = build_model(config, None).get_layer("tower")
+        model = build_model(config, None)
+        if init:
+            from street2shop.train import load_tower_weights
+
+            load_tower_weights(model, init)
+        tower = model.get_layer("tower")
         record["train_seconds"] = 0.0
+        record.pop("drop")
     else:
         result = train(config, verbose=2)
         tower = result.model.get_layer("tower")
         record["train_seconds"] = round(result.seconds, 1)
         record["pairs_per_second"] = round(result.pairs_per_second, 2)
         record["final_train"] = {k: v[-1] for k, v in result.history.items() if v}
+        record["history"] = log_history(run_dir / "log.csv")  # every epoch, also of a resumed run
     g = embed_with_tower(tower, gallery)
     q = embed_with_tower(tower, queries)
     record.update(evaluate(q, queries, g, gallery))
     record["seconds"] = round(time.perf_counter() - started, 1)
     return record
+
+
+def log_history(log_csv):
+    """A run's log.csv as ``{column: [value per epoch]}`` (training columns; Keras writes NA for absent validation ones)."""
+    with open(log_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {k: [round(float(row[k]), 5) for row in rows] for k in (rows[0] if rows else {})
+            if k != "epoch" and not k.startswith("val_")}
 
 
 def _per_query(rows):
@@ -220,7 +516,9 @@ def summary(out: Path) -> str:
         ("robust_multitask", "robust"), ("robust_multitask", "plain_multitask"),
         ("robust_products", "robust"), ("robust_multitask_products", "robust_products"),
         ("robust_multitask_products", "robust_multitask"), ("robust_multitask_products", "plain_multitask_products"),
-        ("plain_multitask_products", "plain_multitask"), ("robust_multitask_products", "histogram")]
+        ("plain_multitask_products", "plain_multitask"), ("robust_multitask_products", "histogram"),
+        ("robust_matched_multitask_products", "plain_multitask_products"),
+        ("robust_tau_warmup_multitask_products", "plain_multitask_products")]
     for variant, reference in comparisons:
         for k in (1, 5):
             diff = _paired_difference(results, variant, reference, k) if results else None
@@ -240,8 +538,149 @@ def summary(out: Path) -> str:
         "is not repeated.\n\n"
         + "\n".join(seed_lines) + "\n\n" + paired
     )
+    mechanism = mechanism_table(results)
+    if mechanism:
+        text += "\n" + mechanism
     (out / "summary.md").write_text(text)
     return text
+
+
+def _logged(history, name):
+    """The per-epoch values of training metric ``name`` in a result's history (Keras may prefix the output's name)."""
+    for key, values in history.items():
+        if not key.startswith("val_") and (key == name or key.endswith("_" + name)):
+            return values
+    return None
+
+
+def mechanism_table(results):
+    """What the drop removed, per trained variant (mean over its seeds): a Markdown table, '' without noise results.
+
+    Drop rate, precision and recall are over the epochs in which the rule
+    dropped anything (after a warm-up); the AUC and the mean distances of
+    clean and corrupted positives are those of the first and the last epoch.
+    """
+    import numpy as np
+
+    lines = []
+    for variant in VARIANTS:
+        rows = [r for r in results if r["variant"] == variant and (r.get("noise") or {}).get("rate") and r.get("history")]
+        if not rows:
+            continue
+        cells = {name: [] for name in ("rate", "precision", "recall", "auc0", "auc1", "clean", "corrupted", "tau")}
+        for r in rows:
+            h = r["history"]
+            drop = _logged(h, "positive_drop_rate")
+            if drop is not None:
+                active = [i for i, x in enumerate(drop) if x > 0] or list(range(len(drop)))
+                cells["rate"].append(np.mean([drop[i] for i in active]))
+                cells["precision"].append(np.mean([_logged(h, "positive_drop_precision")[i] for i in active]))
+                cells["recall"].append(np.mean([_logged(h, "positive_drop_recall")[i] for i in active]))
+            auc = _logged(h, "corrupted_positive_auc")
+            cells["auc0"].append(auc[0])
+            cells["auc1"].append(auc[-1])
+            cells["clean"].append(_logged(h, "mean_clean_positive_distance")[-1])
+            cells["corrupted"].append(_logged(h, "mean_corrupted_positive_distance")[-1])
+            rule = r.get("drop") or {}
+            if rule.get("positive_threshold"):
+                cells["tau"].append(rule["positive_threshold"])
+
+        def cell(name, percent=True):
+            values = cells[name]
+            return "-" if not values else f"{100 * np.mean(values):.1f}" if percent else f"{np.mean(values):.2f}"
+
+        rule = rows[0].get("drop") or {}
+        what = "-" if not rule else (f"q {rule['positive_quantile']:.2f}" if rule["positive_quantile"] else "") + (
+            f"{' ' if rule['positive_quantile'] else ''}τ {cell('tau', False)}" if cells["tau"] else "") + (
+            f", warm-up {rule['drop_warmup_epochs']}" if rule["drop_warmup_epochs"] else "")
+        lines.append(f"| {variant} | {100 * rows[0]['noise']['rate']:.0f} | {what} | {len(rows)} | {cell('rate')} | "
+                     f"{cell('precision')} | {cell('recall')} | {cell('auc0', False)} → {cell('auc1', False)} | "
+                     f"{cell('clean', False)} / {cell('corrupted', False)} |")
+    if not lines:
+        return ""
+    return ("| variant | noise % | rule | seeds | dropped % of positives | precision % | recall % | AUC first → last epoch "
+            "| clean / corrupted positives' mean d, last epoch |\n|---|---|---|---|---|---|---|---|---|\n"
+            + "\n".join(lines) + "\n\nPrecision: the share of the dropped positives that were corrupted (a drop at "
+            "random gives the noise rate); recall: the share of the corrupted positives dropped; both over the epochs "
+            "with drops. AUC: the chance that a corrupted positive lies farther apart than a clean one (0.5: no "
+            "separation), in training.\n")
+
+
+def noise_summary(dirs, out):
+    """Top-1 and top-5 against the noise rate, over ``--out`` folders of one setting each: (Markdown, choice).
+
+    The choice (for ``--choose``) is the folder and robust variant with the
+    largest mean paired gain over plain in the same folder, top-1 plus top-5
+    points.
+    """
+
+    groups = {}  # (regime, kind, rate, variant) -> results
+    choice = None
+    paired = []
+    for d in dirs:
+        results = [json.loads(p.read_text()) for p in sorted(Path(d).glob("result-*.json"))]
+        results = [r for r in results if r["variant"] != "histogram"]
+        for r in results:
+            setting = _setting_of(r)
+            key = (setting["pretrain"], setting["noise_kind"] or "-", setting["noise_rate"], r["variant"])
+            groups.setdefault(key, []).append(r)
+        for variant in sorted({r["variant"] for r in results} - {"plain", "untrained"}):
+            reference = sister(variant) if variant in SPECS else "plain"
+            diffs = [_paired_difference(results, variant, reference, k) for k in (1, 5)]
+            if not all(diffs):
+                continue
+            setting = _setting_of(next(r for r in results if r["variant"] == variant))
+            score = 100 * (diffs[0][0] + diffs[1][0])
+            paired.append(f"| {setting['pretrain']} | {setting['noise_kind'] or '-'} | {setting['noise_rate']:.1f} | "
+                          f"{variant} − {reference} | {', '.join(map(str, diffs[0][3]))} | "
+                          + " | ".join(f"{100 * m:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]" for m, lo, hi, _ in diffs) + " |")
+            if SPECS.get(variant, ("",))[0] == "robust" and (choice is None or score > choice["score"]):
+                choice = {"dir": str(d), "pretrain": setting["pretrain"], "variant": variant, "score": round(score, 2),
+                          "seeds": list(diffs[0][3])}
+    lines = ["| regime | noise | p | variant | seeds | top-1 | top-5 |", "|---|---|---|---|---|---|---|"]
+    curves = {}
+    for (regime, kind, rate, variant), rows in sorted(groups.items()):
+        per_query = _per_query(rows)
+        cells = [_bootstrap(per_query[m]) for m in ("top-1", "top-5")]
+        lines.append(f"| {regime} | {kind} | {rate:.1f} | {variant} | {', '.join(str(r['seed']) for r in rows)} | "
+                     + " | ".join(f"{100 * m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]" for m, lo, hi in cells) + " |")
+        curves.setdefault((regime, variant), []).append((rate, cells))
+    text = "\n".join(lines) + "\n\n"
+    if paired:
+        text += ("| regime | noise | p | comparison | seeds paired | top-1 difference [95%] | top-5 difference [95%] |\n"
+                 "|---|---|---|---|---|---|---|\n" + "\n".join(paired) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    _plot_against_noise(curves, out / "noise.png")
+    (out / "noise-summary.md").write_text(text)
+    return text, choice
+
+
+def _plot_against_noise(curves, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plot written")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    for (regime, variant), points in sorted(curves.items()):
+        points.sort(key=lambda point: point[0])
+        rates = [100 * rate for rate, _ in points]
+        for ax, i in zip(axes, (0, 1)):
+            means = [100 * cells[i][0] for _, cells in points]
+            errors = [[100 * (cells[i][0] - cells[i][1]) for _, cells in points], [100 * (cells[i][2] - cells[i][0]) for _, cells in points]]
+            ax.errorbar(rates, means, yerr=errors, marker="o", capsize=3, label=f"{variant} ({regime})")
+    for ax, k in zip(axes, (1, 5)):
+        ax.set_xlabel("noise rate p (% of training street photos mislabelled)")
+        ax.set_ylabel(f"top-{k} accuracy (%)")
+        ax.grid(True, alpha=0.3)
+        ax.set_title(f"top-{k}, grocery val (mean over seeds, 95% interval)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def _paired_difference(results, a, b, k=1, samples=4000):
@@ -284,6 +723,22 @@ def _parse_settings(items):
     return settings
 
 
+def _setting_of(record):
+    """The noise setting and regime a result was run with (results of before this existed: no noise, no pretraining)."""
+    noise = record.get("noise") or {}
+    return {"noise_rate": noise.get("rate", 0.0), "noise_kind": noise.get("kind") if noise.get("rate") else None,
+            "pretrain": record.get("pretrain", "none")}
+
+
+def _folder_setting(out):
+    """The one setting of the trained results in ``out`` (None without any); an error if they disagree."""
+    settings = {json.dumps(_setting_of(json.loads(p.read_text())), sort_keys=True)
+                for p in sorted(out.glob("result-*.json")) if not p.name.startswith("result-histogram-")}
+    if len(settings) > 1:
+        raise SystemExit(f"{out} mixes results of different noise settings or regimes: {sorted(settings)}")
+    return json.loads(settings.pop()) if settings else None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", default=str(SHARED / "grocery" / "manifest.csv"))
@@ -306,6 +761,18 @@ def main() -> int:
     parser.add_argument("--drop-warmup-epochs", type=int, default=2, help="plain-loss epochs before dropping, *_warmup variants only")
     parser.add_argument("--w-product", type=float, default=0.5, help="weight of the product softmax, *_products variants only")
     parser.add_argument("--robust-tau", type=float, default=0.8, help="fixed positive threshold of the robust_tau variant")
+    parser.add_argument("--positive-quantile", type=float, default=0.9, help="batch quantile of the robust variants' default rule")
+    parser.add_argument("--noise-rate", type=float, default=0.0, help="share of the training street photos given a wrong product")
+    parser.add_argument("--noise-kind", default="same-category", choices=NOISE_KINDS)
+    parser.add_argument("--tau-warmup", type=float, default=0.0,
+                        help="τ of the *tau_warmup variants (default: read from the plain run's warm-up, see above)")
+    parser.add_argument("--pretrain", default="none", choices=("none", "aux"),
+                        help="aux: every variant of a seed starts from one tower trained on --aux-dir alone")
+    parser.add_argument("--pretrain-dir", default=str(ROOT / "bench-output" / "pretrain-aux"))
+    parser.add_argument("--noise-summary", nargs="+", metavar="DIR", default=None,
+                        help="only tabulate and plot top-1/top-5 against the noise rate over these --out folders, into --out")
+    parser.add_argument("--choose", action="store_true",
+                        help="with --noise-summary: print the folder and rule with the largest gain over plain (JSON)")
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
                         help="another training config field, for every trained variant, e.g. --set shop_augment=1.0 "
                              "(see `street2shop train --help`; not the fields this tool sets itself); use a separate "
@@ -320,9 +787,18 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.noise_summary:
+        text, choice = noise_summary([Path(d) for d in args.noise_summary], out)
+        print(json.dumps(choice) if args.choose else text)
+        return 0
     if args.summary:
         print(summary(out))
         return 0
+    setting = {"noise_rate": args.noise_rate, "noise_kind": args.noise_kind if args.noise_rate else None,
+               "pretrain": args.pretrain}
+    earlier = _folder_setting(out)
+    if earlier is not None and earlier != setting:
+        parser.error(f"{out} holds results of {earlier}, this command is {setting}: use another --out")
 
     from street2shop.data.records import read_manifest
 
@@ -331,7 +807,8 @@ def main() -> int:
     gallery = [r for r in records if r.domain == "shop"]
     logger.info("%d queries (%s street photos) against %d shop photos", len(queries), args.eval_split, len(gallery))
     (out / "command.json").write_text(json.dumps({"argv": sys.argv, "args": vars(args)}, indent=2))
-    order = [(v, s) for s in args.seeds for v in args.variants if not (v in NO_SEED and s != args.seeds[0])]
+    variants = sorted(args.variants, key=lambda v: v in SPECS and SPECS[v][1] == "tau_warmup")  # after their plain run
+    order = [(v, s) for s in args.seeds for v in variants if not (v in NO_SEED and s != args.seeds[0])]
     for variant, seed in order:
         path = out / f"result-{variant}-seed{seed}.json"
         if path.is_file():
@@ -345,7 +822,7 @@ def main() -> int:
             logger.info("done already: %s", path.name)
             continue
         logger.info("running %s, seed %d", variant, seed)
-        record = run_one(variant, seed, args, queries, gallery)
+        record = run_one(variant, seed, args, queries, gallery, out)
         record["uptime"] = os.getloadavg()
         path.write_text(json.dumps(record, indent=2))
         top = record["top_k"]

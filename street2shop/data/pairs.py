@@ -13,6 +13,14 @@ Three kinds of pairs, in configurable proportions:
 Product images can carry class labels too (their product's index), for a
 softmax over the training products alongside the contrastive loss.
 
+Label-noise benchmarks: a record whose metadata names a ``true_product_id``
+other than its ``product_id`` carries a label known to be wrong. A positive
+pair whose two images' true products differ gets the label
+:data:`CORRUPTED_POSITIVE` (2.0) instead of 1: still a positive for every
+loss and metric (they read a match as ``y > 0.5``), and the flag the
+drop-precision metrics of :mod:`street2shop.metrics` count. It travels in the
+targets, never in the model's inputs. Without that column nothing changes.
+
 A plan is a few NumPy arrays; :class:`PairPlanner` draws a fresh one for every
 epoch from ``(seed, epoch)``, so plans are reshuffled each epoch and a
 resumed run sees exactly the plans the interrupted one would have.
@@ -35,6 +43,16 @@ logger = logging.getLogger(__name__)
 
 PRODUCT, AUXILIARY = 0, 1
 
+# Label-noise benchmarks: the metadata column naming the product a photo really shows, and
+# the pair label of a positive whose two images really show different products.
+TRUE_PRODUCT_COLUMN = "true_product_id"
+CORRUPTED_POSITIVE = 2.0
+
+
+def true_product(record: Record) -> str:
+    """The product ``record`` really shows: its ``true_product_id`` metadata if set, else its ``product_id``."""
+    return record.metadata.get(TRUE_PRODUCT_COLUMN) or record.product_id
+
 
 @dataclasses.dataclass
 class PairPlan:
@@ -44,7 +62,9 @@ class PairPlan:
         path_a, path_b: str arrays. Image paths.
         box_a, box_b: float32 [P, 4]. Pixel boxes ``left, top, width, height``;
             all -1 for no box.
-        label: float32. 1 for a matching pair, 0 otherwise.
+        label: float32. 1 for a matching pair, 0 otherwise; 2
+            (:data:`CORRUPTED_POSITIVE`) for a pair labelled matching whose
+            images' true products differ (label-noise benchmarks only).
         class_a, class_b: int32. Class index of each image: its auxiliary
             class, or its product's class when the planner has
             ``product_labels``; -1 for no class (ignored by the softmax loss).
@@ -99,12 +119,17 @@ class PairPlan:
 
     def counts(self) -> dict[str, int]:
         product = self.kind == PRODUCT
-        return {
-            "positive": int(np.sum(product & (self.label == 1))),
-            "negative": int(np.sum(product & (self.label == 0))),
-            "auxiliary_positive": int(np.sum(~product & (self.label == 1))),
-            "auxiliary_negative": int(np.sum(~product & (self.label == 0))),
+        positive = self.label > 0.5
+        counts = {
+            "positive": int(np.sum(product & positive)),
+            "negative": int(np.sum(product & ~positive)),
+            "auxiliary_positive": int(np.sum(~product & positive)),
+            "auxiliary_negative": int(np.sum(~product & ~positive)),
         }
+        corrupted = int(np.sum(self.label == CORRUPTED_POSITIVE))
+        if corrupted:
+            counts["corrupted_positive"] = corrupted
+        return counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +226,12 @@ class PairPlanner:
             a product not in the mapping), for a softmax over the products;
             without it, product images carry -1 (no class).
 
+    Attributes:
+        has_label_noise: bool. Some record names a ``true_product_id`` other
+            than its ``product_id`` (a label-noise benchmark); then positive
+            pairs of differing true products are labelled
+            :data:`CORRUPTED_POSITIVE`.
+
     Example:
 
     >>> planner = PairPlanner(records, PairConfig(pairs_per_epoch=512, seed=1))
@@ -234,6 +265,7 @@ class PairPlanner:
         for product in self._shop_products:
             self._products_by_category[self.records[self._shop_by_product[product][0]].category].append(product)
         self._category_members = {c: set(ps) for c, ps in self._products_by_category.items()}
+        self.has_label_noise = any(true_product(r) != r.product_id for r in self.records)
         # Anchors: street photos whose product has a shop photo.
         self._anchors = np.array([i for i in street if self.records[i].product_id in self._shop_by_product], dtype=np.int64)
         orphans = len(street) - len(self._anchors)
@@ -301,9 +333,11 @@ class PairPlanner:
         reps = -(-n // len(self._anchors))
         return np.concatenate([rng.permutation(self._anchors) for _ in range(reps)])[:n]
 
-    def _row(self, a: Record, b: Record, label: int, kind: int = PRODUCT, class_a: int = -1, class_b: int = -1) -> tuple:
+    def _row(self, a: Record, b: Record, label: float, kind: int = PRODUCT, class_a: int = -1, class_b: int = -1) -> tuple:
         if kind == PRODUCT:
             class_a, class_b = self.product_labels.get(a.product_id, -1), self.product_labels.get(b.product_id, -1)
+            if label == 1 and self.has_label_noise and true_product(a) != true_product(b):
+                label = CORRUPTED_POSITIVE
         return (a.image_path, _box(a), b.image_path, _box(b), label, class_a, class_b, kind, a.domain == "street", b.domain == "street")
 
     def _positives(self, rng: np.random.Generator, n: int) -> list[tuple]:

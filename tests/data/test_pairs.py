@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from street2shop.data.pairs import AUXILIARY, PRODUCT, PairConfig, PairPlanner
+from street2shop.data.pairs import AUXILIARY, CORRUPTED_POSITIVE, PRODUCT, TRUE_PRODUCT_COLUMN, PairConfig, PairPlanner
 from street2shop.data.records import Record
 from street2shop.errors import ConfigError, DataError
 
@@ -149,3 +149,40 @@ def test_plan_has_exactly_pairs_per_epoch(n):
     aux, labels = aux_records()
     assert len(PairPlanner(make_records(), PairConfig(pairs_per_epoch=n)).plan(0)) == n
     assert len(PairPlanner(make_records(), PairConfig(pairs_per_epoch=n), auxiliary=aux, auxiliary_labels=labels).plan(0)) == n
+
+
+def _with_true_product(record, true_product_id, product_id):
+    """``record`` relabelled ``product_id``, remembering it really shows ``true_product_id``."""
+    return Record(record.image_path, product_id, record.domain, record.split, record.category, record.box,
+                  {**record.metadata, TRUE_PRODUCT_COLUMN: true_product_id})
+
+
+def test_positives_of_corrupted_street_photos_are_flagged_and_stay_positives():
+    records = make_records(n_products=4, street_per=3)
+    # street0_0 really shows p0 but is labelled p1; street1_0 carries its true product: not corrupted.
+    records = [_with_true_product(r, "p0", "p1") if r.image_path.endswith("street0_0.jpg")
+               else _with_true_product(r, "p1", "p1") if r.image_path.endswith("street1_0.jpg") else r for r in records]
+    planner = PairPlanner(records, PairConfig(pairs_per_epoch=120, street_street_fraction=0.3, seed=2))
+    assert planner.has_label_noise
+    plan = planner.plan(0)
+    flagged = plan.label == CORRUPTED_POSITIVE
+    true = {r.image_path: r.metadata.get(TRUE_PRODUCT_COLUMN) or r.product_id for r in records}
+    for a, b, label in zip(plan.path_a, plan.path_b, plan.label):
+        if label > 0.5:  # flagged exactly when the two images really show different products
+            assert (label == CORRUPTED_POSITIVE) == (true[a] != true[b]), (a, b, label)
+    assert flagged.any() and set(np.unique(plan.label)) == {0.0, 1.0, CORRUPTED_POSITIVE}
+    # negatives are never flagged; the counts read every label above 0.5 as a positive
+    counts = plan.counts()
+    assert counts["positive"] == 60 and counts["negative"] == 60 and counts["corrupted_positive"] == int(flagged.sum())
+
+
+def test_without_corruption_labels_are_zero_and_one():
+    records = [Record(r.image_path, r.product_id, r.domain, r.split, r.category, r.box, {TRUE_PRODUCT_COLUMN: r.product_id})
+               for r in make_records()]
+    planner = PairPlanner(records, PairConfig(pairs_per_epoch=60))
+    plan = planner.plan(0)
+    assert not planner.has_label_noise and set(np.unique(plan.label)) == {0.0, 1.0}
+    assert "corrupted_positive" not in plan.counts()
+    # the same pairs as records without the column
+    plain = PairPlanner(make_records(), PairConfig(pairs_per_epoch=60)).plan(0)
+    assert np.array_equal(plain.path_b, plan.path_b) and np.array_equal(plain.label, plan.label)
