@@ -21,6 +21,7 @@ def tiny_config(manifest, out, **kw):
         manifest=str(manifest), output_dir=str(out), backbone="mobilenet_v3_small", weights="none",
         image_size=32, embedding_dim=8, pairs_per_epoch=16, val_pairs=8, batch_size=8, epochs=2,
         learning_rate=1e-3, street_augment=0.0, shop_augment=0.0,
+        w_product=0.0,  # pairs only unless a test asks for the product softmax (the default is 0.5)
     )
     values.update(kw)
     return TrainConfig().replace(**values)
@@ -294,8 +295,8 @@ def test_label_noise_metrics_are_logged_only_for_data_with_corruption_flags(synt
     from street2shop.train import build_losses_and_metrics
 
     noisy = _corrupted_manifest(synth_dataset, tmp_path / "noisy.csv")
-    # Pairs only (w_product 0), as in the label-noise benchmark: the metrics' names then carry no output prefix.
-    result = train(tiny_config(noisy, tmp_path / "noisy", epochs=1, pairs_per_epoch=48, val_pairs=0, positive_quantile=0.5, w_product=0.0),
+    # Pairs only (tiny_config's w_product 0), as in the label-noise benchmark: the metrics' names carry no output prefix.
+    result = train(tiny_config(noisy, tmp_path / "noisy", epochs=1, pairs_per_epoch=48, val_pairs=0, positive_quantile=0.5),
                    verbose=0)
     noise_keys = {"mean_clean_positive_distance", "mean_corrupted_positive_distance", "corrupted_positive_auc",
                   "positive_distance_q50", "positive_distance_q60", "positive_distance_q70", "positive_distance_q80",
