@@ -20,9 +20,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/street2shop demo --workdir demo-output
 
-# Two workers, whole files per worker (module fixtures such as the exported model are built once).
+# Two workers, whole files per worker (module fixtures such as the exported model are built once),
+# in the order tests/conftest.py gives them: the longest first.
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 # Undefined names, unused imports, syntax errors.
 lint: $(STAMP)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(minutes=2)
 
 from street2shop.cli import main
 from street2shop.demo import DEMO_TRAINING, DemoConfig, run_demo

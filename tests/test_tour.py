@@ -89,7 +89,7 @@ def test_the_tour_blocks_are_found_and_adapted_as_documented():
     assert "from street2shop" in python
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=6)  # the longest test: scheduled first (conftest.py)
 def test_the_readme_tour_runs_as_written(tmp_path):
     shell, _ = tour_blocks(README.read_text())
     bin_dir = tmp_path / "bin"

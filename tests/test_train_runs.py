@@ -1,0 +1,113 @@
+"""A training run's life: resuming after an interruption, Ctrl-C at an epoch's end, its log and the lines it shows.
+
+(Apart from tests/test_train.py so that the two test workers share the training runs.)
+"""
+
+import csv
+import logging
+import re
+
+import keras
+import pytest
+
+from street2shop.train import train
+from tests.test_train import tiny_config
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Kills the run at the end of an epoch, after BackupAndRestore wrote its backup."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_run_resumes_at_the_next_epoch(synth_dataset, tmp_path):
+    # With a robust-loss warm-up of one epoch: epoch 1 drops nothing, and the resumed run
+    # (epochs 2 and 3) knows that its warm-up is over.
+    config = tiny_config(synth_dataset, tmp_path / "run", epochs=3, positive_quantile=0.5, drop_warmup_epochs=1)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, extra_callbacks=[Interrupt(epoch=0)], verbose=0)
+    result = train(config, verbose=0)
+    assert result.initial_epoch == 1
+    assert len(result.history["loss"]) == 2  # epochs 2 and 3 only
+    with open(tmp_path / "run" / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(row["epoch"]) for row in rows] == [0, 1, 2]
+    assert float(rows[0]["positive_drop_rate"]) == 0.0
+    # q = 0.5 drops about half the positives of every batch once the warm-up is over
+    assert all(rate > 0.0 for rate in result.history["positive_drop_rate"])
+
+
+def test_ctrl_c_while_an_epoch_is_being_saved_loses_no_log_row(synth_dataset, tmp_path, monkeypatch):
+    # Ctrl-C lands while epoch 2's checkpoints are written (the slow part: 264 MB each at 75 px). Before,
+    # the backup had already marked epoch 2 done and the log row was not written yet: log.csv held epochs
+    # 0 and 2. Now the run redoes epoch 2, and its log holds every epoch once.
+    config = tiny_config(synth_dataset, tmp_path / "run", epochs=3)
+    save = keras.callbacks.ModelCheckpoint.on_epoch_end
+
+    def interrupted_save(self, epoch, logs=None):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return save(self, epoch, logs)
+
+    monkeypatch.setattr(keras.callbacks.ModelCheckpoint, "on_epoch_end", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, verbose=0)
+    monkeypatch.undo()
+    result = train(config, verbose=0)
+    assert result.initial_epoch == 1  # epoch 2 again: it was not finished
+    with open(tmp_path / "run" / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(row["epoch"]) for row in rows] == [0, 1, 2]
+    assert float(rows[1]["loss"]) == pytest.approx(result.history["loss"][0])  # the row of the epoch that finished
+
+
+def test_trim_log_keeps_the_rows_before_the_resumed_epoch(tmp_path):
+    from street2shop.train import _trim_log
+
+    log = tmp_path / "log.csv"
+    log.write_text("epoch,loss\n0,0.9\n1,0.8\n2,0.7\n3,0.")  # the last row cut off mid-write
+    _trim_log(log, 2)
+    assert log.read_text() == "epoch,loss\n0,0.9\n1,0.8\n"
+    _trim_log(tmp_path / "absent.csv", 1)  # nothing to trim
+
+
+def test_training_shows_a_short_line_per_epoch(synth_dataset, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="street2shop"):
+        train(tiny_config(synth_dataset, tmp_path / "lines", epochs=2), verbose=2)
+    lines = [r.getMessage() for r in caplog.records if r.name == "street2shop.callbacks"]
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert [line.split(" (")[0] for line in epochs] == ["epoch 1/2", "epoch 2/2"], lines
+    for line in epochs:
+        assert re.fullmatch(r"epoch \d/2 \(\d+ s\): loss [\d.]+ \(val [\d.]+\), pair accuracy \d+% \(val \d+%\).*", line), line
+        assert len(line) < 200 and "\x1b" not in line
+    assert any("first step" in line for line in lines)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="street2shop"):
+        train(tiny_config(synth_dataset, tmp_path / "quiet", epochs=1), verbose=0)
+    assert not [r for r in caplog.records if r.name == "street2shop.callbacks"]
+
+
+def test_epoch_summary_by_hand():
+    from street2shop.callbacks import epoch_summary
+
+    logs = {"loss": 0.5124, "val_loss": 0.4981, "distance_pair_accuracy": 0.714, "val_distance_pair_accuracy": 0.69,
+            "logits_a_accuracy": 0.351, "logits_a_loss": 2.0, "distance_positive_drop_rate": 0.1, "distance_mean_positive_distance": 0.3}
+    assert epoch_summary(logs) == ("loss 0.512 (val 0.498), pair accuracy 71% (val 69%), class accuracy 35%, "
+                                   "positives dropped 10%")
+
+
+def test_best_logged_value_of_a_resumed_run_skips_the_warmup_epochs(tmp_path):
+    from street2shop.train import _best_logged
+
+    log = tmp_path / "log.csv"
+    log.write_text("epoch,loss,val_loss\n0,0.9,0.8\n1,0.7,0.6\n2,0.5,0.65\n3,0.4,0.7\n")
+    assert _best_logged(log, "val_loss") == 0.6
+    assert _best_logged(log, "val_loss", from_epoch=2) == 0.65
+    assert _best_logged(log, "loss", from_epoch=2) == 0.4
+    assert _best_logged(tmp_path / "missing.csv", "val_loss") is None
