@@ -126,9 +126,9 @@ class TrainingData:
     @property
     def label_noise(self) -> bool:
         """Some training record names a ``true_product_id`` other than its ``product_id`` (a label-noise benchmark)."""
-        from street2shop.data.pairs import true_product
+        from street2shop.data.pairs import has_label_noise
 
-        return any(true_product(r) != r.product_id for r in self.train)
+        return has_label_noise(self.train)
 
     @property
     def num_classes(self) -> int | None:
@@ -300,6 +300,15 @@ def load_tower_weights(model: Any, checkpoint: str | os.PathLike[str]) -> None:
     Raises:
         ConfigError: the file is missing, or its tower does not fit.
     """
+    set_tower_weights(model, read_tower_weights(checkpoint), checkpoint)
+
+
+def read_tower_weights(checkpoint: str | os.PathLike[str]) -> list[Any]:
+    """The tower weights of a ``.keras`` checkpoint (a siamese model or a tower), as arrays.
+
+    Raises:
+        ConfigError: the file is missing.
+    """
     import keras
 
     from street2shop.model.siamese import tower_of
@@ -307,13 +316,22 @@ def load_tower_weights(model: Any, checkpoint: str | os.PathLike[str]) -> None:
     path = Path(checkpoint)
     if not path.is_file():
         raise ConfigError(f"init_checkpoint not found. Received: init_checkpoint={str(checkpoint)!r}")
-    source = tower_of(keras.saving.load_model(path, compile=False))
-    target = tower_of(model)
+    return tower_of(keras.saving.load_model(path, compile=False)).get_weights()
+
+
+def set_tower_weights(model: Any, weights: list[Any], source: str | os.PathLike[str]) -> None:
+    """Sets ``model``'s tower to ``weights`` (read from ``source``, named in errors and the log).
+
+    Raises:
+        ConfigError: the weights do not fit the tower.
+    """
+    from street2shop.model.siamese import tower_of
+
     try:
-        target.set_weights(source.get_weights())
+        tower_of(model).set_weights(weights)
     except ValueError as e:
-        raise ConfigError(f"the tower of {path} does not fit this model's tower (backbone, image_size, embedding_dim must match): {e}") from None
-    logger.info("tower weights from %s", path)
+        raise ConfigError(f"the tower of {source} does not fit this model's tower (backbone, image_size, embedding_dim must match): {e}") from None
+    logger.info("tower weights from %s", source)
 
 
 def _best_logged(log_csv: Path, monitor: str, from_epoch: int = 0) -> float | None:
@@ -439,7 +457,10 @@ def train(
         TrainResult.
     """
     from street2shop.cluster import check_workers_agree, worker_role, worker_write_dir
+    from street2shop.console import progress_mode
 
+    # A bad value fails here, before anything is written or built.
+    progress = progress_mode({0: "none", 1: "bar", 2: "lines"}.get(verbose, verbose))  # type: ignore[call-overload]
     fc = config.fit
     # The strategy first: MultiWorkerMirroredStrategy must exist before any TF op runs.
     strategy = strategy or get_strategy(fc.distribution)
@@ -460,7 +481,7 @@ def train(
     if not role.is_chief:
         logger.info("worker %d of %d: %s is the chief's; this worker writes to %s and removes it at the end", role.index, role.count, out, write)
     try:
-        return _fit(config, strategy, data, steps, out, write, initial_epoch, role.count > 1, extra_callbacks, verbose)
+        return _fit(config, strategy, data, steps, out, write, initial_epoch, role.count > 1, extra_callbacks, progress)
     finally:
         if write != out:
             shutil.rmtree(write, ignore_errors=True)
@@ -488,7 +509,7 @@ def _warn_if_the_quantile_cannot_drop(config: TrainConfig, data: TrainingData, r
 
 
 def _fit(config: TrainConfig, strategy: Any, data: TrainingData, steps: int, out: Path, write: Path, initial_epoch: int,
-         multi_worker: bool, extra_callbacks: list[Any] | None, verbose: int | str) -> TrainResult:
+         multi_worker: bool, extra_callbacks: list[Any] | None, progress: str) -> TrainResult:
     """The rest of :func:`train`, once this worker knows where it reads the run's state (``out``) and writes (``write``)."""
     import keras
 
@@ -503,14 +524,17 @@ def _fit(config: TrainConfig, strategy: Any, data: TrainingData, steps: int, out
     if initial_epoch:
         logger.info("resuming %s at epoch %d", out, initial_epoch + 1)
     train_ds, val_ds, val_steps = build_datasets(config, data, steps, initial_epoch, strategy)
+    # The starting weights of a new run only: a resumed one restores its backup. Read outside the
+    # strategy's scope, so the checkpoint's model is not a distributed one.
+    init = config.model.init_checkpoint
+    init_weights = read_tower_weights(init) if init and not initial_epoch else None
     with strategy.scope():
         model = build_model(config, data.num_classes, label_noise=data.label_noise)
-        if config.model.init_checkpoint:
-            load_tower_weights(model, config.model.init_checkpoint)  # a resumed run then restores its own backup
+        if init_weights is not None:
+            set_tower_weights(model, init_weights, init)
     if data.label_noise:
         logger.info("training records carry corruption flags (true_product_id): logging the drop's precision and recall")
     monitor = "val_loss" if val_ds is not None else "loss"
-    progress = {0: "none", 1: "bar", 2: "lines"}.get(verbose, verbose)  # type: ignore[call-overload]
     callbacks = ([TrainingProgress(fc.epochs, steps, progress)] + build_callbacks(config, model, out, initial_epoch, monitor, write)
                  + list(extra_callbacks or []))
     _warn_if_the_quantile_cannot_drop(config, data, replicas)

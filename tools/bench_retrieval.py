@@ -613,7 +613,6 @@ def noise_summary(dirs, out):
     largest mean paired gain over plain in the same folder, top-1 plus top-5
     points.
     """
-
     groups = {}  # (regime, kind, rate, variant) -> results
     choice = None
     paired = []

@@ -54,6 +54,11 @@ def true_product(record: Record) -> str:
     return record.metadata.get(TRUE_PRODUCT_COLUMN) or record.product_id
 
 
+def has_label_noise(records: Sequence[Record]) -> bool:
+    """Some record names a ``true_product_id`` other than its ``product_id`` (a label-noise benchmark)."""
+    return any(true_product(r) != r.product_id for r in records)
+
+
 @dataclasses.dataclass
 class PairPlan:
     """One epoch's pairs as parallel arrays (length P).
@@ -265,7 +270,7 @@ class PairPlanner:
         for product in self._shop_products:
             self._products_by_category[self.records[self._shop_by_product[product][0]].category].append(product)
         self._category_members = {c: set(ps) for c, ps in self._products_by_category.items()}
-        self.has_label_noise = any(true_product(r) != r.product_id for r in self.records)
+        self.has_label_noise = has_label_noise(self.records)
         # Anchors: street photos whose product has a shop photo.
         self._anchors = np.array([i for i in street if self.records[i].product_id in self._shop_by_product], dtype=np.int64)
         orphans = len(street) - len(self._anchors)
