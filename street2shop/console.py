@@ -65,6 +65,8 @@ class Progress:
         unit: str. The unit's name, plural (``"images"``, ``"steps"``).
         mode: ``"auto"``, ``"bar"``, ``"lines"`` or ``"none"`` (True / False: auto / none).
         every: float. Lines mode: seconds between two lines.
+        done: int. Work already done before this run (a resumed one): shown,
+            but the time to go is estimated from this run's own pace.
         stream: where the bar is drawn (stderr by default).
         clock: a monotonic clock in seconds (tests pass their own).
 
@@ -77,7 +79,7 @@ class Progress:
     WIDTH = 24
 
     def __init__(self, total: int, what: str, *, unit: str = "", mode: str | bool = "auto", every: float = 30.0,
-                 stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 done: int = 0, stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.mode = progress_mode(mode, self.stream)
         self.total = max(0, int(total))
@@ -86,7 +88,7 @@ class Progress:
         self.every = float(every)
         self.clock = clock
         self.start = clock()
-        self.done = 0
+        self.done = self.already = max(0, int(done))
         self.lines = 0  # lines logged in lines mode
         self.info = ""  # the last update's text
         self._last = self.start
@@ -96,8 +98,8 @@ class Progress:
     def _text(self, info: str) -> str:
         elapsed = self.clock() - self.start
         text = f"{self.what}: {self.done}/{self.total}" + (f" {self.unit}" if self.unit else "") + f", {_duration(elapsed)}"
-        if 0 < self.done < self.total:
-            text += f", about {_duration(elapsed / self.done * (self.total - self.done))} to go"
+        if self.already < self.done < self.total:
+            text += f", about {_duration(elapsed / (self.done - self.already) * (self.total - self.done))} to go"
         return text + (f"; {info}" if info else "")
 
     def _draw(self, info: str) -> None:

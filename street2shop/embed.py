@@ -187,8 +187,8 @@ def embed_catalog(
     todo = [c for c in range(n_chunks) if c not in done]
     if done:
         logger.info("resuming: %d of %d chunks already embedded in %s", len(done), n_chunks, out)
-    bar = Progress(len(records), "embedding the catalogue", unit="images", mode=progress)
-    bar.update(sum(min(chunk_size, len(records) - c * chunk_size) for c in done))
+    bar = Progress(len(records), "embedding the catalogue", unit="images", mode=progress,
+                   done=sum(min(chunk_size, len(records) - c * chunk_size) for c in done))
 
     with ThreadPoolExecutor(max_workers=max(1, in_flight)) as pool:
         for c in todo:

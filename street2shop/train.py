@@ -334,17 +334,26 @@ def set_tower_weights(model: Any, weights: list[Any], source: str | os.PathLike[
     logger.info("tower weights from %s", source)
 
 
-def _best_logged(log_csv: Path, monitor: str, from_epoch: int = 0) -> float | None:
-    """The lowest ``monitor`` value in a run's CSV log from epoch ``from_epoch`` (0-based) on (None if absent)."""
+def best_logged_epoch(log_csv: str | os.PathLike[str], monitor: str, from_epoch: int = 0) -> tuple[int, float] | None:
+    """``(epoch, value)``: the epoch (0-based) of the lowest ``monitor`` value in a run's CSV log, from ``from_epoch`` on.
+
+    None without such a value (no log, no such column). The first of equal values wins, as in ``ModelCheckpoint``.
+    """
     import csv
 
     try:
         with open(log_csv, newline="") as f:
-            values = [float(row[monitor]) for row in csv.DictReader(f)
-                      if row.get(monitor) not in (None, "") and int(row.get("epoch") or 0) >= from_epoch]
+            values = [(int(row.get("epoch") or 0), float(row[monitor])) for row in csv.DictReader(f) if row.get(monitor) not in (None, "")]
     except (OSError, ValueError):
         return None
-    return min(values) if values else None
+    values = [(epoch, value) for epoch, value in values if epoch >= from_epoch]
+    return min(values, key=lambda ev: ev[1]) if values else None
+
+
+def _best_logged(log_csv: Path, monitor: str, from_epoch: int = 0) -> float | None:
+    """The lowest ``monitor`` value in a run's CSV log from epoch ``from_epoch`` (0-based) on (None if absent)."""
+    best = best_logged_epoch(log_csv, monitor, from_epoch)
+    return None if best is None else best[1]
 
 
 def _resume_epoch(backup_dir: Path) -> int:

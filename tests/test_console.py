@@ -73,6 +73,18 @@ def test_log_files_get_a_plain_line_every_30_seconds(caplog):
     assert not any(ANSI.search(line) or "\r" in line for line in lines)
 
 
+def test_a_resumed_run_estimates_from_its_own_pace(caplog):
+    # 60 of 100 done before; this run does 1 image a second. After 20 s: 80 done, 20 to go at 1/s = 20 s
+    # (counting the 60 as done in those 20 s would say 20 / 4 per s = 5 s).
+    clock = Clock()
+    with caplog.at_level(logging.INFO, logger="street2shop.console"):
+        bar = Progress(100, "embedding", unit="images", mode="lines", every=20, done=60, stream=io.StringIO(), clock=clock)
+        for done in range(61, 81):
+            clock.now += 1.0
+            bar.update(done)
+    assert [r.getMessage() for r in caplog.records] == ["embedding: 80/100 images, 20 s, about 20 s to go"]
+
+
 def test_short_work_in_a_log_file_none_mode_and_erase_say_nothing_more(caplog):
     stream, clock = Terminal(), Clock()
     with caplog.at_level(logging.INFO, logger="street2shop.console"):

@@ -111,3 +111,14 @@ def test_best_logged_value_of_a_resumed_run_skips_the_warmup_epochs(tmp_path):
     assert _best_logged(log, "val_loss", from_epoch=2) == 0.65
     assert _best_logged(log, "loss", from_epoch=2) == 0.4
     assert _best_logged(tmp_path / "missing.csv", "val_loss") is None
+
+
+def test_best_logged_epoch_is_the_first_of_the_lowest(tmp_path):
+    from street2shop.train import best_logged_epoch
+
+    log = tmp_path / "log.csv"
+    log.write_text("epoch,loss,val_loss\n0,0.9,0.7\n1,0.8,0.6\n2,0.5,0.6\n3,0.4,0.65\n")
+    assert best_logged_epoch(log, "val_loss") == (1, 0.6)  # epochs 1 and 2 tie: the first, as ModelCheckpoint keeps it
+    assert best_logged_epoch(log, "val_loss", from_epoch=2) == (2, 0.6)
+    assert best_logged_epoch(log, "loss") == (3, 0.4)
+    assert best_logged_epoch(log, "accuracy") is None
