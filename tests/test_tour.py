@@ -19,12 +19,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -57,12 +58,6 @@ def tour_blocks(readme: str) -> tuple[list[str], str]:
     python = blocks(section(tour, "### From Python"), "python")
     assert len(shell) >= 4 and len(python) == 1, "the tour's blocks were not found where this test looks for them"
     return shell, python[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def script_of(shell: list[str], port: int) -> str:

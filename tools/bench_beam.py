@@ -34,7 +34,6 @@ is recorded before and after: the machine is shared.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -45,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_serving import DEFAULT_MANIFEST, ROOT, TOLERANCE, uptime  # tools/ is on the path: this file's folder
+from bench_serving import DEFAULT_MANIFEST, ROOT, TOLERANCE, uptime, write_report  # tools/ is on the path: this file's folder
 
 TARGET = 0.8
 
@@ -206,9 +205,7 @@ def main() -> int:
         "diagnostics_ms_per_image": parts, "load_after_each_variant": loads, "uptime_before": before, "uptime_after": after,
         "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
     }
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    write_report(result, args.out)
     return 0
 
 

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench_serving import DEFAULT_MANIFEST, free_port, percentile, uptime  # noqa: E402
+from bench_serving import DEFAULT_MANIFEST, free_port, percentile, stop_process, uptime, write_report  # noqa: E402
 
 TARGET_RATIO = 0.8
 
@@ -215,11 +215,7 @@ def main() -> int:
             failed = sum(1 for _, status, _ in swap_rows if status != 200)
             print(f"swap under load: {len(swap_rows)} requests, {failed} failed, versions {sorted(set(versions))}", flush=True)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc, grace=30)
     after = uptime()
     report = {
         "command": " ".join([".venv/bin/python", *sys.argv]),
@@ -236,9 +232,7 @@ def main() -> int:
     }
     print(json.dumps(report, indent=2))
     print(f"service / in process: best {ratio_best:.2f}, median {ratio_median:.2f} (target >= {TARGET_RATIO})")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
     return 0
 
 

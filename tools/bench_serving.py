@@ -59,6 +59,24 @@ def uptime() -> str:
         return "load average: %.2f, %.2f, %.2f" % os.getloadavg()
 
 
+def stop_process(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """Terminates ``proc``, and kills it if it is still there after ``grace`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def write_report(report: dict, out: str) -> None:
+    """A benchmark's report as JSON at ``out`` (its folder made), when ``out`` is given."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -208,12 +226,7 @@ def bench_size(args: argparse.Namespace, image_size: int, images: list[bytes], w
         if server is not None:
             server.stop()
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
 
     s = {name: summary(v) for name, v in rates.items()}
     ratios = {
@@ -295,10 +308,7 @@ def main() -> int:
         "targets": {"b_over_a": TARGET_B_OVER_A, "c_over_b": TARGET_C_OVER_B, "tolerance": TOLERANCE},
         "uptime_before": before, "uptime_after": after, "results": results,
     }
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_report(report, args.out)
     return 0
 
 

@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from bench_index import clustered_unit_vectors, percentiles  # noqa: E402
+from bench_serving import uptime, write_report  # noqa: E402
 
 from street2shop.contract import ModelIdentity  # noqa: E402
 from street2shop.embeddings import write_embeddings  # noqa: E402
@@ -88,7 +89,6 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    uptime = lambda: "load average %.2f, %.2f, %.2f" % os.getloadavg()  # noqa: E731
     report: dict = {"command": " ".join([".venv/bin/python", *sys.argv]), "base": args.base, "uptime_before": uptime()}
     total_new = max(args.deltas)
     base_vectors, held, _ = clustered_unit_vectors(args.base + total_new, args.queries + 100, 0, 128, 1000, 1.0, args.seed)
@@ -145,9 +145,7 @@ def main() -> int:
     for row in report["versions"]:
         row["p50_vs_base"] = round(row["p50_ms"] / base_p50, 2)
     print(json.dumps(report, indent=2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
     return 0
 
 

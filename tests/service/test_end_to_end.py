@@ -20,16 +20,11 @@ from pathlib import Path
 import pytest
 
 from tests.browser import launch, needs_chromium
+from tests.processes import free_port, stop
 from tests.serving.conftest import build_tiny_savedmodel
 
 pytest.importorskip("fastapi")
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(args, log: Path) -> subprocess.Popen:
@@ -123,12 +118,7 @@ def test_service_over_the_stand_in_fails_with_503_and_recovers_without_a_restart
         assert status == 200 and answer["results"][0]["product_id"] == reference_top(export_base, root / "index", photo, street.box)[0]
         assert service.poll() is None  # never restarted
     finally:
-        for proc in (service, stand_in):
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(service, stand_in)
 
 
 def _up(port: int) -> bool:
@@ -182,8 +172,4 @@ def test_the_web_page_in_headless_chromium(deployment, synth_dataset, tmp_path):
             assert "400" in page.locator("#error").inner_text() and "not a JPEG, PNG, GIF or BMP" in page.locator("#error").inner_text()
             browser.close()
     finally:
-        service.terminate()
-        try:
-            service.wait(30)
-        except subprocess.TimeoutExpired:
-            service.kill()
+        stop(service)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import struct
 import threading
 
@@ -24,15 +23,10 @@ from street2shop.errors import (
 from street2shop.serving.client import EmbeddingClient, tensor_proto_to_numpy
 from street2shop.contract import export_versions as find_versions
 from street2shop.serving.server import StandInServer, serve
+from tests.processes import free_port
 from tests.serving.conftest import DIMENSION, SIZE, make_image
 
 tf = pytest.importorskip("tensorflow")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def direct(loaded_model, signature: str, batches: list[dict]) -> np.ndarray:
