@@ -3,7 +3,8 @@
 :class:`DropWarmup` switches the robust loss's drop on after its warm-up
 epochs (the switch itself is a variable the loss owns,
 :func:`street2shop.losses.drop_switch`). :class:`RestoreFromChief` resumes a
-worker of a multi-worker run from the chief's backup. :class:`TrainingProgress` is what a
+worker of a multi-worker run from the chief's backup. :class:`LearningRateLog` adds the
+learning rate to each epoch's logs (so ``log.csv`` shows a schedule). :class:`TrainingProgress` is what a
 person sees of ``fit``: one short line per epoch, and a bar during the epoch
 on a terminal (``log.csv`` and TensorBoard keep every metric).
 """
@@ -20,6 +21,15 @@ import keras
 from street2shop.console import Progress, progress_mode
 
 logger = logging.getLogger(__name__)
+
+
+class LearningRateLog(keras.callbacks.Callback):
+    """Adds ``learning_rate`` to each epoch's logs: the rate of the optimizer's next step (a schedule's value at
+    the epoch's end). Place it before the callbacks that record the logs."""
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if logs is not None:
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
 
 class DropWarmup(keras.callbacks.Callback):

@@ -24,6 +24,7 @@ from street2shop.fileio import write_atomic
 from street2shop.model.backbones import BACKBONES  # the registry; imports no Keras
 
 _UNSET = object()
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def _help(text: str, unset: Any = _UNSET) -> dict[str, Any]:
@@ -191,7 +192,9 @@ class FitConfig(_Section):
     epochs: int = dataclasses.field(default=10, metadata=_help("number of epochs"))
     batch_size: int = dataclasses.field(default=32, metadata=_help("global batch size (split across devices)"))
     optimizer: str = dataclasses.field(default="adamw", metadata=_help("'adamw' or 'sgd' (with momentum)"))
-    learning_rate: float = dataclasses.field(default=1e-3, metadata=_help("learning rate of the head (and of the backbone unless backbone_lr_multiplier)"))
+    learning_rate: float = dataclasses.field(default=1e-3, metadata=_help("learning rate of the head (and of the backbone unless backbone_lr_multiplier); the peak of a schedule"))
+    lr_schedule: str = dataclasses.field(default="constant", metadata=_help("'constant', or 'cosine': from learning_rate down to 0 over the run's steps (a cosine), after any warm-up"))
+    warmup_epochs: float = dataclasses.field(default=0.0, metadata=_help("raise the learning rate linearly from 0 over this many epochs (fractions allowed) before the schedule"))
     backbone_lr_multiplier: float = dataclasses.field(default=1.0, metadata=_help("the backbone learns at learning_rate times this (e.g. 0.1 for fine-tuning)"))
     weight_decay: float = dataclasses.field(default=1e-4, metadata=_help("decoupled weight decay (adamw) or L2-like decay (sgd)"))
     momentum: float = dataclasses.field(default=0.9, metadata=_help("momentum for sgd"))
@@ -204,6 +207,9 @@ class FitConfig(_Section):
         _check(self.batch_size >= 2, "batch_size", self.batch_size, ">= 2")
         _check(self.optimizer in ("adamw", "sgd"), "optimizer", self.optimizer, "'adamw' or 'sgd'")
         _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "> 0")
+        _check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", self.lr_schedule, " or ".join(repr(s) for s in LR_SCHEDULES))
+        _check(0.0 <= self.warmup_epochs < self.epochs and math.isfinite(self.warmup_epochs), "warmup_epochs",
+               self.warmup_epochs, f"in [0, epochs={self.epochs})")
         _check(self.backbone_lr_multiplier >= 0, "backbone_lr_multiplier", self.backbone_lr_multiplier, ">= 0")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
         _check(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")

@@ -270,10 +270,22 @@ def build_optimizer(config: TrainConfig):
     from street2shop.optimizers import BackboneAdamW, BackboneSGD
 
     fc = config.fit
+    learning_rate = learning_rate_of(config)
     if fc.optimizer == "sgd":
-        return BackboneSGD(learning_rate=fc.learning_rate, momentum=fc.momentum, nesterov=True,
+        return BackboneSGD(learning_rate=learning_rate, momentum=fc.momentum, nesterov=True,
                            weight_decay=fc.weight_decay or None, backbone_lr_multiplier=fc.backbone_lr_multiplier)
-    return BackboneAdamW(learning_rate=fc.learning_rate, weight_decay=fc.weight_decay, backbone_lr_multiplier=fc.backbone_lr_multiplier)
+    return BackboneAdamW(learning_rate=learning_rate, weight_decay=fc.weight_decay, backbone_lr_multiplier=fc.backbone_lr_multiplier)
+
+
+def learning_rate_of(config: TrainConfig) -> Any:
+    """``learning_rate`` as the optimizer takes it: a float, or a :class:`~street2shop.optimizers.WarmupCosine` over the run's steps."""
+    from street2shop.optimizers import WarmupCosine
+
+    fc = config.fit
+    if fc.lr_schedule == "constant" and not fc.warmup_epochs:
+        return fc.learning_rate
+    steps = max(1, config.data.pairs_per_epoch // fc.batch_size)  # the global batch: one step per batch, whatever the replicas
+    return WarmupCosine(fc.learning_rate, total_steps=steps * fc.epochs, warmup_steps=round(steps * fc.warmup_epochs), kind=fc.lr_schedule)
 
 
 def build_model(config: TrainConfig, num_classes: int | None, label_noise: bool = False):
@@ -377,7 +389,7 @@ def build_callbacks(config: TrainConfig, model: Any, out: Path, initial_epoch: i
     """
     import keras
 
-    from street2shop.callbacks import DropWarmup, RestoreFromChief
+    from street2shop.callbacks import DropWarmup, LearningRateLog, RestoreFromChief
 
     fc = config.fit
     write = write_dir or out
@@ -395,6 +407,7 @@ def build_callbacks(config: TrainConfig, model: Any, out: Path, initial_epoch: i
     # which marks the epoch done: a Ctrl-C in between redoes the epoch, and the resumed run drops the
     # log rows of epochs it redoes (_trim_log), so log.csv holds every finished epoch exactly once.
     callbacks: list[Any] = [
+        LearningRateLog(),
         keras.callbacks.CSVLogger(str(write / "log.csv"), append=bool(initial_epoch)),
         keras.callbacks.TensorBoard(str(write / "tensorboard"), write_graph=False, profile_batch=0),
         keras.callbacks.TerminateOnNaN(),

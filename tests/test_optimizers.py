@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from street2shop.errors import ConfigError
-from street2shop.optimizers import BackboneAdamW, BackboneSGD
+from street2shop.optimizers import BackboneAdamW, BackboneSGD, WarmupCosine
 
 
 def two_layer_model():
@@ -47,3 +47,24 @@ def test_config_round_trip_and_validation():
     assert again.backbone_lr_multiplier == 0.5 and float(again.learning_rate) == pytest.approx(0.1)
     with pytest.raises(ConfigError, match="Received: backbone_lr_multiplier=-1"):
         BackboneSGD(backbone_lr_multiplier=-1)
+
+
+def test_warmup_cosine_by_hand():
+    # 2 warm-up steps of 10: (s + 1)/2 of the peak, then peak·(1 + cos(π·(s − 2)/8))/2.
+    schedule = WarmupCosine(0.1, total_steps=10, warmup_steps=2)
+    expected = [0.05, 0.1, 0.1, 0.1 * (1 + np.cos(np.pi / 8)) / 2, 0.05 * (1 + np.cos(np.pi / 4)), 0.05 * (1 + np.cos(3 * np.pi / 8)),
+                0.05, 0.05 * (1 + np.cos(5 * np.pi / 8)), 0.05 * (1 + np.cos(3 * np.pi / 4)), 0.05 * (1 + np.cos(7 * np.pi / 8)), 0.0, 0.0]
+    assert [float(schedule(s)) for s in range(12)] == pytest.approx(expected, abs=1e-7)
+    constant = WarmupCosine(0.1, total_steps=10, warmup_steps=4, kind="constant")
+    assert [float(constant(s)) for s in (0, 3, 4, 9)] == pytest.approx([0.025, 0.1, 0.1, 0.1])
+    assert float(WarmupCosine(0.1, total_steps=4)(0)) == pytest.approx(0.1)  # no warm-up: the first step at the peak
+
+
+def test_warmup_cosine_travels_with_the_optimizer_config():
+    opt = BackboneAdamW(learning_rate=WarmupCosine(0.1, total_steps=10, warmup_steps=2), backbone_lr_multiplier=0.5)
+    again = BackboneAdamW.from_config(opt.get_config())
+    assert again._learning_rate.get_config() == {"peak": 0.1, "total_steps": 10, "warmup_steps": 2, "kind": "cosine"}
+    with pytest.raises(ConfigError, match="kind must be 'constant' or 'cosine'"):
+        WarmupCosine(0.1, total_steps=10, kind="linear")
+    with pytest.raises(ConfigError, match="warmup_steps=10, total_steps=10"):
+        WarmupCosine(0.1, total_steps=10, warmup_steps=10)

@@ -28,8 +28,10 @@ class Interrupt(keras.callbacks.Callback):
 
 def test_interrupted_run_resumes_at_the_next_epoch(synth_dataset, tmp_path, caplog):
     # With a robust-loss warm-up of one epoch: epoch 1 drops nothing, and the resumed run
-    # (epochs 2 and 3) knows that its warm-up is over.
-    config = tiny_config(synth_dataset, tmp_path / "run", epochs=3, positive_quantile=0.5, drop_warmup_epochs=1)
+    # (epochs 2 and 3) knows that its warm-up is over. With a cosine schedule after one warm-up
+    # epoch, the resumed run continues the schedule where it stopped.
+    config = tiny_config(synth_dataset, tmp_path / "run", epochs=3, positive_quantile=0.5, drop_warmup_epochs=1,
+                         lr_schedule="cosine", warmup_epochs=1.0)
     with pytest.raises(KeyboardInterrupt):
         train(config, extra_callbacks=[Interrupt(epoch=0)], verbose=0)
     with caplog.at_level(logging.INFO, logger="street2shop"):
@@ -42,6 +44,10 @@ def test_interrupted_run_resumes_at_the_next_epoch(synth_dataset, tmp_path, capl
         rows = list(csv.DictReader(f))
     assert [int(row["epoch"]) for row in rows] == [0, 1, 2]
     assert float(rows[0]["positive_drop_rate"]) == 0.0
+    # The rate of the next step at each epoch's end, by hand: the peak after the warm-up epoch, then
+    # peak·(1 + cos(π·t))/2 at t = 1/2 and t = 1 of the two cosine epochs.
+    peak = config.fit.learning_rate
+    assert [float(row["learning_rate"]) for row in rows] == pytest.approx([peak, peak / 2, 0.0], abs=1e-9)
     # q = 0.5 drops about half the positives of every batch once the warm-up is over
     assert all(rate > 0.0 for rate in result.history["positive_drop_rate"])
 
