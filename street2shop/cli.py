@@ -20,6 +20,7 @@ from typing import Any
 
 from street2shop import __version__
 from street2shop.errors import Street2ShopError
+from street2shop.model.views import TTA_MODES  # imports no TensorFlow
 
 logger = logging.getLogger("street2shop")
 
@@ -127,7 +128,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from street2shop.export import export_checkpoint
 
-    card = export_checkpoint(args.checkpoint, args.export_base, version=args.version, model_name=args.model_name)
+    card = export_checkpoint(args.checkpoint, args.export_base, version=args.version, model_name=args.model_name, tta=args.tta)
     _print_json(card) if args.json else print(f"exported {card['path']} (version {card['version']}, dimension {card['dimension']}, fingerprint {card['fingerprint']})")
     return 0
 
@@ -358,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("export_base", help="TF Serving model base path; the version goes in a numbered subfolder")
     p.add_argument("--version", type=int, default=None, help="version number (default: next free; never overwrites)")
     p.add_argument("--model-name", default="street2shop", help="model name used in the warm-up requests")
+    p.add_argument("--tta", default="none", choices=TTA_MODES,
+                   help="test-time augmentation in every signature: the mean of the image and its mirror (flip; 2 tower passes), "
+                        "and of their central crops (flip-crops; 4 passes); embed catalogue and queries with the same export")
 
     p = command(sub, "serve", cmd_serve, "run the local STAND-IN for TF Serving (gRPC Predict/GetModelMetadata/GetModelStatus) for development and tests")
     p.add_argument("export_base", help="export base path (the newest version is served)")

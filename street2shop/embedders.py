@@ -345,21 +345,23 @@ class TowerEmbedder(Embedder):
 
     Args:
         model: the tower, or a siamese model holding it.
+        tta: test-time augmentation, as an export's (:mod:`street2shop.model.views`).
         batch_size, max_pixels, decode_check: see :class:`Embedder`.
     """
 
-    def __init__(self, model: Any, **kwargs: Any) -> None:
+    def __init__(self, model: Any, *, tta: str = "none", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         import tensorflow as tf
 
         from street2shop.data.image import prepare_image
         from street2shop.export import tower_image_size, weights_fingerprint
         from street2shop.model.siamese import tower_of
+        from street2shop.model.views import embed_views, tta_fingerprint
 
         self.tower = tower_of(model)
         size = tower_image_size(self.tower)
         self._dimension = int(self.tower.outputs[0].shape[-1])
-        self._identity = ModelIdentity(weights_fingerprint(self.tower), None, self._dimension)
+        self._identity = ModelIdentity(tta_fingerprint(weights_fingerprint(self.tower), tta), None, self._dimension)
         pixel_spec = tf.TensorSpec([size[0], size[1], 3], tf.float32)
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string), tf.TensorSpec([None, 4], tf.float32)])
@@ -370,7 +372,7 @@ class TowerEmbedder(Embedder):
                     return tf.identity(pixels)
 
             pixels = tf.map_fn(one, (images, boxes), fn_output_signature=pixel_spec)
-            return self.tower(pixels, training=False)
+            return embed_views(self.tower, pixels, tta)
 
         self._run_graph = run
 

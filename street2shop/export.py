@@ -113,6 +113,7 @@ def export_tower(
     version: int | None = None,
     model_name: str = contract.DEFAULT_MODEL_NAME,
     warmup_images: Sequence[bytes] | None = None,
+    tta: str = "none",
 ) -> Path:
     """Exports the tower of ``model`` to ``export_base/<version>/``.
 
@@ -125,6 +126,10 @@ def export_tower(
         model_name: str. Model name written into the warm-up requests.
         warmup_images: encoded images for the warm-up requests; small
             generated JPEGs by default.
+        tta: test-time augmentation inside every signature: "none", "flip"
+            or "flip-crops" (:mod:`street2shop.model.views`; 2 or 4 tower
+            passes per image). It changes the vectors, so the fingerprint is
+            another one: embed the catalogue and the queries with the same export.
 
     Returns:
         Path of the new version folder (its name is the version number).
@@ -137,7 +142,9 @@ def export_tower(
 
     from street2shop.data.image import prepare_image
     from street2shop.model.siamese import tower_of
+    from street2shop.model.views import check_tta, embed_views, tta_fingerprint
 
+    check_tta(tta)
     tower = tower_of(model)
     size = tower_image_size(tower)
     base = Path(export_base)
@@ -150,11 +157,11 @@ def export_tower(
     if final.exists():
         raise ModelError(f"version {version} already exists at {final}; versions are never overwritten. Pick another --version or omit it.")
     dimension = int(tower.outputs[0].shape[-1])
-    fingerprint = weights_fingerprint(tower)
+    fingerprint = tta_fingerprint(weights_fingerprint(tower), tta)
     pixel_spec = tf.TensorSpec([size[0], size[1], 3], tf.float32)
 
     def embed(pixels):
-        embedding = tower(pixels, training=False)
+        embedding = embed_views(tower, pixels, tta)
         # One fingerprint per row: the identity survives TF Serving's batching, which splits outputs by row.
         rows = tf.fill(tf.shape(embedding)[:1], tf.constant(fingerprint))
         return {contract.EMBEDDING: embedding, contract.FINGERPRINT: rows}
@@ -203,6 +210,7 @@ def export_tower(
             "image_size": list(size),
             "backbone": _backbone_name(tower),
             "fingerprint": fingerprint,
+            "tta": tta,
             "package_version": __version__,
             "tensorflow_version": tf.__version__,
             "keras_version": keras.__version__,
@@ -221,7 +229,8 @@ def export_tower(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("exported tower (D=%d, %dx%d, fingerprint %s) to %s", dimension, size[0], size[1], fingerprint, final)
+    logger.info("exported tower (D=%d, %dx%d, fingerprint %s%s) to %s", dimension, size[0], size[1], fingerprint,
+                "" if tta == "none" else f", test-time augmentation {tta}", final)
     return final
 
 
@@ -231,7 +240,8 @@ def export_checkpoint(
     *,
     version: int | None = None,
     model_name: str = contract.DEFAULT_MODEL_NAME,
+    tta: str = "none",
 ) -> dict[str, Any]:
     """``street2shop export``: loads a ``.keras`` checkpoint and exports its tower; returns the card and path."""
-    path = export_tower(load_checkpoint(checkpoint), export_base, version=version, model_name=model_name)
+    path = export_tower(load_checkpoint(checkpoint), export_base, version=version, model_name=model_name, tta=tta)
     return {"path": str(path), **contract.read_card(path)}

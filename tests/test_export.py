@@ -166,3 +166,24 @@ def test_real_export_served_by_the_stand_in_and_read_by_the_client(tower, tmp_pa
     card = read_card(exported)
     assert got.identity == contract.ModelIdentity(card["fingerprint"], int(exported.name), 16) == expected.identity
     assert card["fingerprint"] == weights_fingerprint(tower)
+
+
+def test_export_with_flip_tta_averages_the_image_and_its_mirror(tower, tmp_path):
+    # Reference by hand: the tower on the pixels and on their mirror image, mean of the two, unit length.
+    images = [jpeg(s) for s in range(3)]
+    pixels = tf.stack([prepare_image(tf.constant(b), image_size=75)[0] for b in images]).numpy()
+    mean = (tower(pixels, training=False).numpy() + tower(pixels[:, :, ::-1, :].copy(), training=False).numpy()) / 2
+    expected = mean / np.linalg.norm(mean, axis=1, keepdims=True)
+    path = export_tower(tower, tmp_path / "tta", tta="flip")
+    card = read_card(path)
+    assert card["tta"] == "flip"
+    assert card["fingerprint"] not in (weights_fingerprint(tower), "")  # other vectors, so another model
+    model = tf.saved_model.load(str(path))
+    out = model.signatures["serving_default"](image_bytes=tf.constant(images))
+    assert np.abs(out["embedding"].numpy() - expected).max() <= 1e-5
+    assert {f.decode() for f in out["model_fingerprint"].numpy()} == {card["fingerprint"]}
+    got_pixels = model.signatures["embed_pixels"](pixels=tf.constant(pixels))["embedding"].numpy()
+    assert np.abs(got_pixels - expected).max() <= 1e-5
+    assert LocalEmbedder(path).identity().fingerprint == card["fingerprint"]
+    with pytest.raises(Exception, match="tta must be one of none, flip, flip-crops"):
+        export_tower(tower, tmp_path / "bad", tta="rotate")
