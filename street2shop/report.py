@@ -62,6 +62,9 @@ def plot_top_k(runs: Mapping[str, Mapping[str, Any]], path: str | os.PathLike[st
     except ImportError:
         logger.warning("matplotlib is not installed (pip install 'street2shop[report]'): no plot written")
         return None
+    if not runs:
+        logger.warning("no runs to plot: no plot written to %s", path)
+        return None
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for name, run in runs.items():
         top_k = run["metrics"]["overall"]["top_k"]

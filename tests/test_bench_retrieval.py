@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -175,7 +176,7 @@ def _args(bench, **kw):
     values = dict(train_split="train", backbone="inception_v3", weights="none", image_size=96, embedding_dim=128,
                   bn_momentum=0.9, epochs=8, pairs=8192, batch_size=32, learning_rate=1e-3, aux_dir="/aux",
                   w_product=0.5, street_street_fraction=0.0, hard_negative_fraction=0.5, positive_quantile=0.9,
-                  robust_tau=0.8, drop_warmup_epochs=2, tau_warmup=0.0, set={})
+                  robust_tau=0.8, drop_warmup_epochs=2, tau_warmup=0.0, set={}, recipe=None)
     values.update(kw)
     return argparse.Namespace(**values)
 
@@ -204,6 +205,32 @@ def test_variant_configs_set_each_drop_rule(bench, tmp_path):
         bench.variant_config("robust_tau_warmup", 1, args, "m.csv", tmp_path)
     assert bench.sister("robust_tau_warmup") == "plain"
     assert bench.sister("robust_tau_warmup_multitask_products") == "plain_multitask_products"
+
+
+def test_a_recipe_file_is_the_base_of_every_variant_and_the_default_of_the_flags(bench, tmp_path):
+    recipe = tmp_path / "r-v1.toml"
+    recipe.write_text('[data]\nimage_size = 128\npairs_per_epoch = 1024\nshop_augment = 0.7\n[model]\nweights = "none"\n'
+                      '[loss]\nw_product = 0.25\n[fit]\nepochs = 12\nlr_schedule = "cosine"\nwarmup_epochs = 0.5\n')
+    config, recipe_id, defaults = bench.recipe_defaults(recipe)
+    assert recipe_id["name"] == "r-v1" and len(recipe_id["sha256"]) == 16
+    assert (defaults["image_size"], defaults["epochs"], defaults["pairs"], defaults["w_product"], defaults["weights"]) == (128, 12, 12 * 1024, 0.25, "none")
+    args = _args(bench, recipe=config, **{k: defaults[k] for k in ("image_size", "epochs", "pairs", "w_product")})
+    made, _ = bench.variant_config("robust_multitask_products", 3, args, "m.csv", tmp_path / "run")
+    # the recipe's own fields (not flags of the tool) reach the run; the variant still decides its tasks
+    assert (made.fit.lr_schedule, made.fit.warmup_epochs, made.data.shop_augment) == ("cosine", 0.5, 0.7)
+    assert (made.data.image_size, made.data.pairs_per_epoch, made.fit.epochs, made.loss.w_product, made.fit.seed) == (128, 1024, 12, 0.25, 3)
+    plain, _ = bench.variant_config("plain", 3, args, "m.csv", tmp_path / "run")
+    assert (plain.loss.loss, plain.loss.w_product, plain.data.auxiliary_dir, plain.fit.lr_schedule) == ("contrastive", 0.0, "", "cosine")
+
+
+def test_the_shipped_recipes_load(bench):
+    from street2shop.config import load_config
+
+    recipes = sorted((ROOT / "configs").glob("*.toml"))
+    assert recipes, "configs/ holds the named recipes"
+    for path in recipes:
+        load_config(path)  # every field known and valid
+        assert re.fullmatch(r"[a-z0-9-]+-v\d+", path.stem), f"{path.name}: a recipe's name ends in its version (-v1)"
 
 
 def test_tau_is_read_from_the_plain_runs_last_warmup_epoch(bench, tmp_path):

@@ -262,7 +262,7 @@ def variant_config(variant, seed, args, manifest, run_dir, noise_rate=0.0, init_
     from street2shop.config import TrainConfig
 
     loss, rule, multitask, products = SPECS[variant]
-    config = TrainConfig().replace(
+    config = (args.recipe or TrainConfig()).replace(
         manifest=manifest, train_split=args.train_split, val_split="", backbone=args.backbone, weights=args.weights,
         image_size=args.image_size, embedding_dim=args.embedding_dim, bn_momentum=args.bn_momentum, epochs=args.epochs,
         pairs_per_epoch=args.pairs // args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=seed,
@@ -348,12 +348,12 @@ def pretrained_tower(seed, args):
     return info
 
 
-def embed_with_tower(tower, records, batch_size=64):
-    """The records embedded by the in-memory tower through the export's own graph (box crop included)."""
+def embed_with_tower(tower, records, batch_size=64, tta="none"):
+    """The records embedded by the in-memory tower through the export's own graph (box crop and ``tta`` included)."""
     from street2shop.embed import embed_records
     from street2shop.embedders import TowerEmbedder
 
-    embedded = embed_records(records, TowerEmbedder(tower, batch_size=batch_size), batch_size=batch_size)
+    embedded = embed_records(records, TowerEmbedder(tower, batch_size=batch_size, tta=tta), batch_size=batch_size)
     if embedded.skipped:
         raise SystemExit(f"{len(embedded.skipped)} images could not be embedded: {dict(list(embedded.skipped.items())[:3])}")
     return embedded.vectors
@@ -381,7 +381,8 @@ def run_one(variant, seed, args, queries, gallery, out):
 
     started = time.perf_counter()
     size = args.image_size
-    record = {"variant": variant, "seed": seed, "image_size": size, "backbone": args.backbone, "pairs": args.pairs, "settings": args.set}
+    record = {"variant": variant, "seed": seed, "image_size": size, "backbone": args.backbone, "pairs": args.pairs, "settings": args.set,
+              "config": args.recipe_id}
     if variant.endswith("_products"):
         record["w_product"] = args.w_product
     if variant == "histogram":
@@ -738,8 +739,32 @@ def _folder_setting(out):
     return json.loads(settings.pop()) if settings else None
 
 
+# The tool's flags a --config file gives the defaults of: flag → (section, field); "pairs" is pairs_per_epoch × epochs.
+FROM_CONFIG = {
+    "backbone": ("model", "backbone"), "weights": ("model", "weights"), "image_size": ("data", "image_size"),
+    "embedding_dim": ("model", "embedding_dim"), "bn_momentum": ("model", "bn_momentum"), "epochs": ("fit", "epochs"),
+    "batch_size": ("fit", "batch_size"), "learning_rate": ("fit", "learning_rate"),
+    "street_street_fraction": ("data", "street_street_fraction"), "hard_negative_fraction": ("data", "hard_negative_fraction"),
+    "w_product": ("loss", "w_product"), "positive_quantile": ("loss", "positive_quantile"),
+}
+
+
+def recipe_defaults(path):
+    """The TrainConfig of a ``--config`` file, its id for the results (name and content digest) and the flag defaults it gives."""
+    from street2shop.config import load_config
+
+    config = load_config(path)
+    defaults = {flag: getattr(getattr(config, section), field) for flag, (section, field) in FROM_CONFIG.items()}
+    defaults["pairs"] = config.data.pairs_per_epoch * config.fit.epochs
+    defaults["weights"] = defaults["weights"] or "none"
+    return config, {"name": Path(path).stem, "sha256": _digest(Path(path))}, defaults
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="", metavar="TOML",
+                        help="a named training recipe (e.g. configs/grocery-30min-v1.toml): the base of every trained "
+                             "variant and the default of the flags below it sets; the flags and --set still override")
     parser.add_argument("--manifest", default=str(SHARED / "grocery" / "manifest.csv"))
     parser.add_argument("--train-split", default="train")
     parser.add_argument("--eval-split", default="val")
@@ -778,7 +803,17 @@ def main() -> int:
                              "--out per setting")
     parser.add_argument("--out", default=str(ROOT / "bench-output" / "retrieval"))
     parser.add_argument("--summary", action="store_true", help="only write summary.md and topk.png from finished results")
+    known, _ = parser.parse_known_args()
+    if known.config:
+        from street2shop.errors import ConfigError
+
+        try:
+            recipe, recipe_id, defaults = recipe_defaults(known.config)
+        except ConfigError as e:
+            parser.error(f"--config: {e}")
+        parser.set_defaults(**defaults)
     args = parser.parse_args()
+    args.recipe, args.recipe_id = (recipe, recipe_id) if args.config else (None, None)
     try:
         args.set = _parse_settings(args.set)
     except ValueError as e:
@@ -805,13 +840,16 @@ def main() -> int:
     queries = [r for r in records if r.domain == "street" and r.split == args.eval_split]
     gallery = [r for r in records if r.domain == "shop"]
     logger.info("%d queries (%s street photos) against %d shop photos", len(queries), args.eval_split, len(gallery))
-    (out / "command.json").write_text(json.dumps({"argv": sys.argv, "args": vars(args)}, indent=2))
+    (out / "command.json").write_text(json.dumps({"argv": sys.argv, "args": {k: v for k, v in vars(args).items() if k != "recipe"}}, indent=2))
     variants = sorted(args.variants, key=lambda v: v in SPECS and SPECS[v][1] == "tau_warmup")  # after their plain run
     order = [(v, s) for s in args.seeds for v in variants if not (v in NO_SEED and s != args.seeds[0])]
     for variant, seed in order:
         path = out / f"result-{variant}-seed{seed}.json"
         if path.is_file():
             earlier = json.loads(path.read_text())
+            if variant not in NO_SEED and earlier.get("config") != args.recipe_id:
+                logger.error("%s ran with --config %s, this command has %s: use another --out", path, earlier.get("config"), args.recipe_id)
+                return 2
             if variant not in NO_SEED and earlier.get("settings", {}) != args.set:
                 logger.error("%s ran with --set %s, this command has --set %s: use another --out", path, earlier.get("settings", {}), args.set)
                 return 2

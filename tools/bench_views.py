@@ -1,0 +1,203 @@
+"""Does embedding more views help? Test-time augmentation, augmented catalogue references, more references per product.
+
+Takes the trained runs of ``tools/bench_retrieval.py`` (their ``last.keras``,
+the weights that run evaluated) and evaluates each again, same queries and
+protocol (the ``val`` street photos against every shop photo), with:
+
+- ``tta-flip`` / ``tta-flip-crops``: test-time augmentation
+  (:func:`street2shop.model.views.embed_views`) on queries and catalogue alike,
+  as an export made with ``--tta`` does;
+- ``refs-N``: each shop photo plus N augmented views of it
+  (:func:`street2shop.model.views.augmented_views`, the training street
+  augmentation) as references of its product; ``refs-N+tta-…`` both;
+- ``street-refs``: the shop photos plus the *training* street photos, labelled
+  with their product, as references: a shop's own labelled customer photos
+  (reviews, earlier searches) indexed beside its catalogue. Another protocol
+  (the gallery holds street photos), reported apart: the queries are still
+  other photos than those indexed.
+
+The baseline (``none``) must reproduce the run's own result exactly; the tool
+stops otherwise. Paired differences against ``none`` over the runs (seeds) and
+queries, with 95% intervals resampling both (as bench_retrieval). ``--latency``
+also times the embedding of one batch per TTA mode, side by side, in rounds.
+
+    .venv/bin/python tools/bench_views.py bench-output/grocery-30min-v1 --out bench-output/views.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_retrieval import _bootstrap, _per_query, evaluate  # noqa: E402
+from bench_serving import uptime, write_report  # noqa: E402
+
+CONDITIONS = ("none", "tta-flip", "tta-flip-crops", "refs-8", "refs-8+tta-flip", "street-refs", "street-refs+tta-flip")
+
+
+def parse(condition):
+    """``"refs-8+tta-flip"`` → (refs 8, tta "flip", street False)."""
+    refs, tta, street = 0, "none", False
+    for part in condition.split("+"):
+        if part.startswith("tta-"):
+            tta = part[4:]
+        elif part.startswith("refs-"):
+            refs = int(part[5:])
+        elif part == "street-refs":
+            street = True
+        elif part != "none":
+            raise SystemExit(f"unknown condition {condition!r}")
+    return refs, tta, street
+
+
+def shop_pixels(records, size):
+    import tensorflow as tf
+
+    from street2shop.data.image import prepare_image
+
+    return tf.stack([prepare_image(tf.io.read_file(r.image_path), image_size=size)[0] for r in records])
+
+
+def embed_pixels(tower, pixels, tta, batch=64):
+    import numpy as np
+
+    from street2shop.model.views import embed_views
+
+    return np.concatenate([embed_views(tower, pixels[i:i + batch], tta).numpy() for i in range(0, len(pixels), batch)])
+
+
+def evaluate_run(result_path, conditions, strength, seed):
+    import numpy as np
+
+    from street2shop.data.records import read_manifest
+    from street2shop.export import load_checkpoint
+    from street2shop.model.siamese import tower_of
+    from street2shop.model.views import augmented_views
+
+    result = json.loads(Path(result_path).read_text())
+    run = Path(result_path).parent / "runs" / f"{result['variant']}-seed{result['seed']}"
+    command = json.loads((Path(result_path).parent / "command.json").read_text())["args"]
+    records = read_manifest(command["manifest"])
+    queries = [r for r in records if r.domain == "street" and r.split == command["eval_split"]]
+    gallery = [r for r in records if r.domain == "shop"]
+    street = [r for r in records if r.domain == "street" and r.split == command["train_split"]]
+    tower = tower_of(load_checkpoint(run / "last.keras"))
+    size = int(tower.inputs[0].shape[1])
+    out = {}
+    for condition in conditions:
+        refs, tta, with_street = parse(condition)
+        started = time.perf_counter()
+        q = embed_with_tower_tta(tower, queries, tta)
+        g, g_records = embed_with_tower_tta(tower, gallery, tta), list(gallery)
+        if refs:
+            views = augmented_views(shop_pixels(gallery, size), refs, strength=strength, seed=seed)
+            g = np.concatenate([g] + [embed_pixels(tower, v, tta) for v in views])
+            g_records += gallery * refs
+        if with_street:
+            g = np.concatenate([g, embed_with_tower_tta(tower, street, tta)])
+            g_records += street
+        record = evaluate(q, queries, g, g_records)
+        record["seconds"] = round(time.perf_counter() - started, 1)
+        record["gallery"] = len(g_records)
+        out[condition] = record
+        top = record["top_k"]
+        print(f"{run.name} {condition}: top-1 {100 * top['1']:.1f}, top-5 {100 * top['5']:.1f}, top-20 {100 * top['20']:.1f} "
+              f"({len(g_records)} references, {record['seconds']} s)", flush=True)
+        if condition == "none" and record["ranks"] != result["ranks"]:
+            raise SystemExit(f"{run}: the baseline does not reproduce the run's own result: this tool measures something else")
+    return result["seed"], out
+
+
+def embed_with_tower_tta(tower, records, tta):
+    from bench_retrieval import embed_with_tower
+
+    return embed_with_tower(tower, records, tta=tta)
+
+
+def latency(tower, rounds=5, batch=32):
+    """Seconds per image of embedding one batch of JPEG bytes, per TTA mode, interleaved in rounds; medians."""
+    import statistics
+
+    from street2shop.data.image import pattern_jpeg
+    from street2shop.embedders import TowerEmbedder
+
+    size = int(tower.inputs[0].shape[1])
+    images = [pattern_jpeg(640, 480, k) for k in range(batch)]
+    embedders = {mode: TowerEmbedder(tower, tta=mode, batch_size=batch) for mode in ("none", "flip", "flip-crops")}
+    for e in embedders.values():
+        e.embed(images[:2])  # trace
+    times = {mode: [] for mode in embedders}
+    for _ in range(rounds):
+        for mode, e in embedders.items():
+            t = time.perf_counter()
+            e.embed(images)
+            times[mode].append((time.perf_counter() - t) / batch)
+    medians = {mode: statistics.median(v) for mode, v in times.items()}
+    return {"image_size": size, "batch": batch, "rounds": rounds, "seconds_per_image": medians,
+            "ratio_to_none": {mode: medians[mode] / medians["none"] for mode in medians}}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", help="an --out folder of tools/bench_retrieval.py")
+    parser.add_argument("--variant", default="robust_multitask_products")
+    parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS))
+    parser.add_argument("--strength", type=float, default=1.0, help="augmentation strength of the refs-N views")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the refs-N views")
+    parser.add_argument("--latency", action="store_true", help="also time TTA per image (first run's tower)")
+    parser.add_argument("--out", default=str(ROOT / "bench-output" / "views.json"))
+    args = parser.parse_args()
+    for c in args.conditions:
+        parse(c)
+    paths = sorted(Path(args.results).glob(f"result-{args.variant}-seed*.json"))
+    if not paths:
+        parser.error(f"no result-{args.variant}-seed*.json under {args.results}")
+    runs = dict(evaluate_run(p, ["none"] + [c for c in args.conditions if c != "none"], args.strength, args.seed) for p in paths)
+    seeds = sorted(runs)
+    table = ["| condition | seeds | references | top-1 | top-5 | top-20 | top-1 − none | top-5 − none |", "|---|---|---|---|---|---|---|---|"]
+    report = {"results": args.results, "variant": args.variant, "strength": args.strength, "seed": args.seed, "uptime": uptime(),
+              "runs": {str(s): runs[s] for s in seeds}, "summary": {}}
+    base = _per_query([runs[s]["none"] for s in seeds])
+    for condition in runs[seeds[0]]:
+        values = _per_query([runs[s][condition] for s in seeds])
+        row = {m: _bootstrap(values[m]) for m in ("top-1", "top-5", "top-20")}
+        row.update({f"{m} − none": _bootstrap(values[m] - base[m]) for m in ("top-1", "top-5")})
+        report["summary"][condition] = row
+
+        def cell(v):
+            return f"{100 * v[0]:.1f} [{100 * v[1]:.1f}, {100 * v[2]:.1f}]"
+
+        def diff(v):
+            return f"{100 * v[0]:+.1f} [{100 * v[1]:+.1f}, {100 * v[2]:+.1f}]"
+
+        table.append(f"| {condition} | {', '.join(map(str, seeds))} | {runs[seeds[0]][condition]['gallery']} | {cell(row['top-1'])} | "
+                     f"{cell(row['top-5'])} | {cell(row['top-20'])} | {diff(row['top-1 − none'])} | {diff(row['top-5 − none'])} |")
+    if args.latency:
+        from street2shop.export import load_checkpoint
+        from street2shop.model.siamese import tower_of
+
+        first = json.loads(paths[0].read_text())
+        tower = tower_of(load_checkpoint(Path(args.results) / "runs" / f"{first['variant']}-seed{first['seed']}" / "last.keras"))
+        report["latency"] = latency(tower)
+        lat = report["latency"]
+        table.append("")
+        table.append(f"TTA cost, {lat['batch']} JPEGs (640x480) per call at {lat['image_size']} px, median of {lat['rounds']} rounds: " + ", ".join(
+            f"{mode} {1000 * s:.1f} ms/image ({lat['ratio_to_none'][mode]:.2f}x)" for mode, s in lat["seconds_per_image"].items()))
+    text = "\n".join(table)
+    report["table"] = text
+    write_report(report, args.out)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
