@@ -18,6 +18,8 @@ signature           inputs                                                      
 
 **The model's identity travels with its vectors.** Every signature answers,
 beside each embedding, the fingerprint of the weights that made it
+(of the weights and the test-time augmentation, for an export made with
+``tta``: :func:`street2shop.model.views.tta_fingerprint`)
 (``model_fingerprint``, one string per row, so it survives TF Serving's
 request batching), and TF Serving names the version in every
 ``PredictResponse.model_spec``. A client therefore learns which model made

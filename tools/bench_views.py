@@ -7,9 +7,10 @@ protocol (the ``val`` street photos against every shop photo), with:
 - ``tta-flip`` / ``tta-flip-crops``: test-time augmentation
   (:func:`street2shop.model.views.embed_views`) on queries and catalogue alike,
   as an export made with ``--tta`` does;
-- ``refs-N``: each shop photo plus N augmented views of it
-  (:func:`street2shop.model.views.augmented_views`, the training street
-  augmentation) as references of its product; ``refs-N+tta-…`` both;
+- ``refs-N``: each shop photo plus N augmented views of it (the training
+  street augmentation, :func:`augmented_views`) as references of its
+  product, for catalogues with one shop photo per product; ``refs-N+tta-…``
+  both;
 - ``street-refs``: the shop photos plus the *training* street photos, labelled
   with their product, as references: a shop's own labelled customer photos
   (reviews, earlier searches) indexed beside its catalogue. Another protocol
@@ -67,6 +68,14 @@ def shop_pixels(records, size):
     return tf.stack([prepare_image(tf.io.read_file(r.image_path), image_size=size)[0] for r in records])
 
 
+def augmented_views(pixels, count, *, strength=1.0, seed=0):
+    """``count`` random augmentations of ``[B, H, W, 3]`` pixels (the training augmentation at ``strength``;
+    view k drawn with seed ``seed + k``: the same references every time, for the same batch)."""
+    from street2shop.data.pipeline import make_augmenter
+
+    return [make_augmenter(strength, seed=seed + k)(pixels, training=True) for k in range(count)]
+
+
 def embed_pixels(tower, pixels, tta, batch=64):
     import numpy as np
 
@@ -81,7 +90,6 @@ def evaluate_run(result_path, conditions, strength, seed):
     from street2shop.data.records import read_manifest
     from street2shop.export import load_checkpoint
     from street2shop.model.siamese import tower_of
-    from street2shop.model.views import augmented_views
 
     result = json.loads(Path(result_path).read_text())
     run = Path(result_path).parent / "runs" / f"{result['variant']}-seed{result['seed']}"

@@ -16,7 +16,7 @@ _HOMES = {
     "BackbonePreprocess": "layers", "CosineClassifier": "layers", "L2Normalize": "layers", "PairDistance": "layers",
     "OUTPUT_KEYS": "siamese", "build_siamese": "siamese", "tower_of": "siamese",
     "build_tower": "tower", "tower_spec": "tower",
-    "TTA_MODES": "views", "augmented_views": "views", "embed_views": "views", "tta_fingerprint": "views",
+    "TTA_MODES": "views", "embed_views": "views", "tta_fingerprint": "views",
 }
 
 __all__ = sorted(_HOMES)

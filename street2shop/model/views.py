@@ -1,17 +1,14 @@
-"""Several views of one photo, one embedding: test-time augmentation (TTA) and augmented catalogue references.
+"""Several views of one photo, one embedding: test-time augmentation (TTA).
 
-Two uses, both measured in BENCHMARKS.md ("Round 4"):
-
-- **Test-time augmentation** (:func:`embed_views`): the tower embeds each
-  photo and its mirror image (``"flip"``), or those and a central crop of each
-  (``"flip-crops"``), and the views' embeddings are averaged and normalised
-  again. It costs one tower pass per view. An export made with ``tta`` does it
-  inside the SavedModel, for every signature, so catalogue and queries get the
-  same treatment and gRPC clients need nothing new (the card and the
-  fingerprint say so: :func:`tta_fingerprint`).
-- **Augmented references** (:func:`augmented_views`): random training-style
-  augmentations of a catalogue photo, each indexed as one more reference of
-  its product, for catalogues with a single shop photo per product.
+The tower embeds each photo and its mirror image (``"flip"``), or those and a
+central crop of each (``"flip-crops"``), and the views' embeddings are
+averaged and normalised again (:func:`embed_views`). It costs one tower pass
+per view. An export made with ``tta`` does it inside the SavedModel, for
+every signature, so catalogue and queries get the same treatment and gRPC
+clients need nothing new (the card and the fingerprint say so:
+:func:`tta_fingerprint`). Measured in BENCHMARKS.md ("Round 4"), with the
+other ideas of more views that were not kept (augmented catalogue references,
+labelled street photos as references: ``tools/bench_views.py``).
 """
 
 from __future__ import annotations
@@ -70,12 +67,3 @@ def embed_views(tower: Any, pixels: Any, mode: str = "none") -> Any:
     mean = tf.reduce_mean(tf.reshape(embedded, [len(views), n, -1]), axis=0)
     return tf.math.l2_normalize(mean, axis=-1)
 
-
-def augmented_views(pixels: Any, count: int, *, strength: float = 1.0, seed: int = 0) -> list[Any]:
-    """``count`` random augmentations of ``[B, H, W, 3]`` pixels (the training augmentation at ``strength``;
-    view k is drawn with seed ``seed + k``, so a catalogue gets the same references every time it is embedded)."""
-    from street2shop.data.pipeline import make_augmenter
-
-    if count < 0 or strength <= 0:
-        raise ConfigError(f"need count >= 0 and strength > 0. Received: count={count}, strength={strength}")
-    return [make_augmenter(strength, seed=seed + k)(pixels, training=True) for k in range(count)]
