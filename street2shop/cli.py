@@ -129,7 +129,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from street2shop.export import export_checkpoint
 
     card = export_checkpoint(args.checkpoint, args.export_base, version=args.version, model_name=args.model_name, tta=args.tta)
-    _print_json(card) if args.json else print(f"exported {card['path']} (version {card['version']}, dimension {card['dimension']}, fingerprint {card['fingerprint']})")
+    tta = "" if card.get("tta", "none") == "none" else f", test-time augmentation {card['tta']}"
+    _print_json(card) if args.json else print(f"exported {card['path']} (version {card['version']}, dimension {card['dimension']}, fingerprint {card['fingerprint']}{tta})")
     return 0
 
 

@@ -25,6 +25,7 @@ sees at the same path.
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import json
 import logging
@@ -284,8 +285,9 @@ def learning_rate_of(config: TrainConfig) -> Any:
     fc = config.fit
     if fc.lr_schedule == "constant" and not fc.warmup_epochs:
         return fc.learning_rate
-    steps = max(1, config.data.pairs_per_epoch // fc.batch_size)  # the global batch: one step per batch, whatever the replicas
-    return WarmupCosine(fc.learning_rate, total_steps=steps * fc.epochs, warmup_steps=round(steps * fc.warmup_epochs), kind=fc.lr_schedule)
+    steps = max(1, config.data.pairs_per_epoch // fc.batch_size)  # as steps_per_epoch: one step per global batch, whatever the replicas
+    total = steps * fc.epochs
+    return WarmupCosine(fc.learning_rate, total_steps=total, warmup_steps=min(round(steps * fc.warmup_epochs), total - 1), kind=fc.lr_schedule)
 
 
 def build_model(config: TrainConfig, num_classes: int | None, label_noise: bool = False):
@@ -351,7 +353,6 @@ def best_logged_epoch(log_csv: str | os.PathLike[str], monitor: str, from_epoch:
 
     None without such a value (no log, no such column). The first of equal values wins, as in ``ModelCheckpoint``.
     """
-    import csv
 
     try:
         with open(log_csv, newline="") as f:
@@ -378,6 +379,16 @@ def _resume_epoch(backup_dir: Path) -> int:
             except (ValueError, KeyError, OSError):
                 logger.warning("ignoring unreadable %s", path)
     return 0
+
+
+def _log_lacks(log_csv: Path, column: str) -> bool:
+    """Whether an existing ``log.csv`` has a header without ``column``."""
+    try:
+        with open(log_csv, newline="") as f:
+            header = next(csv.reader(f), None)
+    except OSError:
+        return False
+    return header is not None and column not in header
 
 
 def build_callbacks(config: TrainConfig, model: Any, out: Path, initial_epoch: int, monitor: str, write_dir: Path | None = None) -> list[Any]:
@@ -407,13 +418,16 @@ def build_callbacks(config: TrainConfig, model: Any, out: Path, initial_epoch: i
     # which marks the epoch done: a Ctrl-C in between redoes the epoch, and the resumed run drops the
     # log rows of epochs it redoes (_trim_log), so log.csv holds every finished epoch exactly once.
     callbacks: list[Any] = [
-        LearningRateLog(),
         keras.callbacks.CSVLogger(str(write / "log.csv"), append=bool(initial_epoch)),
         keras.callbacks.TensorBoard(str(write / "tensorboard"), write_graph=False, profile_batch=0),
         keras.callbacks.TerminateOnNaN(),
         best_checkpoint,
         keras.callbacks.ModelCheckpoint(str(last)),
     ]
+    if not (initial_epoch and _log_lacks(out / "log.csv", "learning_rate")):
+        # Before the CSV logger, which writes the logs it is given; not into the log of a run resumed from
+        # before this column existed (CSVLogger keeps the old header, and the row would shift under it).
+        callbacks.insert(0, LearningRateLog())
     if fc.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, patience=fc.early_stopping_patience, restore_best_weights=False))
     if drop_switch is not None:
@@ -433,7 +447,6 @@ def build_callbacks(config: TrainConfig, model: Any, out: Path, initial_epoch: i
 
 def _trim_log(log_csv: Path, initial_epoch: int) -> None:
     """Keeps the rows of epochs before ``initial_epoch`` (0-based): a resumed run writes the others again."""
-    import csv
     import io
 
     from street2shop.fileio import write_atomic

@@ -208,6 +208,8 @@ def test_variant_configs_set_each_drop_rule(bench, tmp_path):
 
 
 def test_a_recipe_file_is_the_base_of_every_variant_and_the_default_of_the_flags(bench, tmp_path):
+    from street2shop.errors import ConfigError
+
     recipe = tmp_path / "r-v1.toml"
     recipe.write_text('[data]\nimage_size = 128\npairs_per_epoch = 1024\nshop_augment = 0.7\n[model]\nweights = "none"\n'
                       '[loss]\nw_product = 0.25\n[fit]\nepochs = 12\nlr_schedule = "cosine"\nwarmup_epochs = 0.5\n')
@@ -221,6 +223,15 @@ def test_a_recipe_file_is_the_base_of_every_variant_and_the_default_of_the_flags
     assert (made.data.image_size, made.data.pairs_per_epoch, made.fit.epochs, made.loss.w_product, made.fit.seed) == (128, 1024, 12, 0.25, 3)
     plain, _ = bench.variant_config("plain", 3, args, "m.csv", tmp_path / "run")
     assert (plain.loss.loss, plain.loss.w_product, plain.data.auxiliary_dir, plain.fit.lr_schedule) == ("contrastive", 0.0, "", "cosine")
+    # the id is of the values: a comment does not change it, a value does
+    recipe.write_text("# a comment\n" + recipe.read_text())
+    assert bench.recipe_defaults(recipe)[1] == recipe_id
+    recipe.write_text(recipe.read_text().replace("image_size = 128", "image_size = 112"))
+    assert bench.recipe_defaults(recipe)[1]["sha256"] != recipe_id["sha256"]
+    # a field the tool overrides for every variant is refused, not silently replaced
+    recipe.write_text(recipe.read_text().replace("w_product = 0.25", "w_product = 0.25\ndrop_warmup_epochs = 2"))
+    with pytest.raises(ConfigError, match="drop_warmup_epochs"):
+        bench.recipe_defaults(recipe)
 
 
 def test_the_shipped_recipes_load(bench):

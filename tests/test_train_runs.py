@@ -76,6 +76,25 @@ def test_ctrl_c_while_an_epoch_is_being_saved_loses_no_log_row(synth_dataset, tm
     assert float(rows[1]["loss"]) == pytest.approx(result.history["loss"][0])  # the row of the epoch that finished
 
 
+def test_a_run_resumed_from_before_the_learning_rate_column_keeps_its_log_header(synth_dataset, tmp_path):
+    # CSVLogger appends under the old header: a new column would shift every later value under the wrong name.
+    from street2shop.callbacks import LearningRateLog
+    from street2shop.train import build_callbacks, build_model
+
+    config = tiny_config(synth_dataset, tmp_path / "run")
+    model = build_model(config, None)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.csv").write_text("epoch,loss,pair_accuracy\n0,0.9,0.5\n")
+
+    def has_rate_log(initial_epoch):
+        return any(isinstance(c, LearningRateLog) for c in build_callbacks(config, model, tmp_path / "run", initial_epoch, "loss"))
+
+    assert not has_rate_log(1)
+    assert has_rate_log(0)  # a new run writes a new log
+    (tmp_path / "run" / "log.csv").write_text("epoch,learning_rate,loss\n0,0.001,0.9\n")
+    assert has_rate_log(1)
+
+
 def test_trim_log_keeps_the_rows_before_the_resumed_epoch(tmp_path):
     from street2shop.train import _trim_log
 

@@ -749,15 +749,34 @@ FROM_CONFIG = {
 }
 
 
+# Fields every variant sets itself whatever a recipe says (variant_config): a recipe may leave them out or give these values.
+FORCED = {"val_split": "", "drop_warmup_epochs": 0, "positive_threshold": 0.0, "init_checkpoint": ""}
+
+
 def recipe_defaults(path):
-    """The TrainConfig of a ``--config`` file, its id for the results (name and content digest) and the flag defaults it gives."""
+    """The TrainConfig of a ``--config`` file, its id for the results (name, and a digest of its values: comments
+    and layout do not count) and the flag defaults it gives.
+
+    Raises:
+        ConfigError: the file cannot be read, or sets a field this tool overrides (``FORCED``).
+    """
     from street2shop.config import load_config
+    from street2shop.errors import ConfigError
+
+    import tomllib
 
     config = load_config(path)
+    flat = {k: v for section in config.to_dict().values() for k, v in section.items()}
+    written = {k for section in tomllib.loads(Path(path).read_text()).values() for k in section}  # what the file sets itself
+    overridden = {k: flat[k] for k, v in FORCED.items() if k in written and flat[k] != v}
+    if overridden:
+        raise ConfigError(f"{path} sets {overridden}, which this tool sets itself for every variant ({FORCED}): "
+                          "the benchmark would not run the recipe as written")
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
     defaults = {flag: getattr(getattr(config, section), field) for flag, (section, field) in FROM_CONFIG.items()}
     defaults["pairs"] = config.data.pairs_per_epoch * config.fit.epochs
     defaults["weights"] = defaults["weights"] or "none"
-    return config, {"name": Path(path).stem, "sha256": _digest(Path(path))}, defaults
+    return config, {"name": Path(path).stem, "sha256": digest}, defaults
 
 
 def main() -> int:
@@ -803,7 +822,9 @@ def main() -> int:
                              "--out per setting")
     parser.add_argument("--out", default=str(ROOT / "bench-output" / "retrieval"))
     parser.add_argument("--summary", action="store_true", help="only write summary.md and topk.png from finished results")
-    known, _ = parser.parse_known_args()
+    first = argparse.ArgumentParser(add_help=False)  # --config first: its values are the defaults --help shows
+    first.add_argument("--config", default="")
+    known, _ = first.parse_known_args()
     if known.config:
         from street2shop.errors import ConfigError
 
@@ -818,6 +839,14 @@ def main() -> int:
         args.set = _parse_settings(args.set)
     except ValueError as e:
         parser.error(str(e))
+    if not (args.summary or args.noise_summary):
+        from street2shop.errors import ConfigError
+
+        try:  # every trained variant's config, before anything runs: a bad combination of flags fails here
+            for variant in {v for v in args.variants if v in SPECS and SPECS[v][1] != "tau_warmup"}:
+                variant_config(variant, 0, args, "m.csv", Path("unused"), args.noise_rate)
+        except ConfigError as e:
+            parser.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -47,10 +47,12 @@ CONDITIONS = ("none", "tta-flip", "tta-flip-crops", "refs-8", "refs-8+tta-flip",
 
 def parse(condition):
     """``"refs-8+tta-flip"`` → (refs 8, tta "flip", street False)."""
+    from street2shop.model.views import check_tta
+
     refs, tta, street = 0, "none", False
     for part in condition.split("+"):
         if part.startswith("tta-"):
-            tta = part[4:]
+            tta = check_tta(part[4:])
         elif part.startswith("refs-"):
             refs = int(part[5:])
         elif part == "street-refs":
@@ -65,6 +67,8 @@ def shop_pixels(records, size):
 
     from street2shop.data.image import prepare_image
 
+    if any(r.box is not None for r in records):
+        raise SystemExit("refs-N: shop photos with boxes are not cropped by this tool yet")
     return tf.stack([prepare_image(tf.io.read_file(r.image_path), image_size=size)[0] for r in records])
 
 
@@ -164,8 +168,13 @@ def main() -> int:
     parser.add_argument("--latency", action="store_true", help="also time TTA per image (first run's tower)")
     parser.add_argument("--out", default=str(ROOT / "bench-output" / "views.json"))
     args = parser.parse_args()
+    if args.strength <= 0:
+        parser.error(f"--strength must be > 0. Received: {args.strength}")
     for c in args.conditions:
-        parse(c)
+        try:
+            parse(c)
+        except Exception as e:  # a ConfigError naming the mode
+            parser.error(str(e))
     paths = sorted(Path(args.results).glob(f"result-{args.variant}-seed*.json"))
     if not paths:
         parser.error(f"no result-{args.variant}-seed*.json under {args.results}")

@@ -28,17 +28,37 @@ def test_flip_is_the_normalised_mean_of_the_image_and_its_mirror():
     np.testing.assert_allclose(np.asarray(embed_views(tower, pixels, "none")), pixels.reshape(4, -1) @ kernel, rtol=1e-4, atol=1e-3)
 
 
-def test_flip_crops_of_a_uniform_image_are_the_image_itself():
-    # Every view of a one-colour image is that image (mirror and crop alike): the answer is the tower's, normalised.
+def central_crop_by_hand(image, fraction=0.8):
+    """TF's crop_and_resize, bilinear, of the central ``fraction`` back to the image's size, by numpy: row i of
+    the crop samples y = m·(H − 1) + i·fraction·(H − 1)/(H − 1) with m = (1 − fraction)/2, and the same for columns."""
+    h, w, _ = image.shape
+    margin = (1 - fraction) / 2
+    ys = margin * (h - 1) + np.arange(h) * fraction
+    xs = margin * (w - 1) + np.arange(w) * fraction
+    # bilinear is separable: interpolate along the columns, then along the rows
+    along_x = np.stack([[np.interp(xs, np.arange(w), image[r, :, c]) for c in range(3)] for r in range(h)])  # [h, 3, w]
+    along_x = along_x.transpose(0, 2, 1)  # [h, w, 3]
+    return np.stack([[np.interp(ys, np.arange(h), along_x[:, col, c]) for c in range(3)] for col in range(w)]).transpose(2, 0, 1)
+
+
+def test_flip_crops_is_the_normalised_mean_of_four_views():
     tower, kernel = linear_tower()
-    pixels = np.full((2, 6, 6, 3), 0.0, "float32")
-    pixels[0, ..., 0], pixels[1, ..., 2] = 200.0, 50.0
-    out = pixels.reshape(2, -1) @ kernel
-    np.testing.assert_allclose(np.asarray(embed_views(tower, pixels, "flip-crops")), out / np.linalg.norm(out, axis=1, keepdims=True), atol=1e-5)
+    pixels = np.random.default_rng(3).uniform(0, 255, (2, 6, 6, 3)).astype("float32")
+    crops = np.stack([central_crop_by_hand(p) for p in pixels])
+    views = [pixels, pixels[:, :, ::-1, :], crops, crops[:, :, ::-1, :]]
+    mean = sum(v.reshape(2, -1) @ kernel for v in views) / 4
+    expected = mean / np.linalg.norm(mean, axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(embed_views(tower, pixels, "flip-crops")), expected, rtol=1e-4, atol=1e-5)
     assert [view_count(m) for m in ("none", "flip", "flip-crops")] == [1, 2, 4]
 
 
 def test_tta_fingerprint_names_the_views():
+    from street2shop.embedders import TowerEmbedder
+    from street2shop.export import weights_fingerprint
+
+    tower, _ = linear_tower()
+    assert TowerEmbedder(tower, tta="flip").identity().fingerprint == tta_fingerprint(weights_fingerprint(tower), "flip")
+    assert TowerEmbedder(tower).identity().fingerprint == weights_fingerprint(tower)
     assert tta_fingerprint("abc", "none") == "abc"
     assert len({tta_fingerprint("abc", "flip"), tta_fingerprint("abc", "flip-crops"), tta_fingerprint("abd", "flip"), "abc"}) == 4
     with pytest.raises(ConfigError, match="Received: tta='rotate'"):
