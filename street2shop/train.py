@@ -353,7 +353,6 @@ def best_logged_epoch(log_csv: str | os.PathLike[str], monitor: str, from_epoch:
 
     None without such a value (no log, no such column). The first of equal values wins, as in ``ModelCheckpoint``.
     """
-
     try:
         with open(log_csv, newline="") as f:
             values = [(int(row.get("epoch") or 0), float(row[monitor])) for row in csv.DictReader(f) if row.get(monitor) not in (None, "")]

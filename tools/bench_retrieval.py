@@ -760,14 +760,16 @@ def recipe_defaults(path):
     Raises:
         ConfigError: the file cannot be read, or sets a field this tool overrides (``FORCED``).
     """
+    import tomllib
+
     from street2shop.config import load_config
     from street2shop.errors import ConfigError
 
-    import tomllib
-
     config = load_config(path)
     flat = {k: v for section in config.to_dict().values() for k, v in section.items()}
-    written = {k for section in tomllib.loads(Path(path).read_text()).values() for k in section}  # what the file sets itself
+    text = Path(path).read_text()
+    raw = json.loads(text) if Path(path).suffix.lower() == ".json" else tomllib.loads(text)
+    written = {k for section in raw.values() for k in section}  # what the file sets itself
     overridden = {k: flat[k] for k, v in FORCED.items() if k in written and flat[k] != v}
     if overridden:
         raise ConfigError(f"{path} sets {overridden}, which this tool sets itself for every variant ({FORCED}): "

@@ -66,4 +66,3 @@ def embed_views(tower: Any, pixels: Any, mode: str = "none") -> Any:
     embedded = tower(tf.concat(views, axis=0), training=False)
     mean = tf.reduce_mean(tf.reshape(embedded, [len(views), n, -1]), axis=0)
     return tf.math.l2_normalize(mean, axis=-1)
-
