@@ -362,6 +362,13 @@ def best_logged_epoch(log_csv: str | os.PathLike[str], monitor: str, from_epoch:
     return min(values, key=lambda ev: ev[1]) if values else None
 
 
+def best_checkpoint_from_epoch(config: TrainConfig) -> int:
+    """The first epoch (0-based) ``best.keras`` may come from: the end of a robust-loss warm-up that ends within
+    the run (:class:`~street2shop.callbacks.DropWarmup` restarts the best-value tracking there), else 0."""
+    lc = config.loss
+    return lc.drop_warmup_epochs if lc.loss == "robust" and 0 < lc.drop_warmup_epochs < config.fit.epochs else 0
+
+
 def _best_logged(log_csv: Path, monitor: str, from_epoch: int = 0) -> float | None:
     """The lowest ``monitor`` value in a run's CSV log from epoch ``from_epoch`` (0-based) on (None if absent)."""
     best = best_logged_epoch(log_csv, monitor, from_epoch)
@@ -409,8 +416,8 @@ def build_callbacks(config: TrainConfig, model: Any, out: Path, initial_epoch: i
     # The robust loss's warm-up switch (None without a warm-up). Warm-up epochs compare only
     # with each other, and the epochs after it only with each other (see callbacks.DropWarmup).
     drop_switch = getattr(model.loss.get("distance") if isinstance(model.loss, dict) else None, "active", None)
-    warmup = config.loss.drop_warmup_epochs if drop_switch is not None else 0
-    from_epoch = warmup if initial_epoch > warmup else 0
+    first = best_checkpoint_from_epoch(config)
+    from_epoch = first if initial_epoch > first else 0
     best_so_far = _best_logged(out / "log.csv", monitor, from_epoch=from_epoch) if initial_epoch else None
     best_checkpoint = keras.callbacks.ModelCheckpoint(str(best), monitor=monitor, save_best_only=True, initial_value_threshold=best_so_far)
     # At the end of an epoch, everything that records it (log row, checkpoints) runs before the backup,

@@ -138,6 +138,18 @@ def test_best_logged_value_of_a_resumed_run_skips_the_warmup_epochs(tmp_path):
     assert _best_logged(tmp_path / "missing.csv", "val_loss") is None
 
 
+def test_best_checkpoint_comes_from_after_a_robust_warmup_that_ends_within_the_run(tmp_path):
+    from street2shop.train import best_checkpoint_from_epoch
+
+    def first(**kw):
+        return best_checkpoint_from_epoch(tiny_config("m.csv", tmp_path, epochs=5, **kw))
+
+    assert first(drop_warmup_epochs=2) == 2
+    assert first(drop_warmup_epochs=0) == 0
+    assert first(drop_warmup_epochs=5) == 0  # the warm-up never ends: every epoch is plain, all compete
+    assert first(drop_warmup_epochs=2, loss="contrastive") == 0  # no drop, no warm-up
+
+
 def test_best_logged_epoch_is_the_first_of_the_lowest(tmp_path):
     from street2shop.train import best_logged_epoch
 

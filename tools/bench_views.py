@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_retrieval import _bootstrap, _per_query, evaluate  # noqa: E402
+from bench_retrieval import _bootstrap, _per_query, embed_with_tower, evaluate  # noqa: E402
 from bench_serving import uptime, write_report  # noqa: E402
 
 CONDITIONS = ("none", "tta-flip", "tta-flip-crops", "refs-8", "refs-8+tta-flip", "street-refs", "street-refs+tta-flip")
@@ -108,14 +108,14 @@ def evaluate_run(result_path, conditions, strength, seed):
     for condition in conditions:
         refs, tta, with_street = parse(condition)
         started = time.perf_counter()
-        q = embed_with_tower_tta(tower, queries, tta)
-        g, g_records = embed_with_tower_tta(tower, gallery, tta), list(gallery)
+        q = embed_with_tower(tower, queries, tta=tta)
+        g, g_records = embed_with_tower(tower, gallery, tta=tta), list(gallery)
         if refs:
             views = augmented_views(shop_pixels(gallery, size), refs, strength=strength, seed=seed)
             g = np.concatenate([g] + [embed_pixels(tower, v, tta) for v in views])
             g_records += gallery * refs
         if with_street:
-            g = np.concatenate([g, embed_with_tower_tta(tower, street, tta)])
+            g = np.concatenate([g, embed_with_tower(tower, street, tta=tta)])
             g_records += street
         record = evaluate(q, queries, g, g_records)
         record["seconds"] = round(time.perf_counter() - started, 1)
@@ -127,12 +127,6 @@ def evaluate_run(result_path, conditions, strength, seed):
         if condition == "none" and record["ranks"] != result["ranks"]:
             raise SystemExit(f"{run}: the baseline does not reproduce the run's own result: this tool measures something else")
     return result["seed"], out
-
-
-def embed_with_tower_tta(tower, records, tta):
-    from bench_retrieval import embed_with_tower
-
-    return embed_with_tower(tower, records, tta=tta)
 
 
 def latency(tower, rounds=5, batch=32):
