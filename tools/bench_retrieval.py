@@ -612,10 +612,11 @@ def noise_summary(dirs, out):
 
     The choice (for ``--choose``) is the folder and robust variant with the
     largest mean paired gain over plain in the same folder, top-1 plus top-5
-    points.
+    points, among those paired over the most seeds (a rule run on one lucky
+    seed does not beat one run on two).
     """
     groups = {}  # (regime, kind, rate, variant) -> results
-    choice = None
+    candidates = []
     paired = []
     for d in dirs:
         results = [json.loads(p.read_text()) for p in sorted(Path(d).glob("result-*.json"))]
@@ -634,9 +635,14 @@ def noise_summary(dirs, out):
             paired.append(f"| {setting['pretrain']} | {setting['noise_kind'] or '-'} | {setting['noise_rate']:.1f} | "
                           f"{variant} − {reference} | {', '.join(map(str, diffs[0][3]))} | "
                           + " | ".join(f"{100 * m:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]" for m, lo, hi, _ in diffs) + " |")
-            if SPECS.get(variant, ("",))[0] == "robust" and (choice is None or score > choice["score"]):
-                choice = {"dir": str(d), "pretrain": setting["pretrain"], "variant": variant, "score": round(score, 2),
-                          "seeds": list(diffs[0][3])}
+            if SPECS.get(variant, ("",))[0] == "robust":
+                candidates.append({"dir": str(d), "pretrain": setting["pretrain"], "variant": variant,
+                                   "score": round(score, 2), "seeds": list(diffs[0][3])})
+    most = max((len(c["seeds"]) for c in candidates), default=0)
+    left_out = [f"{c['variant']} in {c['dir']} (seeds {c['seeds']})" for c in candidates if len(c["seeds"]) < most]
+    if left_out:
+        logger.warning("--choose: left out, paired over fewer than %d seeds: %s", most, "; ".join(left_out))
+    choice = max((c for c in candidates if len(c["seeds"]) == most), key=lambda c: c["score"], default=None)
     lines = ["| regime | noise | p | variant | seeds | top-1 | top-5 |", "|---|---|---|---|---|---|---|"]
     curves = {}
     for (regime, kind, rate, variant), rows in sorted(groups.items()):
