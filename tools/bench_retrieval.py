@@ -612,11 +612,11 @@ def noise_summary(dirs, out):
 
     The choice (for ``--choose``) is the folder and robust variant with the
     largest mean paired gain over plain in the same folder, top-1 plus top-5
-    points, among those paired over the most seeds (a rule run on one lucky
-    seed does not beat one run on two).
+    points, over the seeds every candidate has (the screen's: a rule since run
+    on more seeds, or one screened on a single lucky seed, is not favoured).
     """
     groups = {}  # (regime, kind, rate, variant) -> results
-    candidates = []
+    candidates = []  # (dir, variant, reference, setting, results)
     paired = []
     for d in dirs:
         results = [json.loads(p.read_text()) for p in sorted(Path(d).glob("result-*.json"))]
@@ -631,18 +631,12 @@ def noise_summary(dirs, out):
             if not all(diffs):
                 continue
             setting = _setting_of(next(r for r in results if r["variant"] == variant))
-            score = 100 * (diffs[0][0] + diffs[1][0])
             paired.append(f"| {setting['pretrain']} | {setting['noise_kind'] or '-'} | {setting['noise_rate']:.1f} | "
                           f"{variant} − {reference} | {', '.join(map(str, diffs[0][3]))} | "
                           + " | ".join(f"{100 * m:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]" for m, lo, hi, _ in diffs) + " |")
             if SPECS.get(variant, ("",))[0] == "robust":
-                candidates.append({"dir": str(d), "pretrain": setting["pretrain"], "variant": variant,
-                                   "score": round(score, 2), "seeds": list(diffs[0][3])})
-    most = max((len(c["seeds"]) for c in candidates), default=0)
-    left_out = [f"{c['variant']} in {c['dir']} (seeds {c['seeds']})" for c in candidates if len(c["seeds"]) < most]
-    if left_out:
-        logger.warning("--choose: left out, paired over fewer than %d seeds: %s", most, "; ".join(left_out))
-    choice = max((c for c in candidates if len(c["seeds"]) == most), key=lambda c: c["score"], default=None)
+                candidates.append((d, variant, reference, setting, results, set(diffs[0][3])))
+    choice = _choose(candidates)
     lines = ["| regime | noise | p | variant | seeds | top-1 | top-5 |", "|---|---|---|---|---|---|---|"]
     curves = {}
     for (regime, kind, rate, variant), rows in sorted(groups.items()):
@@ -659,6 +653,24 @@ def noise_summary(dirs, out):
     _plot_against_noise(curves, out / "noise.png")
     (out / "noise-summary.md").write_text(text)
     return text, choice
+
+
+def _choose(candidates):
+    """The candidate with the largest top-1 + top-5 gain over its reference on the seeds all candidates share."""
+    if not candidates:
+        return None
+    common = sorted(set.intersection(*(seeds for *_, seeds in candidates)))
+    if not common:
+        logger.warning("--choose: the candidates share no seed, nothing to choose between: %s",
+                       "; ".join(f"{variant} in {d} (seeds {sorted(seeds)})" for d, variant, *_, seeds in candidates))
+        return None
+    scored = []
+    for d, variant, reference, setting, results, _ in candidates:
+        screen = [r for r in results if r.get("seed") in common or r["variant"] in NO_SEED]
+        score = 100 * sum(_paired_difference(screen, variant, reference, k)[0] for k in (1, 5))
+        scored.append({"dir": str(d), "pretrain": setting["pretrain"], "variant": variant, "score": round(score, 2),
+                       "seeds": common})
+    return max(scored, key=lambda c: c["score"])
 
 
 def _plot_against_noise(curves, path):
