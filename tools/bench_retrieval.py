@@ -644,7 +644,7 @@ def noise_summary(dirs, out):
         cells = [_bootstrap(per_query[m]) for m in ("top-1", "top-5")]
         lines.append(f"| {regime} | {kind} | {rate:.1f} | {variant} | {', '.join(str(r['seed']) for r in rows)} | "
                      + " | ".join(f"{100 * m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]" for m, lo, hi in cells) + " |")
-        curves.setdefault((regime, variant), []).append((rate, cells))
+        curves.setdefault((regime, variant), []).append((rate, cells, len(rows)))
     text = "\n".join(lines) + "\n\n"
     if paired:
         text += ("| regime | noise | p | comparison | seeds paired | top-1 difference [95%] | top-5 difference [95%] |\n"
@@ -683,13 +683,20 @@ def _plot_against_noise(curves, path):
         logger.warning("matplotlib is not installed: no plot written")
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
-    for (regime, variant), points in sorted(curves.items()):
+    most = max((n for points in curves.values() for *_, n in points), default=0)
+    regimes = {"none": "from scratch", "aux": "fine-tuned"}
+    for i_curve, ((regime, variant), points) in enumerate(sorted(curves.items())):
         points.sort(key=lambda point: point[0])
-        rates = [100 * rate for rate, _ in points]
+        # Side by side, not on top of one another; a curve with fewer seeds than the most (a screen's) is faded.
+        rates = [100 * rate + 0.6 * (i_curve - (len(curves) - 1) / 2) for rate, *_ in points]
+        seeds = sorted({n for *_, n in points})
+        faded = max(seeds) < most
+        label = f"{variant} ({regimes.get(regime, regime)}; {'/'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''})"
         for ax, i in zip(axes, (0, 1)):
-            means = [100 * cells[i][0] for _, cells in points]
-            errors = [[100 * (cells[i][0] - cells[i][1]) for _, cells in points], [100 * (cells[i][2] - cells[i][0]) for _, cells in points]]
-            ax.errorbar(rates, means, yerr=errors, marker="o", capsize=3, label=f"{variant} ({regime})")
+            means = [100 * cells[i][0] for _, cells, _ in points]
+            errors = [[100 * (cells[i][0] - cells[i][1]) for _, cells, _ in points],
+                      [100 * (cells[i][2] - cells[i][0]) for _, cells, _ in points]]
+            ax.errorbar(rates, means, yerr=errors, marker="o", capsize=3, label=label, alpha=0.35 if faded else 1.0)
     for ax, k in zip(axes, (1, 5)):
         ax.set_xlabel("noise rate p (% of training street photos mislabelled)")
         ax.set_ylabel(f"top-{k} accuracy (%)")
