@@ -299,24 +299,29 @@ def test_noise_summary_and_the_choice_of_rule(bench, tmp_path):
     text, choice = bench.noise_summary([scratch, aux], tmp_path / "summary")
     assert choice["dir"] == str(aux) and choice["variant"] == "robust_matched" and choice["score"] == pytest.approx(125.0)
     assert "| aux | uniform | 0.4 | robust_matched − plain | 0, 1 | +50.0" in text
-    # The choice is made on the seeds every candidate has (the screen's). Alone, tau_warmup's seed 0 (+75 / +75)
-    # would beat matched's +50 / +75; its seed 1 (-25 / -25) brings it to +25 / +25.
-    result(scratch, "robust_tau_warmup", 0, [1, 1, 1, 1])
-    result(scratch, "robust_tau_warmup", 1, [9, 9, 9, 9])
+    # Every candidate is scored on the seeds they all have (the screen's, 0 and 1): robust's seeds 2-4 since
+    # (+100 / +100 each) would make it +140 over its five seeds, above matched's +125, if they counted.
+    result(scratch, "robust_tau_warmup", 0, [1, 1, 1, 1])  # +75 / +75
+    result(scratch, "robust_tau_warmup", 1, [9, 9, 9, 9])  # -25 / -25
+    for seed in (2, 3, 4):
+        result(scratch, "plain", seed, [9, 9, 9, 9])
+        result(scratch, "robust", seed, [1, 1, 1, 1])
     choice = bench.noise_summary([scratch, aux], tmp_path / "summary")[1]
-    assert choice["variant"] == "robust_matched" and choice["seeds"] == [0, 1]
-    # A rule since run on more seeds is scored on the screen's: robust's seed 2 (+50 / +50) is not counted.
-    result(scratch, "plain", 2, [9, 9, 9, 9])
-    result(scratch, "robust", 2, [1, 1, 9, 9])
-    choice = bench.noise_summary([scratch, aux], tmp_path / "summary")[1]
-    assert choice["variant"] == "robust_matched" and choice["score"] == pytest.approx(125.0)
-    # Seed 2 for every candidate: robust (+50, +50, +100 → 66.67) now beats matched (+125, +125, -150 → 33.33)
+    assert choice["variant"] == "robust_matched" and choice["seeds"] == [0, 1] and choice["score"] == pytest.approx(125.0)
+    # Seed 2 for every candidate: robust (+50, +50, +200 → 100) now beats matched (+125, +125, -150 → 33.33)
     # and tau_warmup (+150, -50, 0 → 33.33).
     result(aux, "plain", 2, [1, 1, 1, 9], pretrain="aux")
     result(aux, "robust_matched", 2, [9, 9, 9, 9], pretrain="aux")
     result(scratch, "robust_tau_warmup", 2, [9, 9, 9, 9])
     choice = bench.noise_summary([scratch, aux], tmp_path / "summary")[1]
-    assert choice["variant"] == "robust" and choice["seeds"] == [0, 1, 2] and choice["score"] == pytest.approx(66.67)
+    assert choice["variant"] == "robust" and choice["seeds"] == [0, 1, 2] and choice["score"] == pytest.approx(100.0)
+    # Candidates that share no seed: nothing to choose between.
+    one, other = tmp_path / "one", tmp_path / "other"
+    result(one, "plain", 0, [9, 9, 9, 9])
+    result(one, "robust", 0, [1, 9, 9, 9])
+    result(other, "plain", 1, [9, 9, 9, 9], pretrain="aux")
+    result(other, "robust", 1, [1, 9, 9, 9], pretrain="aux")
+    assert bench.noise_summary([one, other], tmp_path / "summary")[1] is None
     assert (tmp_path / "summary" / "noise.png").is_file()
     mechanism = bench.mechanism_table([json.loads(p.read_text()) for p in aux.glob("result-*.json")])
     assert "| robust_matched | 40 | q 0.60 | 2 | 40.0 | 60.0 | 50.0 | 0.60 → 0.80 | 0.50 / 0.90 |" in mechanism

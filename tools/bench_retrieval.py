@@ -612,11 +612,12 @@ def noise_summary(dirs, out):
 
     The choice (for ``--choose``) is the folder and robust variant with the
     largest mean paired gain over plain in the same folder, top-1 plus top-5
-    points, over the seeds every candidate has (the screen's: a rule since run
-    on more seeds, or one screened on a single lucky seed, is not favoured).
+    points, every candidate scored on the same seeds: those they all have (the
+    screen's; the seeds of a rule run on more since do not count). None if
+    they share no seed.
     """
     groups = {}  # (regime, kind, rate, variant) -> results
-    candidates = []  # (dir, variant, reference, setting, results)
+    candidates = []  # (dir, variant, reference, setting, results, seeds paired with the reference)
     paired = []
     for d in dirs:
         results = [json.loads(p.read_text()) for p in sorted(Path(d).glob("result-*.json"))]
