@@ -31,7 +31,7 @@ for seed in 0 1; do
 done
 choice=$(bench --noise-summary "$(folder scratch "$KIND" 0.4)" "$(folder aux "$KIND" 0.4)" --choose --out "$OUT/noise-screen")
 echo "== $(date -Is) screen choice: $choice"
-[ "$choice" != null ] || { echo "the screen's rules share no seed with a result in both regimes: finish the screen first" >&2; exit 1; }
+[ "$choice" != null ] || { echo "the screen's rules share no seed: finish the screen first" >&2; exit 1; }
 regime=$("$PY" -c 'import json,sys; print(json.loads(sys.argv[1])["pretrain"])' "$choice")
 rule=$("$PY" -c 'import json,sys; print(json.loads(sys.argv[1])["variant"])' "$choice")
 [ "$regime" = aux ] || regime=scratch
