@@ -308,17 +308,21 @@ def section_from_dict(kind: type, values: dict[str, Any], *, source: str) -> Any
     return kind(**{k: _coerce(fields[k], v, source) for k, v in values.items()})
 
 
-def load_config(path: str | os.PathLike[str]) -> TrainConfig:
-    """Reads a TOML (``.toml``) or JSON (``.json``) configuration file."""
+def read_config_values(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The sections and fields a TOML (``.toml``) or JSON (``.json``) configuration file sets itself, unchecked."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
         text = path.read_text(encoding="utf-8")
-        values = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+        return json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot parse {path}: {e}") from None
-    return TrainConfig.from_dict(values, source=str(path))
+
+
+def load_config(path: str | os.PathLike[str]) -> TrainConfig:
+    """Reads a TOML (``.toml``) or JSON (``.json``) configuration file."""
+    return TrainConfig.from_dict(read_config_values(path), source=str(path))
 
 
 def _toml_value(value: Any) -> str:

@@ -786,15 +786,12 @@ def recipe_defaults(path):
     Raises:
         ConfigError: the file cannot be read, or sets a field this tool overrides (``FORCED``).
     """
-    import tomllib
-
-    from street2shop.config import load_config
+    from street2shop.config import TrainConfig, read_config_values
     from street2shop.errors import ConfigError
 
-    config = load_config(path)
+    raw = read_config_values(path)
+    config = TrainConfig.from_dict(raw, source=str(path))
     flat = {k: v for section in config.to_dict().values() for k, v in section.items()}
-    text = Path(path).read_text()
-    raw = json.loads(text) if Path(path).suffix.lower() == ".json" else tomllib.loads(text)
     written = {k for section in raw.values() for k in section}  # what the file sets itself
     overridden = {k: flat[k] for k, v in FORCED.items() if k in written and flat[k] != v}
     if overridden:
