@@ -16,6 +16,18 @@ left out). On one machine the workers share its cores, so this shows the
 overhead of the collectives and of N processes, not a speed-up.
 
     .venv/bin/python tools/bench_train.py --workers 2 --image-size 96 --batch-size 32 --rounds 3
+
+``--candidates BACKBONE@SIZE ...`` measures what a recipe's budget buys with
+each backbone and input size: the whole recipe (``--config``: its losses,
+heads, data pipeline and augmentation) trains on the real photos
+(``--manifest``, ``--auxiliary-dir``) for ``--epochs`` epochs of
+``--pairs-per-epoch`` in one fresh process per candidate, candidates
+interleaved over ``--rounds``; pairs/s over the epochs after the first (graph
+tracing and start-up left out), best round. These set each candidate's
+pairs budget for an equal-time comparison (BENCHMARKS "Round 5").
+
+    .venv/bin/python tools/bench_train.py --config configs/grocery-30min-v1.toml \
+        --candidates inception_v3@96 resnet50@128 mobilenet_v3_large@160 --rounds 2
 """
 
 from __future__ import annotations
@@ -28,7 +40,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))
 
 
 def main() -> int:
@@ -43,7 +57,14 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=3, help="--workers: epochs per run; the first is not timed")
     parser.add_argument("--pairs-per-epoch", type=int, default=256, help="--workers: training pairs per epoch")
     parser.add_argument("--worker-threads", type=int, default=0, help="--workers: TF intra- and inter-op threads per worker process (0 = TF's default)")
+    parser.add_argument("--candidates", nargs="+", default=[], metavar="BACKBONE@SIZE",
+                        help="the recipe's training pairs/s per backbone and input size (see above)")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "grocery-30min-v1.toml"), help="--candidates: the recipe")
+    parser.add_argument("--manifest", default=str(SHARED / "grocery" / "manifest.csv"), help="--candidates: the photos")
+    parser.add_argument("--auxiliary-dir", default=str(SHARED / "coil100" / "images"), help="--candidates: the auxiliary set")
     args = parser.parse_args()
+    if args.candidates:
+        return bench_candidates(args)
     if args.workers > 1:
         return bench_workers(args)
 
@@ -99,15 +120,23 @@ from street2shop.train import train
 class EpochTimes(keras.callbacks.Callback):
     def __init__(self):
         super().__init__()
-        self.seconds = []
+        self.seconds, self.cpu_seconds = [], []
     def on_epoch_begin(self, epoch, logs=None):
-        self.start = time.perf_counter()
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
     def on_epoch_end(self, epoch, logs=None):
         self.seconds.append(time.perf_counter() - self.start)
+        self.cpu_seconds.append(time.process_time() - self.cpu_start)  # every thread of the process
 
 timer = EpochTimes()
-result = train(TrainConfig().replace(**{"w_product": 0.0, **json.loads(sys.argv[1])}), extra_callbacks=[timer], verbose=0)  # pairs only
-print("EPOCH_SECONDS " + json.dumps({"seconds": timer.seconds, "loss": result.history["loss"]}))
+values = json.loads(sys.argv[1])
+recipe = values.pop("recipe", None)
+if recipe:
+    from street2shop.config import load_config
+    config = load_config(recipe).replace(**values)
+else:
+    config = TrainConfig().replace(**{"w_product": 0.0, **values})  # pairs only
+result = train(config, extra_callbacks=[timer], verbose=0)
+print("EPOCH_SECONDS " + json.dumps({"seconds": timer.seconds, "cpu_seconds": timer.cpu_seconds, "loss": result.history["loss"]}))
 """
 
 
@@ -166,6 +195,52 @@ def bench_workers(args: argparse.Namespace) -> int:
         "worker_threads": args.worker_threads or "default", "pairs_per_epoch": args.pairs_per_epoch, "timed_epochs": args.epochs - 1,
         "rounds": args.rounds, "pairs_per_s": {name: round(v, 2) for name, v in pairs.items()}, "ratio_workers_to_one": round(many / one, 3),
         "timed_s": {name: [round(t, 1) for t in ts] for name, ts in timed.items()}, "losses": losses,
+        "load_1_5_15": [[round(v, 2) for v in avg] for avg in load],
+    }
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def bench_candidates(args: argparse.Namespace) -> int:
+    """``--candidates``: the recipe's training pairs/s per backbone and input size, one process each, interleaved."""
+    import tempfile
+
+    if args.epochs < 2:
+        raise SystemExit("--epochs must be >= 2 (the first epoch is not timed)")
+    candidates = []
+    for text in args.candidates:
+        name, _, size = text.partition("@")
+        if not size.isdigit():
+            raise SystemExit(f"a candidate is BACKBONE@SIZE, e.g. resnet50@128. Received: {text!r}")
+        candidates.append((text, name, int(size)))
+    load = [os.getloadavg()]
+    timed: dict[str, list[float]] = {text: [] for text, _, _ in candidates}
+    cpu: dict[str, list[float]] = {text: [] for text, _, _ in candidates}
+    with tempfile.TemporaryDirectory(prefix="bench-candidates-") as tmp:
+        tmp = Path(tmp)
+        for r in range(args.rounds):
+            for text, name, size in candidates:
+                values = dict(recipe=args.config, manifest=args.manifest, auxiliary_dir=args.auxiliary_dir, backbone=name, image_size=size,
+                              pairs_per_epoch=args.pairs_per_epoch, epochs=args.epochs, output_dir=str(tmp / f"run-{text}-{r}"))
+                (tmp / f"logs-{text}-{r}").mkdir()
+                epochs = _timed_run(values, 1, 0, tmp / f"logs-{text}-{r}")
+                timed[text].append(sum(epochs["seconds"][1:]))
+                cpu[text].append(sum(epochs["cpu_seconds"][1:]))
+                print(f"round {r + 1}: {text}: {(args.epochs - 1) * args.pairs_per_epoch / timed[text][-1]:.2f} pairs/s, "
+                      f"{1000 * cpu[text][-1] / ((args.epochs - 1) * args.pairs_per_epoch):.0f} CPU ms/pair, load {os.getloadavg()[0]:.1f}",
+                      file=sys.stderr)
+            load.append(os.getloadavg())
+    timed_pairs = (args.epochs - 1) * args.pairs_per_epoch
+    pairs = {text: timed_pairs / min(t) for text, t in timed.items()}  # best round: least disturbed
+    result = {
+        "config": args.config, "pairs_per_epoch": args.pairs_per_epoch, "timed_epochs": args.epochs - 1, "rounds": args.rounds,
+        "pairs_per_s": {text: round(v, 2) for text, v in pairs.items()},
+        # CPU time of the process (all its threads) per pair, median round: far less sensitive to other jobs than wall time
+        "cpu_ms_per_pair": {text: round(1000 * sorted(t)[len(t) // 2] / timed_pairs, 1) for text, t in cpu.items()},
+        "timed_s": {text: [round(t, 1) for t in ts] for text, ts in timed.items()},
+        "cpu_s": {text: [round(t, 1) for t in ts] for text, ts in cpu.items()},
         "load_1_5_15": [[round(v, 2) for v in avg] for avg in load],
     }
     print(json.dumps(result, indent=2))
