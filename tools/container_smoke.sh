@@ -91,7 +91,7 @@ code=$(curl -s -o "$work/search.json" -w '%{http_code}' -F "image=@$PHOTO" -F k=
 [ "$code" = 200 ] || die "search answered $code: $(cat "$work/search.json")"
 [ "$(field "$work/search.json" 'len(d["results"])')" = 5 ] || die "search gave not 5 results: $(cat "$work/search.json")"
 version=$(field "$work/search.json" 'd["index_version"]')
-echo "search $(basename "$PHOTO"): $(field "$work/search.json" '", ".join(f"{r["product_id"]} {r["similarity"]:.3f}" for r in d["results"])'); index version $version; $(field "$work/search.json" 'd["timings"]')"
+echo "search $(basename "$PHOTO"): $(field "$work/search.json" '", ".join("%s %.3f" % (r["product_id"], r["similarity"]) for r in d["results"])'); index version $version; $(field "$work/search.json" 'd["timings"]')"
 image_url=$(field "$work/search.json" 'd["results"][0]["image_url"]')
 code=$(curl -s -o /dev/null -w '%{http_code} %{content_type}' "$URL$image_url")
 [[ "$code" == "200 image/"* ]] || die "catalogue image $image_url answered $code"
@@ -124,18 +124,20 @@ else
 fi
 uid=$("$ENGINE" exec "$name" id -u)
 [ "$uid" != 0 ] || die "the service runs as root"
-t=$(now); "$ENGINE" stop -t 30 "$name" >/dev/null; stop_s=$(since "$t")
+peak_mb=$("$ENGINE" exec "$name" sh -c 'grep VmHWM /proc/1/status' | awk '{ printf "%.0f", $2 / 1024 }')
+t=$(now); "$ENGINE" stop -t 30 "$name" >/dev/null 2>&1; stop_s=$(since "$t")
 exit_code=$("$ENGINE" inspect --format '{{.State.ExitCode}}' "$name")
-echo "HEALTHCHECK: $health; runs as uid $uid; stopped on SIGTERM in $stop_s s (exit $exit_code)"
-"$ENGINE" rm -f "$name" >/dev/null
+echo "HEALTHCHECK: $health; runs as uid $uid; peak memory $peak_mb MB; stopped on SIGTERM in $stop_s s (exit $exit_code)"
+"$ENGINE" rm -f "$name" >/dev/null 2>&1
 
 # 7. Start-up again (the image's files now in the page cache).
 again=()
 for _ in $(seq "$STARTS"); do
-    t=$(now); start; again+=("$(wait_ready "$t")"); "$ENGINE" rm -f "$name" >/dev/null
+    t=$(now); start; again+=("$(wait_ready "$t")"); "$ENGINE" rm -f "$name" >/dev/null 2>&1
 done
 
 echo
 echo "image:             $IMAGE on $BASE_IMAGE, $(awk -v b="$size" 'BEGIN { printf "%.2f GB", b / 1e9 }')${build_s:+, built in $build_s s}"
 echo "start-up to ready: $ready_s s (first start)${again[*]:+; again: ${again[*]} s} (container start → /readyz 200, model in process)"
+echo "peak memory:       $peak_mb MB (the service process, after the searches)"
 echo "checks passed:     /readyz, search, catalogue image, bad upload 400, new index version live, HEALTHCHECK, non-root, SIGTERM"
