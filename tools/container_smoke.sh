@@ -20,6 +20,7 @@
 #   CATALOGUE   the folder of the catalogue photos (default: DIR/data beside the index base)
 #   PORT        the port the service listens on, on the host network (default: 18080)
 #   STARTS      extra timed start-ups after the checks (default: 2)
+#   COMPARE_PYTHON  a Python with street2shop[service]: also time the service started on the host, in turn
 set -euo pipefail
 
 die() { echo "container_smoke.sh: $*" >&2; exit 1; }
@@ -72,10 +73,10 @@ start() {
         -v "$EXPORT_BASE:/models/street2shop:ro" -v "$work/index:/index:ro" -v "$CATALOGUE:$CATALOGUE:ro" \
         "$IMAGE" >/dev/null 2>"$work/run.err" || { cat "$work/run.err"; die "the container did not start"; }
 }
-wait_ready() {  # prints seconds from $1 to the first 200 of /readyz
+running() { [ "$("$ENGINE" inspect --format '{{.State.Running}}' "$name")" = true ] || { "$ENGINE" logs "$name" 2>&1 | tail -n 30 >&2; false; }; }
+wait_ready() {  # prints seconds from $1 to the first 200 of /readyz; $2: a command that fails once the service is gone
     until curl -fs -o /dev/null "$URL/readyz"; do
-        [ "$("$ENGINE" inspect --format '{{.State.Running}}' "$name")" = true ] \
-            || { "$ENGINE" logs "$name" 2>&1 | tail -n 30; die "the container stopped before it was ready"; }
+        $2 || die "the service stopped before it was ready"
         awk -v s="$(since "$1")" 'BEGIN { exit !(s > 300) }' && die "not ready after 300 s: $(curl -s "$URL/readyz")"
         sleep 0.2
     done
@@ -83,7 +84,7 @@ wait_ready() {  # prints seconds from $1 to the first 200 of /readyz
 }
 field() { python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, {'d': d}))" "$@"; }
 
-t=$(now); start; ready_s=$(wait_ready "$t")
+t=$(now); start; ready_s=$(wait_ready "$t" running)
 echo "ready after $ready_s s: $(curl -s "$URL/readyz")"
 
 # 3. A search with a real photo, and the catalogue image of its best product.
@@ -130,14 +131,24 @@ exit_code=$("$ENGINE" inspect --format '{{.State.ExitCode}}' "$name")
 echo "HEALTHCHECK: $health; runs as uid $uid; peak memory $peak_mb MB; stopped on SIGTERM in $stop_s s (exit $exit_code)"
 "$ENGINE" rm -f "$name" >/dev/null 2>&1
 
-# 7. Start-up again (the image's files now in the page cache).
-again=()
+# 7. Start-up again (the image's files now in the page cache), and, with COMPARE_PYTHON, the same service
+#    started on the host in turn (the same export and index): what the container adds to start-up.
+again=() host=()
+host_alive() { kill -0 "$host_pid" 2>/dev/null; }
 for _ in $(seq "$STARTS"); do
-    t=$(now); start; again+=("$(wait_ready "$t")"); "$ENGINE" rm -f "$name" >/dev/null 2>&1
+    t=$(now); start; again+=("$(wait_ready "$t" running)"); "$ENGINE" rm -f "$name" >/dev/null 2>&1
+    if [ -n "${COMPARE_PYTHON:-}" ]; then
+        t=$(now)
+        TF_CPP_MIN_LOG_LEVEL=2 "$COMPARE_PYTHON" -m street2shop service --index "$work/index" --model "$EXPORT_BASE" \
+            --port "$PORT" >"$work/host.log" 2>&1 &
+        host_pid=$!
+        host+=("$(wait_ready "$t" host_alive)"); kill "$host_pid"; wait "$host_pid" 2>/dev/null || true
+    fi
 done
 
 echo
 echo "image:             $IMAGE on $BASE_IMAGE, $(awk -v b="$size" 'BEGIN { printf "%.2f GB", b / 1e9 }')${build_s:+, built in $build_s s}"
 echo "start-up to ready: $ready_s s (first start)${again[*]:+; again: ${again[*]} s} (container start → /readyz 200, model in process)"
+[ -z "${host[*]}" ] || echo "on the host:       ${host[*]} s (the same service, export and index; started in turn with the container)"
 echo "peak memory:       $peak_mb MB (the service process, after the searches)"
 echo "checks passed:     /readyz, search, catalogue image, bad upload 400, new index version live, HEALTHCHECK, non-root, SIGTERM"
