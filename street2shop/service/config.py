@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
 
 from street2shop.errors import ConfigError
 
@@ -78,7 +77,7 @@ def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
-def environment_settings(environ: Mapping[str, str]) -> dict[str, Any]:
+def environment_settings(environ: Mapping[str, str]) -> dict[str, str]:
     """The settings an environment gives, as ``{field: text}``: ``STREET2SHOP_<FIELD>`` for each field of :class:`ServiceConfig`.
 
     ``street2shop service`` takes them as its flags' defaults, so a flag on the command line wins over its
