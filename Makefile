@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo test lint test-serial test-fast bench bench-retrieval clean
+.PHONY: install demo test lint test-serial test-fast bench bench-retrieval image clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,18 @@ bench-retrieval: $(STAMP)
 	    --seeds 0 1 2 --out bench-output/$(basename $(notdir $(RECIPE)))
 	$(BIN)/python tools/bench_views.py bench-output/$(basename $(notdir $(RECIPE))) --latency \
 	    --out bench-output/$(basename $(notdir $(RECIPE)))/views.json
+
+# The search service's image (deploy/Containerfile), with podman or docker, whichever is installed; needs no .venv.
+# E.g. make image BASE_IMAGE=localhost/debian:bookworm-local IMAGE_FLAGS='--network host'. README "Deploying".
+ENGINE     ?= $(shell command -v podman 2>/dev/null || command -v docker 2>/dev/null)
+IMAGE      ?= street2shop-search:latest
+BASE_IMAGE ?= python:3.11-slim
+TENSORFLOW ?= tensorflow-cpu
+IMAGE_FLAGS ?=
+image:
+	@test -n "$(ENGINE)" || { echo "make image: needs podman or docker" >&2; exit 2; }
+	$(ENGINE) build $(if $(findstring podman,$(notdir $(ENGINE))),--format docker) -f deploy/Containerfile \
+	    --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg TENSORFLOW=$(TENSORFLOW) $(IMAGE_FLAGS) -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-output tour .pytest_cache

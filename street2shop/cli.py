@@ -427,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", default="", help="search only this category")
 
     p = command(sub, "service", cmd_service, "the search service: an HTTP API and a web page over TF Serving (or --model) and an index base, swapped live")
-    p.add_argument("--index", required=True, help="index base: its newest complete version is served, and a newer one swapped in live")
+    p.epilog = "Every flag can be given as an environment variable instead: STREET2SHOP_ and its name (STREET2SHOP_INDEX, STREET2SHOP_MAX_UPLOAD_MB, ...); a flag wins."
+    p.add_argument("--index", default="", help="index base: its newest complete version is served, and a newer one swapped in live")
     p.add_argument("--server", default="", help="TF Serving gRPC address HOST:PORT")
     p.add_argument("--model", default="", help="an export base or version folder, to embed in this process instead of --server")
     p.add_argument("--model-name", default="street2shop", help="model name on the server")
@@ -437,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrency", type=int, default=8, help="searches worked on at once; more are turned away with 503 and Retry-After")
     p.add_argument("--poll-seconds", type=float, default=2.0, help="how often the index base is looked at for a new version")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds TF Serving gets per request (503 beyond)")
+    from street2shop.service.config import environment_settings
+
+    p.set_defaults(**environment_settings(os.environ))  # STREET2SHOP_INDEX etc.: the flags' defaults, so a flag wins
 
     p = command(sub, "evaluate", cmd_evaluate, "top-k accuracy, recall@k, mAP, MRR of street photos against the indexed catalogue")
     p.add_argument("manifest", help="manifest CSV with the street photos")

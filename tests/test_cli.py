@@ -142,3 +142,64 @@ def test_evaluate_with_a_missing_split_lists_the_splits_there_are(synth_dataset,
     assert main(["evaluate", str(synth_dataset), "--split", "test", "--index", str(tmp_path / "no-index"), "--model", "unused"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no street photo of split 'test'" in err and "split(s) ['train', 'val']" in err
+
+
+@pytest.fixture
+def service_env(monkeypatch):
+    """An environment without any of the service's variables, to set some in."""
+    import dataclasses
+
+    from street2shop.service.config import ServiceConfig, env_name
+
+    for field in dataclasses.fields(ServiceConfig):
+        monkeypatch.delenv(env_name(field.name), raising=False)
+    return monkeypatch
+
+
+def _service_config_of(argv, monkeypatch):
+    """The ServiceConfig `street2shop service` would run with (the server itself is not started)."""
+    seen = []
+    monkeypatch.setattr("street2shop.service.serve_http", seen.append)
+    assert main(["service", *argv]) == 0
+    [config] = seen
+    return config
+
+
+def test_service_settings_come_from_the_environment_and_a_flag_wins(service_env):
+    monkeypatch = service_env
+    for name, value in {"STREET2SHOP_INDEX": "/srv/index", "STREET2SHOP_SERVER": "tfserving:8500", "STREET2SHOP_PORT": "9000",
+                        "STREET2SHOP_MAX_UPLOAD_MB": "2.5", "STREET2SHOP_MAX_PIXELS": "1000", "STREET2SHOP_TIMEOUT": ""}.items():
+        monkeypatch.setenv(name, value)
+    config = _service_config_of(["--port", "8080", "--max-concurrency", "3"], monkeypatch)
+    assert (config.index, config.server, config.model) == ("/srv/index", "tfserving:8500", "")
+    assert config.port == 8080  # the flag, though it is the default value and the variable says 9000
+    assert config.max_concurrency == 3 and config.max_upload_mb == 2.5 and config.max_pixels == 1000
+    assert config.timeout == 10.0 and config.host == "127.0.0.1"  # an empty variable is unset; no variable: the default
+    monkeypatch.delenv("STREET2SHOP_SERVER")
+    assert _service_config_of(["--model", "/srv/exports"], monkeypatch).port == 9000
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({}, "give the index base: --index INDEX_BASE (or STREET2SHOP_INDEX)"),
+        ({"STREET2SHOP_INDEX": "/srv/index", "STREET2SHOP_MAX_PIXELS": "lots"}, "max_pixels (STREET2SHOP_MAX_PIXELS) must be a number. Received: max_pixels='lots'"),
+        ({"STREET2SHOP_INDEX": "/srv/index", "STREET2SHOP_SERVER": "tfs:8500"}, "give exactly one of --server HOST:PORT or --model EXPORT"),
+    ],
+)
+def test_service_settings_that_do_not_make_a_service_are_one_line_errors(env, message, service_env, capsys):
+    monkeypatch = service_env
+    monkeypatch.setattr("street2shop.service.serve_http", lambda config: pytest.fail("the service started"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["service", "--model", "/srv/exports"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_a_service_variable_that_is_not_a_number_names_its_flag(service_env, capsys):
+    monkeypatch = service_env
+    monkeypatch.setenv("STREET2SHOP_PORT", "http")
+    with pytest.raises(SystemExit) as info:
+        main(["service", "--index", "/srv/index", "--model", "/srv/exports"])
+    assert info.value.code == 2 and "argument --port: invalid int value: 'http'" in capsys.readouterr().err

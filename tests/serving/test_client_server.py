@@ -571,7 +571,7 @@ def test_batching_sizes_are_increasing_and_end_at_max_batch_size():
 def test_compose_mounts_the_config_files_it_names():
     import re
 
-    compose = (SERVING_DIR / "compose.yaml").read_text()
+    compose = (SERVING_DIR.parent / "deploy" / "compose.yaml").read_text()  # the stack's compose file
     named = set(re.findall(r"=/config/([\w.]+)", compose))
     assert named == {"models.config", "batching_parameters.txt", "monitoring.config"}
     assert all((SERVING_DIR / name).is_file() for name in named)
