@@ -179,13 +179,27 @@ def open_page(p, url: str):
     return browser, page, failures
 
 
-def drag(page, selector: str, start: tuple[float, float], end: tuple[float, float]) -> None:
-    """A mouse drag from ``start`` to ``end``, in pixels from the element's top left corner."""
-    frame = page.locator(selector).bounding_box()
-    page.mouse.move(frame["x"] + start[0], frame["y"] + start[1])
+def choose_photo(page, path) -> dict:
+    """Chooses the photo as a person does (the file input), waits until it is shown; its frame on the page."""
+    page.set_input_files("#file", str(path))
+    page.wait_for_function("document.getElementById('photo').naturalWidth > 0")
+    return page.locator("#photo").bounding_box()
+
+
+def drag(page, start: tuple[float, float], end: tuple[float, float]) -> None:
+    """A mouse drag from ``start`` to ``end``, in page pixels."""
+    page.mouse.move(*start)
     page.mouse.down()
-    page.mouse.move(frame["x"] + end[0], frame["y"] + end[1], steps=5)
+    page.mouse.move(*end, steps=5)
     page.mouse.up()
+
+
+def search_for_cards(page):
+    """Clicks Search and waits for the result cards, their catalogue images loaded; the cards."""
+    page.click("#search")
+    page.wait_for_selector(".card img")
+    page.wait_for_function("[...document.querySelectorAll('.card img')].every(i => i.complete && i.naturalWidth > 0)")
+    return page.locator(".card")
 
 
 @needs_chromium
@@ -202,16 +216,11 @@ def test_the_web_page_in_headless_chromium(page_service, synth_dataset, tmp_path
         # Before a photo is chosen: no photo frame (and no broken image), and nothing the page asked for was missing (the icon).
         assert page.locator("#stage").is_hidden() and page.locator("#photo").is_hidden() and page.locator("#drop-hint").is_visible()
         assert failures == []
-        page.set_input_files("#file", street.image_path)
-        page.wait_for_function("document.getElementById('photo').naturalWidth > 0")
-        frame = page.locator("#photo").bounding_box()
-        drag(page, "#photo", (10, 10), (frame["width"] * 0.8, frame["height"] * 0.7))
+        frame = choose_photo(page, street.image_path)
+        drag(page, (frame["x"] + 10, frame["y"] + 10), (frame["x"] + frame["width"] * 0.8, frame["y"] + frame["height"] * 0.7))
         assert page.locator("#box").is_visible() and "Box: left" in page.locator("#box-text").inner_text()
         page.select_option("#k", "5")
-        page.click("#search")
-        page.wait_for_selector(".card img")
-        page.wait_for_function("[...document.querySelectorAll('.card img')].every(i => i.complete && i.naturalWidth > 0)")
-        cards = page.locator(".card")
+        cards = search_for_cards(page)
         assert cards.count() == 5
         assert "similarity" in cards.first.inner_text()
         assert "index version 1" in page.locator("#status").inner_text()
@@ -241,26 +250,18 @@ def test_a_person_searches_a_real_photo_with_a_box_and_a_category(page_service, 
     names = {r["product_id"]: r["product_name"] for r in rows if r["domain"] == "shop"}
     with sync_playwright() as p:
         browser, page, failures = open_page(p, page_service["url"] + "/")
-        page.set_input_files("#file", str(photo))
-        page.wait_for_function("document.getElementById('photo').naturalWidth > 0")
-        frame = page.locator("#photo").bounding_box()
+        frame = choose_photo(page, photo)
         assert (round(frame["width"]), round(frame["height"])) == (348, 348)
         # A drag from photo pixel (50, 60) to (250, 300), in whole page pixels (as the mouse reports them) wherever the photo
         # sits: from within [50, 51) of the corner to within (249, 250]; whole pixels rounded outwards give x 50-250, y 60-300.
         x, y = frame["x"], frame["y"]
-        page.mouse.move(math.ceil(x + 50), math.ceil(y + 60))
-        page.mouse.down()
-        page.mouse.move(math.floor(x + 250), math.floor(y + 300), steps=5)
-        page.mouse.up()
+        drag(page, (math.ceil(x + 50), math.ceil(y + 60)), (math.floor(x + 250), math.floor(y + 300)))
         assert page.locator("#box-text").inner_text() == "Box: left 50, top 60, 200 x 240 pixels."
         box = page.locator("#box").bounding_box()
         assert abs(box["x"] - x - 50) < 1.5 and abs(box["width"] - 200) < 1.5  # the red frame is where the mouse went
         page.select_option("#k", "5")
         page.fill("#category", "Fruit")
-        page.click("#search")
-        page.wait_for_selector(".card img")
-        page.wait_for_function("[...document.querySelectorAll('.card img')].every(i => i.complete && i.naturalWidth > 0)")
-        cards = page.locator(".card")
+        cards = search_for_cards(page)
         assert cards.count() == 5
         expected = reference_top(page_service["export"], page_service["index"], photo.read_bytes(), Box(50, 60, 200, 240), k=5, category="Fruit")
         for rank, (card, product) in enumerate(zip(cards.all(), expected), 1):
