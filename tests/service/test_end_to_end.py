@@ -30,8 +30,8 @@ from tests.serving.conftest import build_tiny_savedmodel
 
 pytest.importorskip("fastapi")
 ROOT = Path(__file__).resolve().parents[2]
-# The real photos beside the repository (../shared/data/grocery); STREET2SHOP_DATA names another folder holding grocery/.
-GROCERY = Path(os.environ.get("STREET2SHOP_DATA", ROOT.parent / "shared" / "data")) / "grocery" / "manifest.csv"
+# The real photos beside the repository (../shared/data/grocery); STREET2SHOP_TEST_DATA names another folder holding grocery/.
+GROCERY = Path(os.environ.get("STREET2SHOP_TEST_DATA", ROOT.parent / "shared" / "data")) / "grocery" / "manifest.csv"
 needs_grocery = pytest.mark.skipif(not GROCERY.exists(), reason=f"no grocery photos at {GROCERY}")
 
 
