@@ -205,9 +205,14 @@ class SavedModelHandler(ModelHandler):
         batch_size: int. The most images per model call.
         min_batch_size: int. The fewest (Beam's BatchElements grows batches
             between the two; a bundle's last batch may be smaller).
+        quiet: bool. Keep TensorFlow's C++ start-up lines (absl's notice,
+            oneDNN, the CUDA probe on a machine without a GPU driver) off each
+            worker process's stderr, as the command line keeps them off its
+            own (:func:`street2shop.console.quiet_tensorflow`); real errors
+            still show.
     """
 
-    def __init__(self, model_path: str, *, batch_size: int = 32, min_batch_size: int | None = None) -> None:
+    def __init__(self, model_path: str, *, batch_size: int = 32, min_batch_size: int | None = None, quiet: bool = True) -> None:
         for name, value in (("batch_size", batch_size), ("min_batch_size", min_batch_size)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{name} must be a positive int. Received: {name}={value!r}")
@@ -217,8 +222,13 @@ class SavedModelHandler(ModelHandler):
         super().__init__(min_batch_size=smallest, max_batch_size=batch_size)
         self.model_path = str(model_path)
         self.version = int(posixpath.basename(self.model_path.rstrip("/"))) if posixpath.basename(self.model_path.rstrip("/")).isdigit() else None
+        self.quiet = bool(quiet)
 
     def load_model(self) -> Any:
+        if self.quiet:  # in a worker process, before anything there imports TensorFlow (a no-op where it is imported already)
+            from street2shop.console import quiet_tensorflow
+
+            quiet_tensorflow()
         return load_savedmodel(self.model_path)
 
     def run_inference(self, batch: Sequence[Any], model: Any, inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
@@ -532,6 +542,7 @@ def beam_embed(
     runner: str = "DirectRunner",
     pipeline_args: Sequence[str] = (),
     model_handler: SavedModelHandler | None = None,
+    quiet_workers: bool = True,
 ) -> BeamEmbedResult:
     """``street2shop beam-embed``: the shop photos of a manifest (or a glob of shards), embedded on Beam into ``out``.
 
@@ -543,6 +554,7 @@ def beam_embed(
         batch_size, min_batch_size: images per model call (see :class:`SavedModelHandler`).
         shard_rows: manifest lines per output shard (an embeddings folder of up to that many vectors).
         runner, pipeline_args: Beam's runner and its standard options.
+        quiet_workers: keep TensorFlow's C++ start-up lines off the workers' stderr (see :class:`SavedModelHandler`).
         model_handler: another handler (tests).
 
     Raises:
@@ -556,7 +568,7 @@ def beam_embed(
     model_path = resolve_model(model)
     out = out.rstrip("/") if is_remote(out) else os.path.abspath(out)
     previous = previous_output(out)
-    handler = model_handler or SavedModelHandler(model_path, batch_size=batch_size, min_batch_size=min_batch_size)
+    handler = model_handler or SavedModelHandler(model_path, batch_size=batch_size, min_batch_size=min_batch_size, quiet=quiet_workers)
     run = f"run-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
     run_dir = FileSystems.join(out, run)
     transform = EmbedCatalogue(run_dir, handler, split=split, shard_rows=shard_rows, crop_to_box=crop_to_box,

@@ -183,6 +183,7 @@ def cmd_beam_embed(args: argparse.Namespace) -> int:
         args.manifest, args.out, model=args.model, split=args.split, batch_size=args.batch_size,
         min_batch_size=args.min_batch_size, shard_rows=args.shard_rows, crop_to_box=not args.no_crop,
         decode_check=args.decode_check, runner=args.runner, pipeline_args=args.pipeline_args,
+        quiet_workers=getattr(args, "verbose", 0) < 2,  # as main() keeps this process's quiet unless -vv
     )
     summary = {"out": result.out, "run": result.run, "shards": len(result.shards), "embedded": result.embedded,
                "dead_letter": result.dead_letter, "replaced": result.replaced, "seconds": round(result.seconds, 1),

@@ -390,8 +390,10 @@ class PidRecordingHandler(be.SavedModelHandler):
         return super().load_model()
 
 
-def test_worker_processes_give_the_same_output(tiny, catalogue, tmp_path):
+def test_worker_processes_give_the_same_output(tiny, catalogue, tmp_path, capfd):
     """DirectRunner with two worker processes: the model is loaded in the workers (once each), and the output equals one process's.
+
+    And the workers keep TensorFlow's C++ start-up lines (absl's notice, oneDNN, the CUDA probe) off the terminal they share.
 
     Boxes are left out (crop_to_box=False): the tiny model's two signatures resize differently, so a photo's vector
     would depend on whether a boxed photo shares its batch (a real export runs one function for both).
@@ -400,8 +402,12 @@ def test_worker_processes_give_the_same_output(tiny, catalogue, tmp_path):
     loads = tmp_path / "loads"
     loads.mkdir()
     handler = PidRecordingHandler(str(tiny / "1"), batch_size=2, folder=str(loads))
+    capfd.readouterr()
     several = run(catalogue, tmp_path / "two", tiny, model_handler=handler, crop_to_box=False,
                   pipeline_args=["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"])
+    err = capfd.readouterr().err
+    for line in ("All log messages before absl::InitializeLog()", "oneDNN custom operations", "cuda"):
+        assert line not in err, err[-3000:]
     pids = [name.split("-")[0] for name in os.listdir(loads)]
     # two processes, not this one, each loaded the model once (the runner deals the rows out to both)
     assert len(pids) == len(set(pids)) == 2 and str(os.getpid()) not in pids

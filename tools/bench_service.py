@@ -9,7 +9,8 @@ hits both:
     (LocalEmbedder + the index), one photo per call;
 (b) the service (``street2shop service --model EXPORT``, a subprocess) with
     ``--clients`` HTTP clients on keep-alive connections, one photo per request
-    (JSON, base64).
+    (:class:`street2shop.service.client.SearchClient`: multipart, what an app
+    using the client sends).
 
 Reported: requests/s per variant (best and median round), the ratio (b)/(a)
 (target >= 0.8 at 8 clients) and p50/p99 latency. Then an overload phase:
@@ -26,11 +27,8 @@ search; every request must answer 200 and the version must move to the new one.
 from __future__ import annotations
 
 import argparse
-import base64
-import http.client
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,25 +53,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-class HttpClient:
-    """One keep-alive connection to the service."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-
-    def search(self, body: bytes) -> tuple[int, dict[str, Any]]:
-        for attempt in range(2):  # a kept-alive connection the server closed while idle is opened again, once
-            try:
-                self.conn.request("POST", "/v1/search", body=body, headers={"Content-Type": "application/json"})
-                response = self.conn.getresponse()
-                return response.status, json.loads(response.read() or b"{}")
-            except (http.client.HTTPException, OSError):
-                self.conn.close()
-                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-        return 0, {}
 
 
 def run_clients(clients: int, seconds: float, one_request) -> list[tuple[float, int, Any]]:
@@ -126,13 +105,15 @@ def main() -> int:
     from street2shop.index.build import build_index
     from street2shop.model.tower import build_tower
     from street2shop.search import Searcher
+    from street2shop.service.client import SearchClient
+    from street2shop.errors import ServerUnavailableError
+    from street2shop.service.models import ServiceError
 
     before = uptime()
     print(f"uptime before: {before}", flush=True)
     records = read_manifest(args.manifest)
     catalogue = [r for r in records if r.domain == "shop"]
     queries = [Path(r.image_path).read_bytes() for r in records if r.domain == "street"][: args.queries]
-    bodies = [json.dumps({"image": {"b64": base64.b64encode(q).decode()}, "k": 20}).encode() for q in queries]
 
     with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp:
         work = Path(tmp)
@@ -149,31 +130,28 @@ def main() -> int:
              "--max-concurrency", str(args.max_concurrency), "--poll-seconds", "0.5"],
             cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), stdout=log, stderr=subprocess.STDOUT,
         )
+        # One client per thread, each with its own keep-alive connection; no retries: a 503 is counted, not waited out.
+        http_clients = [SearchClient(f"http://127.0.0.1:{port}", timeout=120, retries=0) for _ in range(4 * args.max_concurrency)]
         try:
             deadline = time.monotonic() + 300
-            while True:
-                try:
-                    with socket.create_connection(("127.0.0.1", port), timeout=1):
-                        pass
-                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-                    conn.request("GET", "/readyz")
-                    if conn.getresponse().status == 200:
-                        break
-                except OSError:
-                    pass
+            while not http_clients[0].ready():
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit("the service did not become ready:\n" + (work / "service.log").read_text()[-3000:])
                 time.sleep(0.5)
 
             searcher = Searcher(load_index(work / "index"), LocalEmbedder(export))
-            http_clients = [HttpClient(port) for _ in range(4 * args.max_concurrency)]
 
             def in_process(t: int, i: int):
                 answer = searcher.search([queries[i % len(queries)]], k=20)[0]
                 return (200 if answer.error is None else 400), answer
 
             def over_http(t: int, i: int):
-                return http_clients[t].search(bodies[i % len(bodies)])
+                try:
+                    return 200, http_clients[t].search(queries[i % len(queries)], k=20)
+                except ServiceError as e:
+                    return e.status, None
+                except ServerUnavailableError:
+                    return 0, None
 
             # Warm up both paths (graph tracing, connections).
             run_clients(args.clients, 3, in_process)
@@ -211,10 +189,12 @@ def main() -> int:
             swapper.start()
             swap_rows = run_clients(args.clients, args.seconds, over_http)
             swapper.join()
-            versions = [a.get("index_version") for _, status, a in swap_rows if status == 200]
+            versions = [a.index_version for _, status, a in swap_rows if status == 200]
             failed = sum(1 for _, status, _ in swap_rows if status != 200)
             print(f"swap under load: {len(swap_rows)} requests, {failed} failed, versions {sorted(set(versions))}", flush=True)
         finally:
+            for client in http_clients:
+                client.close()
             stop_process(proc, grace=30)
     after = uptime()
     report = {

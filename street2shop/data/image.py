@@ -145,6 +145,19 @@ class Box:
         x1, y1 = math.ceil(xmax * width - _EDGE_SLACK), math.ceil(ymax * height - _EDGE_SLACK)
         return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
 
+    def clipped(self, width: int, height: int) -> Box | None:
+        """The part of the box on a ``width`` x ``height`` image: the box itself if it lies inside (up to float error), None if none of it does.
+
+        Example:
+            >>> Box(50, 10, 80, 20).clipped(width=100, height=100)
+            Box(left=50, top=10, width=50, height=20)
+        """
+        if self.pixel_bounds(width, height) is None:
+            return None
+        if self.left + self.width <= width + _EDGE_SLACK and self.top + self.height <= height + _EDGE_SLACK:
+            return self
+        return Box(self.left, self.top, min(self.width, width - self.left), min(self.height, height - self.top))
+
 
 # --------------------------------------------------------------------------- encoded bytes
 

@@ -2,6 +2,9 @@
 
 - :mod:`~street2shop.service.config`: :class:`ServiceConfig`, the flags;
 - :mod:`~street2shop.service.app`: the HTTP API and the web page (FastAPI);
+- :mod:`~street2shop.service.models`: the API's requests, answers and refusals (pydantic), which parse and document it;
+- :mod:`~street2shop.service.client`: :class:`~street2shop.service.client.SearchClient`, a typed client of the API
+  for app developers (httpx and pydantic only: ``pip install 'street2shop[client]'``);
 - :mod:`~street2shop.service.indexes`: the index version being served, swapped live;
 - :mod:`~street2shop.service.metrics`: Prometheus metrics;
 - :func:`serve_http`: runs it with uvicorn.
@@ -20,6 +23,7 @@ def serve_http(config: Any) -> None:
 
     try:
         import fastapi  # noqa: F401
+        import fastapi_offline  # noqa: F401
         import uvicorn
     except ImportError as e:
         raise ConfigError(f"the search service needs its extra: pip install 'street2shop[service]'. Received: {e}") from None

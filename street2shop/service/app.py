@@ -7,19 +7,22 @@ version current when the request started) and knows its health;
 - ``POST /v1/search``: one photo, as a multipart upload (``image`` file, and
   ``k``, ``box``, ``category`` fields) or as JSON ``{"image": {"b64": ...},
   "k": 20, "box": [left, top, width, height], "category": ...}`` (TF Serving's
-  REST convention for bytes) → ranked products with their labels, similarity
-  and catalogue image URL, the index and model versions, the fingerprint and
-  timings;
+  REST convention for bytes), each body a model of
+  :mod:`~street2shop.service.models` that parses it and documents it →
+  ranked products with their labels, similarity and catalogue image URL, the
+  index and model versions, the fingerprint and timings;
 - ``GET /v1/catalogue/images/{image_id}``: a catalogue image, by the index's
   stable image id only (never by a path taken from a request);
 - ``GET /healthz`` (the process lives), ``GET /readyz`` (an index is loaded, the
   embedder answers, and they are the same model; a JSON detail of why not),
   ``GET /metrics`` (Prometheus);
 - ``GET /``: the web page (every asset served from here: no CDN); ``/docs``:
-  the OpenAPI page, with Swagger UI served from here too.
+  the OpenAPI page in Swagger UI 5, its files served from here too (the
+  ``fastapi-offline`` package).
 
 Errors are JSON ``{"detail": ...}``: 400 an image that cannot be used, 413 too
-large, 415 neither multipart nor JSON, 422 bad parameters, 404 unknown image,
+large, 415 neither multipart nor JSON, 422 bad parameters (and anything the
+service would otherwise have to ignore or change: see :func:`read_search`), 404 unknown image,
 503 (with ``Retry-After``) when TF Serving is down or slow, the index and the
 served model disagree, or the service is at its concurrency limit (it turns
 work away at once rather than queueing it without bound).
@@ -27,22 +30,19 @@ work away at once rather than queueing it without bound).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
-import os
 import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
-from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi import Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 
 from street2shop import __version__
 from street2shop.contract import ModelIdentity
@@ -58,21 +58,12 @@ from street2shop.errors import (
 from street2shop.index.base import image_id as make_image_id
 from street2shop.service import models
 from street2shop.service.config import ServiceConfig
+from street2shop.service.models import ServiceError
 
 logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
-MAX_K = 100
-
-
-class ServiceError(Exception):
-    """An answer other than 200: the status, a one-line detail, and headers (Retry-After)."""
-
-    def __init__(self, status: int, detail: str, retry_after: float | None = None) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else {}
+CATEGORIES_SHOWN = 50  # a refusal of an unknown category lists at most this many of the index's
 
 
 class Service:
@@ -99,6 +90,7 @@ class Service:
         self.in_flight = 0  # changed only on the event loop's thread
         self._probe: tuple[float, dict[str, Any]] | None = None
         self._probe_lock = threading.Lock()
+        self._categories: tuple[Any, list[str]] | None = None  # (index, its categories), for the last index asked about
 
     def start(self) -> None:
         """Warms the embedder up (the first call traces the model's graph) and starts watching the index base."""
@@ -122,14 +114,21 @@ class Service:
         index = self.watcher.current  # this request finishes on this version, whatever is swapped in meanwhile
         if index is None:
             raise ServiceError(503, f"no index is loaded yet: {self.watcher.status()['error'] or 'waiting for one'}", retry_after=self.config.poll_seconds)
+        if category is not None:
+            self.check_category(index, category)
         if len(data) > self.config.max_upload_bytes:
             raise ServiceError(413, f"the photo is {len(data):,} bytes; the limit is {self.config.max_upload_bytes:,} (--max-upload-mb {self.config.max_upload_mb:g})")
         try:
             info = inspect_image(data, max_pixels=self.config.max_pixels, decode=True)
         except ImageError as e:
             raise ServiceError(400, f"not a usable photo: {e}") from None
-        if box is not None and box.pixel_bounds(info.width, info.height) is None:
-            raise ServiceError(422, f"the box {list(box.as_ltwh())} lies outside the {info.width}x{info.height} photo")
+        if box is not None:
+            inside = box.clipped(info.width, info.height)
+            if inside is None:
+                raise ServiceError(422, f"the box {_numbers(box)} lies outside the {info.width}x{info.height} photo")
+            if inside is not box:
+                raise ServiceError(422, f"the box {_numbers(box)} reaches outside the {info.width}x{info.height} photo; "
+                                        f"the part inside it is {_numbers(inside)}")
         try:
             embedded = self.embedder.embed([data], None if box is None else [box])
         except ServerUnavailableError as e:
@@ -174,17 +173,33 @@ class Service:
             },
         }
 
+    def check_category(self, index: Any, category: str) -> None:
+        """ServiceError 422 unless ``index`` holds items of ``category`` (the refusal lists the categories it has)."""
+        cached = self._categories
+        if cached is None or cached[0] is not index:
+            dead = index.dead
+            names = {item.category for row, item in enumerate(index.items) if item.category and (dead is None or not dead[row])}
+            cached = self._categories = (index, sorted(names))
+        known = cached[1]
+        if category in known:
+            return
+        if not known:
+            raise ServiceError(422, f"the index being served (version {index.version}) has no categories, so it cannot search one. Received: category={category!r}")
+        shown = ", ".join(repr(c) for c in known[:CATEGORIES_SHOWN]) + (f" and {len(known) - CATEGORIES_SHOWN} more" if len(known) > CATEGORIES_SHOWN else "")
+        raise ServiceError(422, f"the index being served (version {index.version}) has no category {category!r}; its categories: {shown}")
+
     def catalogue_image(self, image_id: str) -> tuple[str, str]:
         """``(path, media type)`` of a catalogue image of the served index; ServiceError 404 otherwise."""
         index = self.watcher.current
         path = index.image_path(image_id) if index is not None and len(image_id) == 16 else None
+        shown = image_id if len(image_id) <= 40 else f"{image_id[:16]}... ({len(image_id):,} characters)"
         if path is None:
-            raise ServiceError(404, f"no catalogue image {image_id!r} in the index being served")
+            raise ServiceError(404, f"no catalogue image {shown!r} in the index being served (an image id is 16 hex digits)")
         try:
             with open(path, "rb") as handle:
                 head = handle.read(16)
         except OSError as e:
-            raise ServiceError(404, f"catalogue image {image_id!r} is in the index but its file cannot be read: {e.strerror or e}") from None
+            raise ServiceError(404, f"catalogue image {shown!r} is in the index but its file cannot be read: {e.strerror or e}") from None
         media = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "BMP": "image/bmp"}.get(image_format(head) or "", "application/octet-stream")
         return path, media
 
@@ -221,38 +236,9 @@ class Service:
         return not problems, detail
 
 
-# --------------------------------------------------------------------------- HTTP
-
-
-def _parse_k(value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        k = value
-    elif isinstance(value, str) and value.strip().isdigit():
-        k = int(value)
-    else:
-        raise ServiceError(422, f"k must be a whole number from 1 to {MAX_K}. Received: k={value!r}")
-    if not 1 <= k <= MAX_K:
-        raise ServiceError(422, f"k must be from 1 to {MAX_K}. Received: k={k}")
-    return k
-
-
-def _parse_box(value: Any) -> Box | None:
-    if value is None or value == "":
-        return None
-    try:
-        if isinstance(value, str):
-            return Box.parse(value)
-        if isinstance(value, dict):
-            return Box(*(float(value[key]) for key in ("left", "top", "width", "height")))
-        if isinstance(value, (list, tuple)) and len(value) == 4:
-            return Box(*(float(v) for v in value))
-    except (ValueError, TypeError, KeyError) as e:
-        raise ServiceError(422, f"box must be [left, top, width, height] in pixels of the photo, width and height > 0: {e}") from None
-    raise ServiceError(422, f"box must be [left, top, width, height] in pixels of the photo. Received: box={value!r}")
-
-
 def _route_label(path: str) -> str:
-    for prefix in ("/v1/search", "/v1/catalogue/images", "/healthz", "/readyz", "/metrics", "/static", "/docs", "/openapi.json"):
+    for prefix in ("/v1/search", "/v1/catalogue/images", "/healthz", "/readyz", "/metrics", "/static", "/docs", "/docs-assets",
+                   "/openapi.json", "/favicon.ico"):
         if path == prefix or path.startswith(prefix + "/"):
             return prefix
     return "/" if path == "/" else "other"
@@ -306,41 +292,49 @@ async def _send_json(send: Any, status: int, detail: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-SEARCH_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image"],
-                    "properties": {
-                        "image": {"type": "string", "format": "binary", "description": "the photo: JPEG, PNG, GIF or BMP"},
-                        "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 20},
-                        "box": {"type": "string", "description": "LEFT,TOP,WIDTH,HEIGHT in pixels of the photo"},
-                        "category": {"type": "string", "description": "search only this category"},
-                    },
-                }
-            },
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image"],
-                    "properties": {
-                        "image": {"type": "object", "required": ["b64"], "properties": {"b64": {"type": "string", "description": "the photo's bytes, base64"}}},
-                        "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 20},
-                        "box": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4, "description": "[left, top, width, height] in pixels"},
-                        "category": {"type": "string"},
-                    },
-                }
-            },
-        },
-    }
-}
+def _numbers(box: Box) -> list[float | int]:
+    """A box as ``[left, top, width, height]``, whole numbers shown without ``.0``."""
+    return [int(v) if float(v).is_integer() else round(v, 3) for v in box.as_ltwh()]
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+async def read_search(request: Request) -> models.MultipartSearch | models.JsonSearch:
+    """``POST /v1/search``'s body, multipart or JSON, validated by its model in :mod:`~street2shop.service.models`.
+
+    The one rule for what a search may not say: nothing is ignored or changed
+    without a word. A parameter in the query string (the parameters go in the
+    body), an unknown field, or a field given twice is refused with 422, as
+    are (later, in :meth:`Service.search`) a box reaching outside the photo and
+    a category the index does not have.
+    """
+    if request.query_params:
+        query = request.url.query
+        raise ServiceError(422, "POST /v1/search takes k, box and category in its body (multipart fields or JSON), not in the query string. "
+                                f"Received: ?{query[:200]}{'...' if len(query) > 200 else ''}")
+    content_type = request.headers.get("content-type", "")
+    model = models.SEARCH_BODIES.get(content_type.split(";")[0].strip().lower())
+    if model is None:
+        raise ServiceError(415, f"send the photo as multipart/form-data (field 'image') or as JSON. Received: Content-Type {content_type or 'none'!r}")
+    if model is models.MultipartSearch:
+        form = await request.form(max_files=1, max_fields=8)
+        values: Any = {}
+        for key, value in form.multi_items():
+            if key in values:
+                raise ServiceError(422, f"the field {key!r} is given twice; give each once")
+            values[key] = await value.read() if isinstance(value, UploadFile) else value
+    else:
+        try:
+            values = await request.json()
+        except ValueError:
+            raise ServiceError(400, "the body is not valid JSON") from None
+    return models.validate_search(model, values)
 
 
 def create_app(service: Service) -> Any:
     """The FastAPI app around a :class:`Service` (started and stopped with the app)."""
+    from fastapi_offline import FastAPIOffline
 
     @asynccontextmanager
     async def lifespan(app: Any):
@@ -350,8 +344,10 @@ def create_app(service: Service) -> Any:
         finally:
             await run_in_threadpool(service.stop)
 
-    app = FastAPI(title="street2shop search", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan,
-                  description="Find the exact product in the catalogue from a customer's photo.")
+    # /docs: Swagger UI 5 (it reads OpenAPI 3.1), its files served from /docs-assets: no CDN. Not ReDoc: its page
+    # fetches a logo from Redocly's CDN.
+    app = FastAPIOffline(title="street2shop search", version=__version__, lifespan=lifespan, static_url="/docs-assets", redoc_url=None,
+                         favicon_url="/favicon.ico", description="Find the exact product in the catalogue from a customer's photo.")
     # JSON bodies carry the photo in base64: a third larger than the photo itself.
     app.add_middleware(_Guard, limit=service.config.max_upload_bytes * 4 // 3 + 64 * 1024, metrics=service.metrics)
     app.state.service = service
@@ -364,38 +360,17 @@ def create_app(service: Service) -> Any:
     async def too_large(request: Request, e: _TooLarge) -> Any:
         return JSONResponse({"detail": f"the request body is larger than the limit of {service.config.max_upload_bytes * 4 // 3 + 64 * 1024:,} bytes"}, status_code=413)
 
-    @app.post("/v1/search", response_model=models.SearchResponse, openapi_extra=SEARCH_BODY,
+    request_body, request_schemas = models.request_schemas()
+
+    @app.post("/v1/search", response_model=models.SearchResponse, openapi_extra={"requestBody": request_body},
               responses={code: {"model": models.ErrorResponse} for code in (400, 413, 415, 422, 503)},
               summary="Find the products in a photo")
-    async def search(request: Request) -> Any:
-        content_type = request.headers.get("content-type", "")
-        if content_type.startswith("multipart/form-data"):
-            form = await request.form(max_files=1, max_fields=8)
-            upload = form.get("image")
-            if upload is None or isinstance(upload, str):
-                raise ServiceError(422, "a multipart search needs the photo as a file field named 'image'")
-            data = await upload.read()
-            fields = {key: form.get(key) for key in ("k", "box", "category")}
-        elif content_type.startswith("application/json"):
-            try:
-                body = await request.json()
-            except ValueError:
-                raise ServiceError(400, "the body is not valid JSON") from None
-            image = body.get("image") if isinstance(body, dict) else None
-            if not isinstance(image, dict) or not isinstance(image.get("b64"), str):
-                raise ServiceError(422, 'a JSON search needs {"image": {"b64": "<the photo, base64>"}}')
-            try:
-                data = base64.b64decode(image["b64"], validate=True)
-            except (binascii.Error, ValueError):
-                raise ServiceError(400, "image.b64 is not valid base64") from None
-            fields = {key: body.get(key) for key in ("k", "box", "category")}
-        else:
-            raise ServiceError(415, f"send the photo as multipart/form-data (field 'image') or as JSON. Received: Content-Type {content_type or 'none'!r}")
-        k = _parse_k(20 if fields["k"] in (None, "") else fields["k"])
-        box = _parse_box(fields["box"])
-        category = fields["category"] or None
-        if category is not None and not isinstance(category, str):
-            raise ServiceError(422, f"category must be a string. Received: {category!r}")
+    async def search(query: Annotated[models.MultipartSearch | models.JsonSearch, Depends(read_search)]) -> Any:
+        """One photo, as a multipart upload or as JSON (two bodies, the same values), and optionally a box and a category.
+
+        Nothing in a search is ignored or changed without a word: a box reaching outside the photo, a category the index
+        does not have, an unknown field or a parameter in the query string is refused with 422, saying what would be accepted.
+        """
         if service.in_flight >= service.config.max_concurrency:
             service.metrics.rejected.inc()
             raise ServiceError(503, f"the service is at its limit of {service.config.max_concurrency} searches at once; try again shortly", retry_after=1)
@@ -403,12 +378,22 @@ def create_app(service: Service) -> Any:
         service.metrics.in_flight.inc()
         started = time.perf_counter()
         try:
-            answer = await run_in_threadpool(service.search, data, box, k, category)
+            answer = await run_in_threadpool(service.search, query.image, query.box, query.k, query.category)
         finally:
             service.in_flight -= 1
             service.metrics.in_flight.dec()
             service.metrics.total_seconds.observe(time.perf_counter() - started)
         return answer
+
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's OpenAPI document, with the named schemas the search bodies refer to."""
+        schema = default_openapi()
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(request_schemas)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.get("/v1/catalogue/images/{image_id}", responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": models.ErrorResponse}},
              summary="A catalogue image, by its id in the index")
@@ -434,24 +419,9 @@ def create_app(service: Service) -> Any:
     async def page() -> Any:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Any:
+        return FileResponse(STATIC / "favicon.ico", media_type="image/x-icon", headers={"Cache-Control": "public, max-age=86400"})
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    swagger = _swagger_assets()
-    if swagger is not None:
-        app.mount("/docs-assets", StaticFiles(directory=swagger), name="docs-assets")
-
-        @app.get("/docs", include_in_schema=False)
-        async def docs() -> Any:
-            return get_swagger_ui_html(openapi_url="/openapi.json", title="street2shop search: API",
-                                       swagger_js_url="/docs-assets/swagger-ui-bundle.js", swagger_css_url="/docs-assets/swagger-ui.css",
-                                       swagger_favicon_url="/docs-assets/favicon-32x32.png")
     return app
-
-
-def _swagger_assets() -> str | None:
-    """Swagger UI's files from the swagger-ui-bundle package (served locally: no CDN), if installed."""
-    try:
-        import swagger_ui_bundle
-    except ImportError:
-        return None
-    path = getattr(swagger_ui_bundle, "swagger_ui_path", None)
-    return str(path) if path and os.path.isdir(path) else None

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from street2shop.contract import ModelIdentity
-from street2shop.errors import Street2ShopError
+from street2shop.errors import ModelMismatchError, Street2ShopError
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +93,16 @@ class IndexWatcher:
                 try:
                     index = load_index(versions[version])
                     index.check_model(model, "the service's embedder")
+                except ModelMismatchError:  # the refused thing is the index: name its model as the one received
+                    made = index.identity
+                    reason = (f"index version {version} holds vectors of {made} ({made.dimension} dimensions), but the service embeds with {model} "
+                              f"({model.dimension} dimensions); it waits for an index of the served model (or for the server to serve the "
+                              f"index's). Received: fingerprint={made.fingerprint!r}")
                 except (Street2ShopError, OSError) as e:
                     reason = str(e)
+                else:
+                    reason = ""
+                if reason:
                     self.refused[version] = Refusal(version, reason, model.fingerprint, time.time())
                     logger.error("index version %d under %s refused, still serving version %s: %s", version, self.base, current or "none", reason)
                     self.on_change("refused", {"version": version, "reason": reason})

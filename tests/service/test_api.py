@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import threading
 import time
 
@@ -49,27 +50,35 @@ def reference(export_dir, index_base, data, box=None, k=20, category=None):
         return Searcher(load_index(index_base), embedder).search([data], [box] if box else None, k=k, category=category)[0].results
 
 
-def test_search_answers_what_the_library_answers_with_labels_images_and_versions(client, export_dir, index_base, labelled_catalogue):
+@pytest.fixture
+def search_client(client):
+    """The typed client, over the same app (FastAPI's TestClient is an httpx.Client)."""
+    from street2shop.service.client import SearchClient
+
+    return SearchClient(http=client, retries=0)
+
+
+def test_search_answers_what_the_library_answers_with_labels_images_and_versions(search_client, client, export_dir, index_base, labelled_catalogue):
+    from street2shop.contract import read_card
+    from street2shop.data.records import read_manifest
+
     record = street_photos(labelled_catalogue)[0]
     data = open(record.image_path, "rb").read()
-    response = client.post("/v1/search", files={"image": ("photo.jpg", data, "image/jpeg")},
-                           data={"k": "4", "box": ",".join(str(v) for v in record.box.as_ltwh())})
-    assert response.status_code == 200, response.text
-    answer = response.json()
+    answer = search_client.search(record.image_path, box=record.box, k=4)
     expected = reference(export_dir, index_base, data, record.box, k=4)
-    assert [(h["rank"], h["product_id"]) for h in answer["results"]] == [(r.rank, r.product_id) for r in expected]
-    np.testing.assert_allclose([h["similarity"] for h in answer["results"]], [r.similarity for r in expected], atol=1e-5)
-    first = answer["results"][0]
-    assert first["labels"] == {"product_name": f"Product {first['product_id']}"}
-    card = __import__("street2shop.contract", fromlist=["read_card"]).read_card(export_dir)
-    assert answer["index_version"] == 1 and answer["model_version"] == int(export_dir.name)
-    assert answer["model_fingerprint"] == card["fingerprint"]
-    assert set(answer["timings"]) == {"embed_ms", "search_ms", "total_ms"}
-    image = client.get(first["image_url"])
-    shop = [r for r in __import__("street2shop.data.records", fromlist=["read_manifest"]).read_manifest(labelled_catalogue)
-            if r.domain == "shop" and r.product_id == first["product_id"]][0]
+    assert [(h.rank, h.product_id) for h in answer.results] == [(r.rank, r.product_id) for r in expected]
+    np.testing.assert_allclose([h.similarity for h in answer.results], [r.similarity for r in expected], atol=1e-5)
+    first = answer.results[0]
+    assert first.labels == {"product_name": f"Product {first.product_id}"}
+    assert answer.index_version == 1 and answer.model_version == int(export_dir.name)
+    assert answer.model_fingerprint == read_card(export_dir)["fingerprint"]
+    assert set(answer.timings.model_dump()) == {"embed_ms", "search_ms", "total_ms"}
+    shop = [r for r in read_manifest(labelled_catalogue) if r.domain == "shop" and r.product_id == first.product_id][0]
+    image = client.get(first.image_url)
     assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
-    assert image.content == open(shop.image_path, "rb").read()
+    assert search_client.image(first) == image.content == open(shop.image_path, "rb").read()
+    assert search_client.image_url(first) == f"http://testserver/v1/catalogue/images/{first.image_id}"
+    assert search_client.ready() and search_client.healthy()
 
 
 def test_json_with_base64_answers_as_the_upload_does(client):
@@ -78,15 +87,27 @@ def test_json_with_base64_answers_as_the_upload_does(client):
     as_json = client.post("/v1/search", json={"image": {"b64": base64.b64encode(data).decode()}, "k": 3}).json()
     assert [h["product_id"] for h in as_json["results"]] == [h["product_id"] for h in upload["results"]]
     assert len(upload["results"]) == 3
+    # The three forms of a box the JSON body documents (OpenAPI's anyOf), and the multipart text, give one answer.
+    photo = base64.b64encode(data).decode()
+    answers = [client.post("/v1/search", json={"image": {"b64": photo}, "k": 5, "box": box}) for box in
+               ({"left": 10, "top": 5, "width": 40, "height": 30}, [10, 5, 40, 30], "10,5,40,30")]
+    answers.append(client.post("/v1/search", files={"image": ("p.jpg", data, "image/jpeg")}, data={"k": "5", "box": "10,5,40,30"}))
+    assert [a.status_code for a in answers] == [200, 200, 200, 200]
+    assert answers[0].json()["results"] == answers[1].json()["results"] == answers[2].json()["results"] == answers[3].json()["results"]
 
 
-def test_category_filter(client, labelled_catalogue):
+def test_category_filter_and_an_unknown_category_is_refused_naming_the_known_ones(search_client, labelled_catalogue):
     from street2shop.data.records import read_manifest
+    from street2shop.service.models import ServiceError
 
-    categories = {r.category for r in read_manifest(labelled_catalogue) if r.domain == "shop"}
-    category = sorted(categories)[0]
-    answer = client.post("/v1/search", json={"image": {"b64": base64.b64encode(make_jpeg(2)).decode()}, "category": category}).json()
-    assert answer["results"] and {h["category"] for h in answer["results"]} == {category}
+    categories = sorted({r.category for r in read_manifest(labelled_catalogue) if r.domain == "shop"})
+    answer = search_client.search(make_jpeg(2), category=categories[0])
+    assert answer.results and {h.category for h in answer.results} == {categories[0]}
+    with pytest.raises(ServiceError) as refused:
+        search_client.search(make_jpeg(2), category=categories[0].upper() + "S")
+    assert refused.value.status == 422
+    assert refused.value.detail == (f"the index being served (version 1) has no category {categories[0].upper() + 'S'!r}; "
+                                    f"its categories: {', '.join(repr(c) for c in categories)}")
 
 
 def bomb() -> bytes:
@@ -132,6 +153,36 @@ def test_bad_parameters_are_422(client, fields, detail):
     assert response.status_code == 422 and detail in response.json()["detail"]
 
 
+def test_a_box_on_the_edge_is_inside():
+    """Up to float error, a box ending on the photo's edge is the box itself (kept, not refused)."""
+    from street2shop.data.image import Box
+
+    box = Box(0.6 * 100, 0, 0.4 * 100, 60)  # 60.00000000000001 + 40.0 > 100 in floats
+    assert box.clipped(100, 60) is box
+    assert Box(60, 0, 41, 60).clipped(100, 60) == Box(60, 0, 40, 60)
+    assert Box(100, 0, 5, 5).clipped(100, 60) is None
+
+
+def test_nothing_is_changed_or_ignored_without_a_word_it_is_refused(client):
+    """A box reaching outside the photo, parameters in the query string, unknown or repeated: 422, saying what would do."""
+    photo = {"image": ("p.jpg", make_jpeg(0), "image/jpeg")}  # 80 x 60
+    # From left 60 only 20 px of the 80 are inside, from top 50 only 10 of the 60.
+    response = client.post("/v1/search", files=photo, data={"box": "60,50,40,20"})
+    assert response.status_code == 422
+    assert response.json()["detail"] == "the box [60, 50, 40, 20] reaches outside the 80x60 photo; the part inside it is [60, 50, 20, 10]"
+    assert client.post("/v1/search", files=photo, data={"box": "60,50,20,10"}).status_code == 200  # that part is searched
+    response = client.post("/v1/search", files=photo, data={"top_k": "5"})
+    assert response.status_code == 422 and response.json()["detail"] == "'top_k' is not a search parameter; a search takes image, k, box, category"
+    response = client.post("/v1/search?k=0", files=photo)
+    assert response.status_code == 422
+    assert response.json()["detail"] == ("POST /v1/search takes k, box and category in its body (multipart fields or JSON), "
+                                         "not in the query string. Received: ?k=0")
+    response = client.post("/v1/search", files=photo, data={"k": ["3", "5"]})
+    assert response.status_code == 422 and response.json()["detail"] == "the field 'k' is given twice; give each once"
+    response = client.post("/v1/search", json={"image": {"b64": base64.b64encode(make_jpeg(0)).decode()}, "k": 3, "categroy": "x"})
+    assert response.status_code == 422 and "'categroy' is not a search parameter" in response.json()["detail"]
+
+
 def test_malformed_requests(client):
     assert client.post("/v1/search", content=b"raw", headers={"content-type": "image/jpeg"}).status_code == 415
     assert client.post("/v1/search", content=b"{not json", headers={"content-type": "application/json"}).status_code == 400
@@ -164,6 +215,9 @@ def test_uploads_over_the_limit_are_413(export_dir, index_base):
 
 def test_unknown_image_is_404_and_paths_are_never_taken_from_the_request(client):
     assert client.get("/v1/catalogue/images/0123456789abcdef").status_code == 404
+    huge = client.get("/v1/catalogue/images/" + "a" * 60_000)  # the answer does not echo it back whole (httpx sends up to 64 kB)
+    assert huge.status_code == 404 and len(huge.content) < 300
+    assert huge.json()["detail"] == "no catalogue image 'aaaaaaaaaaaaaaaa... (60,000 characters)' in the index being served (an image id is 16 hex digits)"
     assert client.get("/v1/catalogue/images/..%2F..%2Fetc%2Fpasswd").status_code == 404
     assert client.get("/v1/catalogue/images/%2Fetc%2Fpasswd").status_code == 404
 
@@ -183,12 +237,69 @@ def test_health_readiness_metrics_page_and_docs(client, service):
     page = client.get("/")
     assert page.status_code == 200 and "/static/app.js" in page.text and "//cdn" not in page.text and "http" not in page.text.split("<body>")[1]
     assert client.get("/static/app.js").status_code == 200 and client.get("/static/style.css").status_code == 200
-    docs = client.get("/docs").text
-    assert "/docs-assets/swagger-ui-bundle.js" in docs and "cdn." not in docs
-    assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
-    spec = client.get("/openapi.json").json()
-    body = spec["paths"]["/v1/search"]["post"]["requestBody"]["content"]
-    assert set(body) == {"multipart/form-data", "application/json"}
+    docs = client.get("/docs").text  # what the page loads is served from here (its rendering: a test in Chromium)
+    assets = re.findall(r'(?:src|href)="([^"]+)"', docs)
+    assert assets and all(a.startswith("/") and not a.startswith("//") for a in assets), assets
+    assert all(client.get(a).status_code == 200 for a in assets)
+    favicon = client.get("/favicon.ico")
+    assert favicon.status_code == 200 and favicon.headers["content-type"] == "image/x-icon"
+    from PIL import Image
+
+    assert Image.open(io.BytesIO(favicon.content)).format == "ICO"
+
+
+class NoEmbedder:
+    """An embedder for an app that is never started (its OpenAPI document needs none)."""
+
+    def identity(self):
+        raise AssertionError("not used")
+
+    def close(self):
+        pass
+
+
+def test_the_openapi_request_bodies_are_the_parsers_models(tmp_path):
+    """The documented bodies come from the models that parse them: every documented form is accepted (tests above), every $ref resolves."""
+    from fastapi.testclient import TestClient
+
+    from street2shop.service.app import Service, create_app
+    from street2shop.service.config import ServiceConfig
+    from street2shop.service.models import DEFAULT_K, MAX_K
+
+    app = create_app(Service(ServiceConfig(index=str(tmp_path), model="unused"), embedder=NoEmbedder()))
+    spec = TestClient(app).get("/openapi.json").json()  # not started: no lifespan, no model
+    assert spec["openapi"].startswith("3.1")
+    body = spec["paths"]["/v1/search"]["post"]["requestBody"]
+    assert body["required"] is True and set(body["content"]) == {"multipart/form-data", "application/json"}
+
+    def resolve(node):
+        ref = node.get("$ref")
+        return resolve(spec["components"]["schemas"][ref.rsplit("/", 1)[1]]) if ref else node
+
+    def refs(node):
+        if isinstance(node, dict):
+            yield from ([node["$ref"]] if "$ref" in node else [])
+            for value in node.values():
+                yield from refs(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from refs(value)
+
+    for ref in refs(spec):  # no dangling reference
+        assert ref.startswith("#/components/schemas/") and ref.rsplit("/", 1)[1] in spec["components"]["schemas"], ref
+    multipart = resolve(body["content"]["multipart/form-data"]["schema"])
+    as_json = resolve(body["content"]["application/json"]["schema"])
+    for schema in (multipart, as_json):
+        assert list(schema["properties"]) == ["image", "k", "box", "category"] and schema["required"] == ["image"]
+        assert schema["additionalProperties"] is False  # an unknown field is refused, and documented so
+        assert (schema["properties"]["k"]["minimum"], schema["properties"]["k"]["maximum"], schema["properties"]["k"]["default"]) == (1, MAX_K, DEFAULT_K)
+    assert multipart["properties"]["image"]["format"] == "binary"
+    assert resolve(as_json["properties"]["image"])["properties"]["b64"]["type"] == "string"
+    forms = [resolve(f) for f in as_json["properties"]["box"]["anyOf"]]
+    assert [f.get("type") for f in forms] == ["array", "object", "string", "null"]
+    assert forms[0]["minItems"] == forms[0]["maxItems"] == 4 and list(forms[1]["properties"]) == ["left", "top", "width", "height"]
+    answer = resolve(spec["paths"]["/v1/search"]["post"]["responses"]["200"]["content"]["application/json"]["schema"])
+    assert {"results", "index_version", "model_version", "model_fingerprint", "timings"} <= set(answer["properties"])
 
 
 class SlowEmbedder:
@@ -282,7 +393,9 @@ def test_an_index_of_another_model_is_refused_and_the_old_one_keeps_serving(clie
     assert service.watcher.check() is False
     readiness = client.get("/readyz").json()
     assert readiness["ready"] is True and readiness["index"]["version"] == 1
-    assert "another-model" in readiness["index"]["refused"]["2"]
+    refused = readiness["index"]["refused"]["2"]
+    assert refused.startswith("index version 2 holds vectors of model another-model")
+    assert refused.endswith("Received: fingerprint='another-model'")  # the refused index's model, not the service's
     answer = client.post("/v1/search", files={"image": ("p.jpg", make_jpeg(0), "image/jpeg")})
     assert answer.status_code == 200 and answer.json()["index_version"] == 1
     assert "street2shop_index_refused_total 1.0" in client.get("/metrics").text

@@ -58,7 +58,11 @@ window.addEventListener("mouseup", (e) => {
   const sx = photo.naturalWidth / r.width, sy = photo.naturalHeight / r.height;
   const w = Math.abs(x - dragStart[0]), h = Math.abs(y - dragStart[1]);
   if (w >= 4 && h >= 4) {
-    box = [Math.min(x, dragStart[0]) * sx, Math.min(y, dragStart[1]) * sy, w * sx, h * sy].map(Math.round);
+    // Whole pixels of the photo, rounded outwards and kept inside it (the service refuses a box that reaches outside).
+    const left = Math.floor(Math.min(x, dragStart[0]) * sx), top = Math.floor(Math.min(y, dragStart[1]) * sy);
+    const right = Math.min(photo.naturalWidth, Math.ceil(Math.max(x, dragStart[0]) * sx));
+    const bottom = Math.min(photo.naturalHeight, Math.ceil(Math.max(y, dragStart[1]) * sy));
+    box = [left, top, right - left, bottom - top];
     boxText.textContent = `Box: left ${box[0]}, top ${box[1]}, ${box[2]} x ${box[3]} pixels.`;
     clearBox.disabled = false;
   } else {
@@ -108,7 +112,7 @@ form.addEventListener("submit", async (e) => {
     results.replaceChildren(...answer.results.map(card));
     const t = answer.timings;
     statusEl.textContent = `${answer.results.length} products · index version ${answer.index_version} · model version ${answer.model_version} (${answer.model_fingerprint}) · embed ${t.embed_ms} ms, search ${t.search_ms} ms, total ${t.total_ms} ms`;
-    if (!answer.results.length) showError("No product found (is the category right?).");
+    if (!answer.results.length) showError("No product found: the index being served is empty.");
   } catch (err) {
     results.replaceChildren();
     statusEl.textContent = "";
