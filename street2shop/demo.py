@@ -108,7 +108,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
     """Runs the demo; returns the report paths and the headline numbers."""
     import keras
 
-    from street2shop.data.records import read_manifest
+    from street2shop.data.records import read_manifest_csv
     from street2shop.data.synthetic import generate
     from street2shop.export import export_checkpoint, export_tower
     from street2shop.report import headline, write_report
@@ -125,7 +125,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
         generate(work / "data", products=config.products, street_per_product=config.street_per_product, seed=seed)
         manifest = work / "data" / "manifest.csv"
         step(f"generated {config.products} products x {config.street_per_product} street photos: {manifest}")
-    records = read_manifest(manifest)
+    records = read_manifest_csv(manifest)
     queries = [r for r in records if r.domain == "street" and r.split == config.eval_split]
     gallery = [r for r in records if r.domain == "shop"]
     if not queries or not gallery:

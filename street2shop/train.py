@@ -90,11 +90,11 @@ def load_training_records(config: TrainConfig) -> tuple[list[Any], list[Any]]:
     (``check_images``).
     """
     from street2shop.data.image import check_images
-    from street2shop.data.records import read_manifest
+    from street2shop.data.records import read_manifest_csv
 
     if not config.data.manifest:
         raise ConfigError("manifest is required: the manifest CSV of your street and shop photos. Received: manifest=''")
-    records = read_manifest(config.data.manifest)
+    records = read_manifest_csv(config.data.manifest)
     train_splits, val_splits = config.data.train_splits, config.data.val_splits
     catalog = [r for r in records if r.domain == "shop" and r.split == CATALOG_SPLIT]
     train = [r for r in records if r.split in train_splits] + [r for r in catalog if CATALOG_SPLIT not in train_splits]

@@ -9,6 +9,7 @@ import pytest
 import street2shop
 from street2shop.errors import ConfigError, DataError, IndexMismatchError
 from street2shop.index import FORMAT_VERSION, CatalogIndex, ExactIndex, Item, SearchResult
+from street2shop.index import folder as index_folder
 
 pytest.importorskip("annoy")
 
@@ -155,7 +156,7 @@ def test_save_load_round_trip_gives_identical_answers(tmp_path):
     assert [answers(again.query(q, k=10)) for q in queries] == before
 
 
-@pytest.mark.parametrize("failing_step", ["_write_annoy", "_write_items", "_write_manifest"])
+@pytest.mark.parametrize("failing_step", [(CatalogIndex, "_write_annoy"), (index_folder, "write_items"), (index_folder, "write_manifest")])
 def test_interrupted_save_leaves_the_previous_index_loadable(tmp_path, monkeypatch, failing_step):
     rng = np.random.default_rng(4)
     old = built(unit_rows(rng, 300, 8), [Item(f"old{i}") for i in range(300)], model_fingerprint="old")
@@ -164,11 +165,11 @@ def test_interrupted_save_leaves_the_previous_index_loadable(tmp_path, monkeypat
     expected = [answers(old.query(q, k=5)) for q in queries]
     old.save(tmp_path / "idx")
 
-    def crash(self, path):
-        Path(path).write_bytes(b"half written")
+    def crash(*args):
+        Path(args[-1] if failing_step[0] is CatalogIndex else args[0]).write_bytes(b"half written")
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(CatalogIndex, failing_step, crash)
+    monkeypatch.setattr(*failing_step, crash)
     with pytest.raises(OSError, match="simulated"):
         new.save(tmp_path / "idx")
     monkeypatch.undo()
@@ -362,10 +363,10 @@ def test_versions_are_published_whole_and_the_newest_complete_one_is_read(tmp_pa
     assert loaded.version == 2 and len(loaded) == 3
     assert load_index(base / "1").version == 1
     # A writer that dies half way leaves no version behind, and the next one takes the next number.
-    def crash(self, path):
+    def crash(*args):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(CatalogIndex, "_write_items", crash)
+    monkeypatch.setattr(index_folder, "write_items", crash)
     with pytest.raises(OSError, match="simulated"):
         publish_index(second, base)
     monkeypatch.undo()

@@ -10,7 +10,7 @@ import pytest
 from street2shop.config import TrainConfig
 from street2shop.data.pairs import PairConfig, PairPlanner
 from street2shop.data.pipeline import pair_dataset
-from street2shop.data.records import read_manifest
+from street2shop.data.records import read_manifest_csv
 from street2shop.train import build_model, train
 
 
@@ -40,7 +40,7 @@ def write_auxiliary_set(root, classes=3, per_class=3):
 def test_fit_lowers_the_loss_on_fixed_pairs(synth_dataset):
     config = tiny_config(synth_dataset, "unused", learning_rate=3e-3)
     keras.utils.set_random_seed(0)
-    records = [r for r in read_manifest(synth_dataset) if r.split in ("train", "catalog")]
+    records = [r for r in read_manifest_csv(synth_dataset) if r.split in ("train", "catalog")]
     plan = PairPlanner(records, PairConfig(pairs_per_epoch=16, seed=0)).plan(0)
     data = pair_dataset(lambda _e: plan, image_size=32, batch_size=8, epochs=1)
     model = build_model(config, None)
@@ -142,7 +142,7 @@ def test_cli_bad_value_is_one_line_exit_2(capsys):
 def test_total_loss_weights_each_task_as_documented(synth_dataset, tmp_path):
     """Total = mean(w_pair or w_aux · contrastive) + per logits output Σ w·CE / n_labelled (reference in NumPy)."""
     rng = np.random.default_rng(1)
-    records = [r for r in read_manifest(synth_dataset) if r.split in ("train", "catalog")]
+    records = [r for r in read_manifest_csv(synth_dataset) if r.split in ("train", "catalog")]
     products = sorted({r.product_id for r in records if r.domain == "street"})
     aux = [r for r in records if r.domain == "shop"][:4]
     aux_labels = [0, 0, 1, 1]

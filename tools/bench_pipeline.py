@@ -45,9 +45,9 @@ def main() -> int:
     from street2shop.config import TrainConfig
     from street2shop.data.pairs import PairConfig, PairPlanner
     from street2shop.data.pipeline import AugmentConfig, pair_dataset
-    from street2shop.data.records import read_manifest
+    from street2shop.data.records import read_manifest_csv
 
-    records = read_manifest(args.manifest)
+    records = read_manifest_csv(args.manifest)
     train = [r for r in records if r.split in ("train", "catalog")]
     planner = PairPlanner(train, PairConfig(pairs_per_epoch=args.batch_size * (args.pipeline_batches + 5), seed=0))
     ds = pair_dataset(planner.plan, image_size=args.image_size, batch_size=args.batch_size,

@@ -16,9 +16,9 @@ pytest.importorskip("fastapi")
 
 
 def street_photos(manifest):
-    from street2shop.data.records import read_manifest
+    from street2shop.data.records import read_manifest_csv
 
-    return [r for r in read_manifest(manifest) if r.domain == "street"]
+    return [r for r in read_manifest_csv(manifest) if r.domain == "street"]
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_search_answers_what_the_library_answers_with_labels_images_and_versions
     assert answer["model_fingerprint"] == card["fingerprint"]
     assert set(answer["timings"]) == {"embed_ms", "search_ms", "total_ms"}
     image = client.get(first["image_url"])
-    shop = [r for r in __import__("street2shop.data.records", fromlist=["read_manifest"]).read_manifest(labelled_catalogue)
+    shop = [r for r in __import__("street2shop.data.records", fromlist=["read_manifest_csv"]).read_manifest_csv(labelled_catalogue)
             if r.domain == "shop" and r.product_id == first["product_id"]][0]
     assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
     assert image.content == open(shop.image_path, "rb").read()
@@ -81,9 +81,9 @@ def test_json_with_base64_answers_as_the_upload_does(client):
 
 
 def test_category_filter(client, labelled_catalogue):
-    from street2shop.data.records import read_manifest
+    from street2shop.data.records import read_manifest_csv
 
-    categories = {r.category for r in read_manifest(labelled_catalogue) if r.domain == "shop"}
+    categories = {r.category for r in read_manifest_csv(labelled_catalogue) if r.domain == "shop"}
     category = sorted(categories)[0]
     answer = client.post("/v1/search", json={"image": {"b64": base64.b64encode(make_jpeg(2)).decode()}, "category": category}).json()
     assert answer["results"] and {h["category"] for h in answer["results"]} == {category}
@@ -292,7 +292,7 @@ def test_an_index_of_another_model_is_refused_and_the_old_one_keeps_serving(clie
 
 def test_catalogue_updates_reach_the_service_without_a_restart(client, service, export_dir, index_base, labelled_catalogue, tmp_path):
     """An added product is found and a removed one is gone, through the service, on the next poll."""
-    from street2shop.data.records import Record, read_manifest
+    from street2shop.data.records import Record, read_manifest_csv
     from street2shop.embed import embed_catalog
     from street2shop.embedders import LocalEmbedder
     from street2shop.index.updates import update_index
@@ -302,7 +302,7 @@ def test_catalogue_updates_reach_the_service_without_a_restart(client, service, 
     with LocalEmbedder(export_dir) as embedder:
         embed_catalog([Record(str(new_photo), "brand-new", "shop", "catalog", None, None, {"product_name": "Brand new"})],
                       embedder, tmp_path / "added")
-    shop = [r for r in read_manifest(labelled_catalogue) if r.domain == "shop"]
+    shop = [r for r in read_manifest_csv(labelled_catalogue) if r.domain == "shop"]
     removed = shop[0].product_id
     (tmp_path / "remove.txt").write_text(removed + "\n")
 

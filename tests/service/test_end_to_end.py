@@ -85,7 +85,7 @@ def reference_top(export_base, index_base, photo: bytes, box):
 
 
 def test_service_over_the_stand_in_fails_with_503_and_recovers_without_a_restart(deployment, synth_dataset, tmp_path):
-    from street2shop.data.records import read_manifest
+    from street2shop.data.records import read_manifest_csv
 
     root, export_base = deployment
     grpc_port, http_port = free_port(), free_port()
@@ -96,7 +96,7 @@ def test_service_over_the_stand_in_fails_with_503_and_recovers_without_a_restart
     try:
         until(lambda: http(f"http://127.0.0.1:{http_port}/readyz", timeout=10)[0] == 200 if _up(http_port) else False,
               "the service to be ready", tmp_path / "service.log")
-        street = [r for r in read_manifest(synth_dataset) if r.domain == "street" and r.split == "val"][0]
+        street = [r for r in read_manifest_csv(synth_dataset) if r.domain == "street" and r.split == "val"][0]
         photo = Path(street.image_path).read_bytes()
         box = ",".join(str(v) for v in street.box.as_ltwh())
         status, answer, _ = search(http_port, photo, k=3, box=box)
@@ -133,12 +133,12 @@ def _up(port: int) -> bool:
 def test_the_web_page_in_headless_chromium(deployment, synth_dataset, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    from street2shop.data.records import read_manifest
+    from street2shop.data.records import read_manifest_csv
 
     root, export_base = deployment
     port = free_port()
     service = start(["service", "--index", str(root / "index"), "--model", str(export_base), "--port", str(port)], tmp_path / "service.log")
-    street = [r for r in read_manifest(synth_dataset) if r.domain == "street"][0]
+    street = [r for r in read_manifest_csv(synth_dataset) if r.domain == "street"][0]
     not_a_photo = tmp_path / "notes.jpg"
     not_a_photo.write_text("these are notes, not a photo")
     try:
