@@ -112,7 +112,10 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
     from street2shop.data.synthetic import generate
     from street2shop.export import export_checkpoint, export_tower
     from street2shop.report import headline, write_report
-    from street2shop.train import best_checkpoint_from_epoch, best_logged_epoch, build_model, train
+    from street2shop.callbacks import best_checkpoint_from_epoch
+    from street2shop.compile import build_model
+    from street2shop.runlog import LOG_FILE, best_logged_epoch
+    from street2shop.train import train
 
     work = Path(config.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -145,7 +148,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
     version_dir = Path(export_checkpoint(result.best_checkpoint, exports, model_name=config.model_name)["path"])
     # Which epoch that is, from the whole log (a resumed run's too), by the rule best.keras was chosen by.
     monitor = "val_loss" if result.history.get("val_loss") else "loss"
-    found = best_logged_epoch(result.output_dir / "log.csv", monitor, from_epoch=best_checkpoint_from_epoch(tc))
+    found = best_logged_epoch(result.output_dir / LOG_FILE, monitor, from_epoch=best_checkpoint_from_epoch(tc))
     best = f"epoch {found[0] + 1} of {tc.fit.epochs}" if found else "the best epoch"
     step(f"exported {best} ({result.best_checkpoint.name}, lowest {monitor.replace('_', ' ')}) to {version_dir}")
 

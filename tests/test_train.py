@@ -11,7 +11,8 @@ from street2shop.config import TrainConfig
 from street2shop.data.pairs import PairConfig, PairPlanner
 from street2shop.data.pipeline import pair_dataset
 from street2shop.data.records import read_manifest_csv
-from street2shop.train import build_model, train
+from street2shop.compile import build_model
+from street2shop.train import train
 
 
 def tiny_config(manifest, out, **kw):
@@ -191,7 +192,7 @@ def _corrupted_manifest(synth_dataset, path, relabelled=4):
 
 
 def test_label_noise_metrics_are_logged_only_for_data_with_corruption_flags(synth_dataset, tmp_path):
-    from street2shop.train import build_losses_and_metrics
+    from street2shop.compile import build_losses_and_metrics
 
     noisy = _corrupted_manifest(synth_dataset, tmp_path / "noisy.csv")
     # Pairs only (tiny_config's w_product 0), as in the label-noise benchmark: the metrics' names carry no output prefix.
@@ -215,7 +216,7 @@ def test_label_noise_metrics_are_logged_only_for_data_with_corruption_flags(synt
 
 def test_init_checkpoint_starts_from_another_runs_tower(synth_dataset, tmp_path):
     from street2shop.errors import ConfigError
-    from street2shop.train import load_tower_weights
+    from street2shop.model.siamese import load_tower_weights
 
     keras.utils.set_random_seed(0)
     first = build_model(tiny_config(synth_dataset, tmp_path), 3)  # with a classifier head, which is not taken

@@ -65,7 +65,7 @@ def main() -> int:
     print(f"pipeline alone: {pipeline_ips:.0f} images/s ({args.pipeline_batches} batches of {args.batch_size} pairs)")
 
     if args.train_steps:
-        from street2shop.train import build_model
+        from street2shop.compile import build_model
 
         config = TrainConfig().replace(image_size=args.image_size, backbone=args.backbone, weights="none", batch_size=args.batch_size,
                                        w_product=0.0)  # pairs only, as BENCHMARKS.md measured it (the default is now 0.5)
