@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from street2shop.cluster import WorkerRole
 from street2shop.compile import build_model
 from street2shop.config import TrainConfig, save_config
 from street2shop.training_data import TrainingData
@@ -83,8 +84,8 @@ class TrainingRun:
     Attributes:
         config: TrainConfig.
         strategy: the ``tf.distribute`` strategy the model is built under.
-        role: :class:`~street2shop.cluster.WorkerRole`, this process's place in the cluster.
-        data: :class:`~street2shop.training_data.TrainingData`, the records and classes.
+        role: this process's place in the cluster.
+        data: the records and classes it trains on.
         steps: int, steps per epoch.
         initial_epoch: int, the epoch it starts at: 0, or the one its backup resumes.
         output_dir: Path, the run's folder, where its state (backup, log) is read.
@@ -94,7 +95,7 @@ class TrainingRun:
 
     config: TrainConfig
     strategy: Any
-    role: Any
+    role: WorkerRole
     data: TrainingData
     steps: int
     initial_epoch: int

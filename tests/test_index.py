@@ -394,3 +394,49 @@ def test_category_filter_is_an_exact_search_over_the_category_on_both_kinds():
             assert [r.row for r in index.query(q, k=7, by_product=False, category="c1")] == reference
             assert all(r.category == "c1" for r in index.query(q, k=7, category="c1"))
         assert annoy_index.query(q, k=3, category="nope") == []
+
+
+def test_the_search_interface_needs_no_folder_and_checks_before_a_backend_answers(angle_vectors):
+    # A backend that keeps its vectors elsewhere (here: a list, searched by hand) implements the hooks only;
+    # the query API's checks, query_batch and rank_images come from SearchIndex.
+    from street2shop.errors import ModelMismatchError
+    from street2shop.index import SearchIndex
+
+    class Elsewhere(SearchIndex):
+        kind = "elsewhere"
+
+        def __init__(self, vectors, items):
+            super().__init__(2, model_fingerprint="m")
+            self.stored, self.table, self.asked = [v.tolist() for v in vectors], list(items), []
+
+        def __len__(self):
+            return len(self.table)
+
+        @property
+        def items(self):
+            return tuple(self.table)
+
+        def image_path(self, image_id):
+            return next((it.image_path for it in self.table if it.image_id == image_id), None)
+
+        def _search(self, query, k, by_product, excluded, search_k, rerank):
+            self.asked.append((round(float(np.linalg.norm(query)), 6), k))
+            sims = [sum(a * b for a, b in zip(v, query.tolist())) for v in self.stored]
+            rows = sorted(range(len(sims)), key=lambda r: (-sims[r], r))[:k]
+            return [SearchResult(rank, self.table[r].product_id, sims[r], r, self.table[r].image_path, None) for rank, r in enumerate(rows, 1)]
+
+    index = Elsewhere(angle_vectors, ANGLE_ITEMS)
+    assert [r.row for r in index.query(3 * at(0), k=3)] == EXPECTED_ROWS[:3]
+    assert index.asked == [(1.0, 3)]  # the backend got a unit query and a checked k
+    assert [[r.row for r in rs] for rs in index.query_batch(np.stack([at(0), at(180)]), k=2)] == [[5, 3], [2, 0]]
+    assert [rows.tolist() for rows in index.rank_images(np.stack([at(90)]), depth=2)] == [[0, 4]]  # 10 and 30 degrees away
+    assert index.image_path(ANGLE_ITEMS[4].image_id) == "img4.jpg"
+    with pytest.raises(ConfigError, match="k must be an integer >= 1"):
+        index.query(at(0), k=0)
+    with pytest.raises(IndexMismatchError, match="dimension 2"):
+        index.query(np.ones(3, np.float32))
+    with pytest.raises(DataError, match="non-zero"):
+        index.query(np.zeros(2, np.float32))
+    with pytest.raises(ModelMismatchError):
+        index.check_model(street2shop.contract.ModelIdentity("other"))
+    assert len(index.asked) == 4  # the query, the two of the batch, the ranking: nothing after a refusal
