@@ -42,10 +42,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from street2shop.cluster import WorkerRole
+from street2shop.cluster import WorkerRole, check_workers_agree, get_strategy, worker_role, worker_write_dir
 from street2shop.compile import build_model
 from street2shop.config import TrainConfig, save_config
-from street2shop.training_data import TrainingData
+from street2shop.runlog import LOG_FILE, trim_run_log
+from street2shop.training_data import TrainingData, build_datasets, load_training_data, steps_per_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -150,9 +151,6 @@ def start_run(config: TrainConfig, strategy: Any = None) -> TrainingRun:
     configuration, records and resume epoch (else every one stops).
     """
     from street2shop.callbacks import resume_epoch
-    from street2shop.cluster import check_workers_agree, get_strategy, worker_role, worker_write_dir
-    from street2shop.runlog import LOG_FILE, trim_run_log
-    from street2shop.training_data import load_training_data, steps_per_epoch
 
     # The strategy first: MultiWorkerMirroredStrategy must exist before any TF op runs.
     strategy = strategy or get_strategy(config.fit.distribution)
@@ -181,7 +179,6 @@ def fit(run: TrainingRun, *, extra_callbacks: list[Any] | None = None, progress:
     from street2shop.callbacks import TrainingProgress, build_callbacks
     from street2shop.cluster import multi_worker_fit
     from street2shop.model.siamese import read_tower_weights, set_tower_weights
-    from street2shop.training_data import build_datasets
 
     config, data, out, write = run.config, run.data, run.output_dir, run.write_dir
     fc = config.fit

@@ -28,9 +28,9 @@ from street2shop.errors import ConfigError, DataError, IndexMismatchError
 from street2shop.index import ranking
 from street2shop.index.base import SearchResult, _result, check_embeddings, check_positive_int
 from street2shop.index.folder import ITEMS_FILE, VECTORS_FILE, load_vectors, open_index_folder, read_index_items
+from street2shop.index.exact import ExactIndex
 from street2shop.index.local import LocalIndex
 from street2shop.items import Item
-from street2shop.index.exact import ExactIndex
 
 logger = logging.getLogger(__name__)
 
