@@ -88,9 +88,10 @@ from street2shop.contract import ModelIdentity
 from street2shop.data.image import DEFAULT_MAX_PIXELS, check_photo
 from street2shop.data.records import Record, catalogue_splits, is_catalogue, manifest_root, manifest_rows
 from street2shop.embedders import call_savedmodel, embed_isolating, load_savedmodel
-from street2shop.embeddings import SHARDS_FILE, SUMMARY_FILE, encode_embeddings, encode_shards, item_of
+from street2shop.embeddings import SHARDS_FILE, SUMMARY_FILE, decode_shards, encode_embeddings, encode_shards
 from street2shop.errors import ConfigError, DataError, ImageError, ModelError, ModelMismatchError, Street2ShopError
 from street2shop.fileio import write_atomic
+from street2shop.items import Item
 
 logger = logging.getLogger(__name__)
 
@@ -306,14 +307,13 @@ class WriteShard(beam.DoFn):
         extra = {"manifest": shard[0], "block": shard[1], "dead_letter": len(dead)}
         if len(models) > 1:
             extra["models"] = [fingerprint for fingerprint, _ in models]
-        files = encode_embeddings(vectors, [item_of(row.record) for row, _ in embedded], identity,
+        files = encode_embeddings(vectors, [Item.from_record(row.record) for row, _ in embedded], identity,
                                   {row.record.image_path: reason for row, (reason, _) in dead}, **extra)
-        letters = "".join(json.dumps({**item_of(row.record), "reason": reason, "stage": stage}, ensure_ascii=False) + "\n"
-                          for row, (reason, stage) in dead)
+        letters = "".join(json.dumps({**Item.from_record(row.record).to_dict(), "reason": reason, "stage": stage}, ensure_ascii=False)
+                          + "\n" for row, (reason, stage) in dead)
         folder = FileSystems.join(self.run_dir, shard_name(shard))
         for name, data in [(DEAD_LETTER_FILE, letters.encode("utf-8")), *files.items()]:  # embed.json last
-            with FileSystems.create(FileSystems.join(folder, name)) as handle:
-                handle.write(data)
+            write_file(FileSystems.join(folder, name), data)
         yield folder
 
 
@@ -450,10 +450,9 @@ def previous_output(out: str) -> dict[str, Any] | None:
     pointer = FileSystems.join(out, SHARDS_FILE)
     if FileSystems.exists(pointer):
         try:
-            with FileSystems.open(pointer, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-                return json.loads(handle.read().decode("utf-8"))
-        except (OSError, ValueError) as e:
-            raise DataError(f"cannot read {pointer} ({e}): is {out} a beam-embed output? Nothing was written.") from None
+            return decode_shards(read_file(pointer), pointer)
+        except (OSError, DataError) as e:
+            raise DataError(f"{e}: is {out} a beam-embed output? Nothing was written.") from None
     for name in (SUMMARY_FILE, "state.json"):
         if FileSystems.exists(FileSystems.join(out, name)):
             raise DataError(f"{out} holds the output of `street2shop embed` ({name}); beam-embed replaces only its own "
@@ -466,9 +465,19 @@ def previous_output(out: str) -> dict[str, Any] | None:
     return None
 
 
-def _read_json(path: str) -> dict[str, Any]:
+def read_file(path: str) -> bytes:
+    """A whole file, local or on any file system Beam knows."""
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        return json.loads(handle.read().decode("utf-8"))
+        return handle.read()
+
+
+def write_file(path: str, data: bytes) -> None:
+    """Writes a whole file so that no reader sees half of it: atomically here, as one object on a bucket (written on close)."""
+    if is_remote(path):
+        with FileSystems.create(path) as handle:
+            handle.write(data)
+    else:
+        write_atomic(path, data)
 
 
 def publish(out: str, run: str, previous: dict[str, Any] | None, *, source: str, model_path: str) -> tuple[list[str], int, int, ModelIdentity]:
@@ -479,7 +488,7 @@ def publish(out: str, run: str, previous: dict[str, Any] | None, *, source: str,
         DataError: the run embedded nothing (its dead letters are named).
     """
     run_dir = FileSystems.join(out, run)
-    found = [(posixpath.basename(posixpath.dirname(m.path)), _read_json(m.path))
+    found = [(posixpath.basename(posixpath.dirname(m.path)), json.loads(read_file(m.path)))
              for m in FileSystems.match([FileSystems.join(run_dir, "shard-*", SUMMARY_FILE)])[0].metadata_list]
     found.sort(key=lambda f: (int(f[1]["manifest"]), int(f[1]["block"])))  # manifest order
     shards, records = [name for name, _ in found], [record for _, record in found]
@@ -502,12 +511,7 @@ def publish(out: str, run: str, previous: dict[str, Any] | None, *, source: str,
     data = encode_shards(run, relative, identity, embedded, dead, source=source, model_path=model_path,
                          dead_letter=f"{run}/shard-*/{DEAD_LETTER_FILE}",
                          created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    pointer = FileSystems.join(out, SHARDS_FILE)
-    if is_remote(out):
-        with FileSystems.create(pointer) as handle:  # one object, written whole on close
-            handle.write(data)
-    else:
-        write_atomic(pointer, data)
+    write_file(FileSystems.join(out, SHARDS_FILE), data)
     if previous and previous.get("run") and previous["run"] != run:
         old = FileSystems.join(out, previous["run"])
         if FileSystems.exists(old):

@@ -11,14 +11,18 @@ on a terminal (``log.csv`` and TensorBoard keep every metric).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import keras
 
+from street2shop.config import TrainConfig
 from street2shop.console import Progress, progress_mode
+from street2shop.runlog import LOG_FILE, best_logged_epoch, run_log_columns
 
 logger = logging.getLogger(__name__)
 
@@ -168,3 +172,77 @@ class TrainingProgress(keras.callbacks.Callback):
             self.bar.close(erase=True)
         if self.mode != "none":
             logger.info("epoch %d/%d (%.0f s): %s", epoch + 1, self.epochs, time.monotonic() - self.epoch_start, epoch_summary(logs or {}))
+
+
+# --------------------------------------------------------------------------- the run's callbacks
+
+
+def resume_epoch(backup_dir: Path) -> int:
+    """The epoch a ``BackupAndRestore`` backup will resume at (0 without one)."""
+    for name in ("training_metadata.json", "training_metadata.json.bkp"):
+        path = backup_dir / name
+        if path.is_file():
+            try:
+                return int(json.loads(path.read_text())["epoch"])
+            except (ValueError, KeyError, OSError):
+                logger.warning("ignoring unreadable %s", path)
+    return 0
+
+
+def best_checkpoint_from_epoch(config: TrainConfig) -> int:
+    """The first epoch (0-based) ``best.keras`` may come from: the end of a robust-loss warm-up that ends within
+    the run (:class:`~street2shop.callbacks.DropWarmup` restarts the best-value tracking there), else 0."""
+    lc = config.loss
+    return lc.drop_warmup_epochs if lc.loss == "robust" and 0 < lc.drop_warmup_epochs < config.fit.epochs else 0
+
+
+def build_callbacks(config: TrainConfig, model: Any, out: Path, initial_epoch: int, monitor: str, write_dir: Path | None = None) -> list[Any]:
+    """Backup (resume), best and last checkpoints, CSV and TensorBoard logs, NaN stop, early stopping, the robust-loss warm-up.
+
+    The run's state is read from ``out``; files are written to ``write_dir``
+    (``out`` unless given: a multi-worker run's other workers write to a
+    temporary folder, and resume from the chief's backup in ``out``).
+    """
+    fc = config.fit
+    write = write_dir or out
+    best, last = write / "best.keras", write / "last.keras"
+    # A resumed run appends to its log and only replaces best.keras with a better epoch;
+    # a fresh run in an old folder starts both anew.
+    # The robust loss's warm-up switch (None without a warm-up). Warm-up epochs compare only
+    # with each other, and the epochs after it only with each other (see callbacks.DropWarmup).
+    drop_switch = getattr(model.loss.get("distance") if isinstance(model.loss, dict) else None, "active", None)
+    first = best_checkpoint_from_epoch(config)
+    from_epoch = first if initial_epoch > first else 0
+    best_logged = best_logged_epoch(out / LOG_FILE, monitor, from_epoch=from_epoch) if initial_epoch else None
+    best_so_far = best_logged[1] if best_logged else None
+    best_checkpoint = keras.callbacks.ModelCheckpoint(str(best), monitor=monitor, save_best_only=True, initial_value_threshold=best_so_far)
+    # At the end of an epoch, everything that records it (log row, checkpoints) runs before the backup,
+    # which marks the epoch done: a Ctrl-C in between redoes the epoch, and the resumed run drops the
+    # log rows of epochs it redoes (runlog.trim_run_log), so log.csv holds every finished epoch exactly once.
+    callbacks: list[Any] = [
+        keras.callbacks.CSVLogger(str(write / LOG_FILE), append=bool(initial_epoch)),
+        keras.callbacks.TensorBoard(str(write / "tensorboard"), write_graph=False, profile_batch=0),
+        keras.callbacks.TerminateOnNaN(),
+        best_checkpoint,
+        keras.callbacks.ModelCheckpoint(str(last)),
+    ]
+    columns = run_log_columns(out / LOG_FILE) if initial_epoch else None
+    if columns is None or "learning_rate" in columns:
+        # Before the CSV logger, which writes the logs it is given; not into the log of a run resumed from
+        # before this column existed (CSVLogger keeps the old header, and the row would shift under it).
+        callbacks.insert(0, LearningRateLog())
+    if fc.early_stopping_patience:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, patience=fc.early_stopping_patience, restore_best_weights=False))
+    if drop_switch is not None:
+        restart = [best_checkpoint] + [c for c in callbacks if isinstance(c, keras.callbacks.EarlyStopping)]
+        callbacks.append(DropWarmup(drop_switch, config.loss.drop_warmup_epochs, restart=restart))
+        if config.loss.drop_warmup_epochs >= fc.epochs:
+            logger.warning("drop_warmup_epochs %d >= epochs %d: the robust loss never drops a pair (it is the plain one)",
+                           config.loss.drop_warmup_epochs, fc.epochs)
+    elif config.loss.drop_warmup_epochs:
+        logger.warning("drop_warmup_epochs %d ignored: it applies to the robust loss, and this run uses the %s loss",
+                       config.loss.drop_warmup_epochs, config.loss.loss)
+    # Last: see above. Another worker than the chief resumes from the chief's backup (cluster.py).
+    callbacks.append(keras.callbacks.BackupAndRestore(str(out / "backup")) if write == out
+                     else RestoreFromChief(str(write / "backup"), str(out / "backup")))
+    return callbacks

@@ -1,9 +1,13 @@
-"""Training on several machines: who writes where, what every worker must agree on, and Keras' gaps.
+"""Training on several machines: which strategy, who writes where, what every worker must agree on, and Keras' gaps.
 
 ``MultiWorkerMirroredStrategy`` runs the same program on every worker (each
 started with its own ``TF_CONFIG``) and keeps them in lockstep through
 collective all-reduces. So:
 
+- **One cluster.** ``TF_CONFIG`` names it; every ``chief`` and ``worker``
+  task trains (:func:`training_tasks`), so ``distribution="auto"`` takes
+  ``MultiWorkerMirroredStrategy`` for any two of them (:func:`get_strategy`),
+  whether the cluster has a ``chief`` (Vertex AI, Kubeflow's TFJob) or not.
 - **One writer.** The chief (task ``chief``, or worker 0 when the cluster
   has no ``chief`` job) writes the run's files in ``output_dir``; every other
   worker runs the same callbacks into a temporary folder of its own
@@ -27,6 +31,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import os
 import shutil
 import tempfile
 import types
@@ -37,6 +42,61 @@ from typing import Any
 from street2shop.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+
+
+TRAINING_JOBS = ("chief", "worker")  # the tasks of a TF_CONFIG cluster that train; an "evaluator" or a "ps" does not
+
+
+def training_tasks(cluster: Mapping[str, Any]) -> int:
+    """How many tasks of a cluster spec (``{"chief": [...], "worker": [...]}``) train: its chief and its workers."""
+    return sum(len(cluster.get(job) or ()) for job in TRAINING_JOBS)
+
+
+def tf_config() -> dict[str, Any]:
+    """The ``TF_CONFIG`` environment variable, parsed (``{}`` when unset)."""
+    import json
+
+    text = os.environ.get("TF_CONFIG", "") or "{}"
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"TF_CONFIG must be JSON naming the cluster and this task. Received: TF_CONFIG={text[:200]!r} ({e})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"TF_CONFIG must be a JSON object. Received: TF_CONFIG={text[:200]!r}")
+    return value
+
+
+def strategy_kind(name: str, cluster: Mapping[str, Any], gpus: int) -> str:
+    """Which strategy ``distribution=name`` means here: ``"multi_worker"``, ``"mirrored"`` or ``"default"``.
+
+    ``"auto"`` takes ``multi_worker`` when the cluster (``TF_CONFIG``'s) has
+    more than one training task (chief and workers alike), else ``mirrored``
+    over several GPUs, else ``default``.
+
+    Raises:
+        ConfigError: ``multi_worker`` without a cluster to train on.
+    """
+    tasks = training_tasks(cluster)
+    if name == "auto":
+        name = "multi_worker" if tasks > 1 else "mirrored" if gpus > 1 else "default"
+    if name == "multi_worker" and tasks < 1:
+        raise ConfigError("distribution='multi_worker' needs TF_CONFIG naming the cluster's chief and workers. "
+                          "Received: TF_CONFIG unset or without a chief or workers")
+    return name
+
+
+def get_strategy(name: str = "auto") -> Any:
+    """The ``tf.distribute`` strategy for ``name`` (see ``FitConfig.distribution`` and :func:`strategy_kind`)."""
+    import tensorflow as tf
+
+    cluster = tf_config().get("cluster") or {}
+    gpus = len(tf.config.list_logical_devices("GPU")) if name == "auto" and training_tasks(cluster) <= 1 else 0
+    kind = strategy_kind(name, cluster, gpus)
+    if kind == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if kind == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,13 +120,13 @@ def worker_role(strategy: Any) -> WorkerRole:
     if resolver is None or not resolver.task_type:
         return WorkerRole()
     cluster = resolver.cluster_spec().as_dict()
-    chiefs, workers = len(cluster.get("chief", ())), len(cluster.get("worker", ()))
+    chiefs, tasks = len(cluster.get("chief", ())), training_tasks(cluster)
     task_type, task_id = resolver.task_type, int(resolver.task_id or 0)
     if task_type == "chief":
-        return WorkerRole(0, chiefs + workers, True)
+        return WorkerRole(0, tasks, True)
     if task_type != "worker":
         raise ConfigError(f"only 'chief' and 'worker' tasks train. Received: TF_CONFIG task type {task_type!r}")
-    return WorkerRole(chiefs + task_id, chiefs + workers, chiefs == 0 and task_id == 0)
+    return WorkerRole(chiefs + task_id, tasks, chiefs == 0 and task_id == 0)
 
 
 def worker_write_dir(output_dir: str | Path, role: WorkerRole) -> Path:
@@ -173,11 +233,13 @@ def multi_worker_fit(model: Any) -> Iterator[None]:
         del model._maybe_symbolic_build
 
 
-def loopback_tf_configs(count: int) -> list[str]:
-    """``TF_CONFIG`` values for a cluster of ``count`` workers on this machine (free loopback ports; worker 0 is the chief).
+def loopback_tf_configs(count: int, *, chief: bool = False) -> list[str]:
+    """``TF_CONFIG`` values for a cluster of ``count`` training tasks on this machine (free loopback ports).
 
-    For tests and benchmarks. The ports are free when picked; another
-    program could take one before the workers bind it.
+    Without ``chief``, ``count`` workers (worker 0 is the chief); with it, one
+    ``chief`` task and ``count - 1`` workers, as Vertex AI and Kubeflow's
+    TFJob lay a cluster out. For tests and benchmarks. The ports are free when
+    picked; another program could take one before the tasks bind it.
     """
     import json
     import socket
@@ -186,8 +248,12 @@ def loopback_tf_configs(count: int) -> list[str]:
     try:
         for s in sockets:
             s.bind(("127.0.0.1", 0))
-        workers = [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]
+        addresses = [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]
     finally:
         for s in sockets:
             s.close()
-    return [json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}) for i in range(count)]
+    if not chief:
+        return [json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": i}}) for i in range(count)]
+    cluster = {"chief": addresses[:1], "worker": addresses[1:]}
+    tasks = [{"type": "chief", "index": 0}] + [{"type": "worker", "index": i} for i in range(count - 1)]
+    return [json.dumps({"cluster": cluster, "task": task}) for task in tasks]

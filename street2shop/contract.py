@@ -28,22 +28,22 @@ refuse to mix two models (:class:`ModelIdentity`).
 **Version folders** (``BASE/<n>/``, as TF Serving reads them): only numeric
 names are versions; anything else (a hidden temporary folder, notes) is
 ignored. A version is written to a hidden temporary folder beside it and
-appears by one atomic rename (:func:`publish_version`), so a reader never
+appears by one atomic rename (:func:`new_version`), so a reader never
 sees half of one. Exports and catalogue indexes use the same layout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from street2shop.errors import ModelError, ModelMismatchError
-from street2shop.fileio import fsync_dir
+from street2shop.fileio import staged_folder
 
 DEFAULT_MODEL_NAME = "street2shop"
 METHOD_NAME = "tensorflow/serving/predict"
@@ -245,28 +245,17 @@ def next_version(base: str | os.PathLike[str]) -> int:
     return max(numbered_folders(base), default=0) + 1
 
 
-def staging_folder(base: str | os.PathLike[str], version: int) -> Path:
-    """A hidden temporary folder beside the versions, where version ``version`` is written before it is published."""
-    return Path(base) / f".tmp-{version}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+@contextlib.contextmanager
+def new_version(base: str | os.PathLike[str], version: int) -> Iterator[Path]:
+    """A hidden staging folder to write version ``version`` into; it becomes ``base/<version>`` in one rename when the block ends.
 
-
-def publish_version(staging: str | os.PathLike[str], base: str | os.PathLike[str], version: int) -> Path:
-    """Renames a finished staging folder to ``base/<version>`` in one atomic step.
+    If the block raises, nothing is published (:func:`street2shop.fileio.staged_folder`).
 
     Raises:
         FileExistsError: the version exists (versions are never overwritten).
     """
-    final = Path(base) / str(version)
-    if final.exists():
-        raise FileExistsError(f"version {version} already exists at {final}")
-    try:
-        os.rename(staging, final)  # fails on a non-empty folder that appeared meanwhile
-    except OSError as e:
-        if final.exists():
-            raise FileExistsError(f"version {version} already exists at {final}") from e
-        raise
-    fsync_dir(Path(base))
-    return final
+    with staged_folder(Path(base) / str(version)) as staging:
+        yield staging
 
 
 def is_export_version(path: Path) -> bool:

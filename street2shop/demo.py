@@ -108,11 +108,14 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
     """Runs the demo; returns the report paths and the headline numbers."""
     import keras
 
-    from street2shop.data.records import read_manifest
+    from street2shop.data.records import read_manifest_csv
     from street2shop.data.synthetic import generate
     from street2shop.export import export_checkpoint, export_tower
     from street2shop.report import headline, write_report
-    from street2shop.train import best_checkpoint_from_epoch, best_logged_epoch, build_model, train
+    from street2shop.callbacks import best_checkpoint_from_epoch
+    from street2shop.compile import build_model
+    from street2shop.runlog import LOG_FILE, best_logged_epoch
+    from street2shop.train import train
 
     work = Path(config.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -125,7 +128,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
         generate(work / "data", products=config.products, street_per_product=config.street_per_product, seed=seed)
         manifest = work / "data" / "manifest.csv"
         step(f"generated {config.products} products x {config.street_per_product} street photos: {manifest}")
-    records = read_manifest(manifest)
+    records = read_manifest_csv(manifest)
     queries = [r for r in records if r.domain == "street" and r.split == config.eval_split]
     gallery = [r for r in records if r.domain == "shop"]
     if not queries or not gallery:
@@ -145,7 +148,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
     version_dir = Path(export_checkpoint(result.best_checkpoint, exports, model_name=config.model_name)["path"])
     # Which epoch that is, from the whole log (a resumed run's too), by the rule best.keras was chosen by.
     monitor = "val_loss" if result.history.get("val_loss") else "loss"
-    found = best_logged_epoch(result.output_dir / "log.csv", monitor, from_epoch=best_checkpoint_from_epoch(tc))
+    found = best_logged_epoch(result.output_dir / LOG_FILE, monitor, from_epoch=best_checkpoint_from_epoch(tc))
     best = f"epoch {found[0] + 1} of {tc.fit.epochs}" if found else "the best epoch"
     step(f"exported {best} ({result.best_checkpoint.name}, lowest {monitor.replace('_', ' ')}) to {version_dir}")
 

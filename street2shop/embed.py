@@ -38,9 +38,10 @@ from street2shop.console import Progress
 from street2shop.contract import ModelIdentity, check_same_model
 from street2shop.data.image import read_image_file
 from street2shop.data.records import Record
-from street2shop.embeddings import item_of, write_embeddings
+from street2shop.embeddings import write_embeddings
 from street2shop.errors import DataError, ImageError, ModelMismatchError
-from street2shop.fileio import write_atomic
+from street2shop.fileio import atomic_file, write_atomic
+from street2shop.items import Item
 
 logger = logging.getLogger(__name__)
 
@@ -201,10 +202,9 @@ def embed_catalog(
                 rows += [c * chunk_size + k * batch_size + r for r in batch.rows]
                 vectors.append(batch.vectors)
                 skipped.update(batch.skipped)
-            tmp = chunks_dir / f".chunk-{c:06d}.tmp.npz"
-            np.savez(tmp, rows=np.array(rows, np.int64), embeddings=np.concatenate(vectors).astype(np.float32),
-                     skipped=np.array(json.dumps(skipped)))
-            os.replace(tmp, chunks_dir / f"chunk-{c:06d}.npz")
+            with atomic_file(chunks_dir / f"chunk-{c:06d}.npz", "wb") as handle:
+                np.savez(handle, rows=np.array(rows, np.int64), embeddings=np.concatenate(vectors).astype(np.float32),
+                         skipped=np.array(json.dumps(skipped)))
             bar.add(len(chunk))
     bar.close()
     return _assemble(records, out, n_chunks, identity, len(done))
@@ -247,7 +247,7 @@ def _assemble(records: Sequence[Record], out: Path, n_chunks: int, identity: Mod
             skipped.update(json.loads(str(z["skipped"])))
     dimension = int(identity.dimension or 0)
     embeddings = np.concatenate(vectors) if vectors else np.zeros((0, dimension), np.float32)
-    items = [item_of(records[r]) for r in rows]
+    items = [Item.from_record(records[r]).to_dict() for r in rows]
     write_embeddings(out, embeddings, items, identity, skipped)
     if skipped:
         shown = "; ".join(f"{p}: {why}" for p, why in list(skipped.items())[:3])

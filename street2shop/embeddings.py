@@ -4,8 +4,9 @@ What ``street2shop embed`` writes (and its Beam twin), and ``street2shop index
 build`` reads:
 
 - ``embeddings.npy``: float32 ``[N, D]``, unit rows;
-- ``items.jsonl``: one JSON object per row: ``product_id``, ``image_path``,
-  ``category`` and ``labels`` (the manifest's other columns);
+- ``items.jsonl``: the item table (:mod:`street2shop.items`), one line per row:
+  ``product_id``, ``image_path``, ``category`` and ``labels`` (the manifest's
+  other columns);
 - ``embed.json``: the model (``fingerprint``, ``version``, ``dimension``), the
   count embedded, and the images skipped with their reasons.
 
@@ -32,29 +33,22 @@ import numpy as np
 from street2shop.contract import ModelIdentity
 from street2shop.errors import DataError, ModelMismatchError
 from street2shop.fileio import write_atomic
-
-
-def item_of(record: Any) -> dict[str, Any]:
-    """A record as a line of the item table: product, image, category, and its other manifest columns."""
-    item: dict[str, Any] = {"product_id": record.product_id, "image_path": record.image_path, "category": record.category}
-    if record.metadata:
-        item["labels"] = dict(record.metadata)
-    return item
+from street2shop.items import ITEMS_FILE, Item, item_lines, read_items
 
 
 EMBEDDINGS_FILE = "embeddings.npy"
-ITEMS_FILE = "items.jsonl"
 SUMMARY_FILE = "embed.json"
 SHARDS_FILE = "shards.json"
 SHARDS_FORMAT_VERSION = 1
 
 
-def encode_embeddings(vectors: np.ndarray, items: Sequence[Mapping[str, Any]], identity: ModelIdentity | None,
+def encode_embeddings(vectors: np.ndarray, items: Sequence[Item | Mapping[str, Any]], identity: ModelIdentity | None,
                       skipped: Mapping[str, str], **extra: Any) -> dict[str, bytes]:
     """The three files of an embeddings folder as ``{name: bytes}``, for any file system.
 
-    ``identity`` None (no image embedded, so no model answered) records no
-    model; ``extra`` goes into ``embed.json`` too.
+    ``items``: an :class:`~street2shop.items.Item` (or a line of an item
+    table) per row. ``identity`` None (no image embedded, so no model
+    answered) records no model; ``extra`` goes into ``embed.json`` too.
     """
     buffer = io.BytesIO()
     np.save(buffer, np.asarray(vectors, np.float32))
@@ -62,12 +56,12 @@ def encode_embeddings(vectors: np.ndarray, items: Sequence[Mapping[str, Any]], i
     summary = {**model, "embedded": len(items), "skipped": dict(skipped), **extra}
     return {
         EMBEDDINGS_FILE: buffer.getvalue(),
-        ITEMS_FILE: "".join(json.dumps(dict(item), ensure_ascii=False) + "\n" for item in items).encode("utf-8"),
+        ITEMS_FILE: "".join(item_lines(items)).encode("utf-8"),
         SUMMARY_FILE: json.dumps(summary, indent=2).encode("utf-8"),
     }
 
 
-def write_embeddings(out: str | os.PathLike[str], vectors: np.ndarray, items: Sequence[Mapping[str, Any]],
+def write_embeddings(out: str | os.PathLike[str], vectors: np.ndarray, items: Sequence[Item | Mapping[str, Any]],
                      identity: ModelIdentity, skipped: Mapping[str, str]) -> None:
     """Writes (or replaces) the three files of an embeddings folder, each atomically, ``embed.json`` last."""
     for name, data in encode_embeddings(vectors, items, identity, skipped).items():
@@ -81,18 +75,27 @@ def encode_shards(run: str, shards: Sequence[str], identity: ModelIdentity, embe
     return json.dumps(record, indent=2).encode("utf-8")
 
 
+def decode_shards(data: bytes | str, where: str) -> dict[str, Any]:
+    """A ``shards.json`` read from ``where`` (named in errors), checked to name its shards."""
+    try:
+        record = json.loads(data)
+    except ValueError as e:
+        raise DataError(f"cannot read {where}: {e}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("shards"), list):
+        raise DataError(f"{where} does not name its shards: expected a JSON object with a list 'shards'. Received: {str(record)[:200]}")
+    return record
+
+
 def read_shards(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The ``shards.json`` of a sharded output, or None when ``folder`` is not one."""
     path = Path(folder) / SHARDS_FILE
     if not path.is_file():
         return None
     try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        data = path.read_bytes()
+    except OSError as e:
         raise DataError(f"cannot read {path}: {e}") from None
-    if not isinstance(record, dict) or not isinstance(record.get("shards"), list):
-        raise DataError(f"{path} does not name its shards: expected a JSON object with a list 'shards'. Received: {str(record)[:200]}")
-    return record
+    return decode_shards(data, str(path))
 
 
 def embedding_folders(folder: str | os.PathLike[str]) -> list[Path]:
@@ -108,7 +111,7 @@ def load_embeddings(out_dir: str | os.PathLike[str]) -> tuple[np.ndarray, list[d
     out = Path(out_dir)
     try:
         embeddings = np.load(out / EMBEDDINGS_FILE)
-        items = [json.loads(line) for line in (out / ITEMS_FILE).read_text().splitlines() if line.strip()]
+        items = [item.to_dict() for item in read_items(out / ITEMS_FILE)]
         summary = json.loads((out / SUMMARY_FILE).read_text())
     except FileNotFoundError as e:
         raise DataError(f"{out} is not a finished embedding run: missing {Path(e.filename).name}") from None

@@ -313,13 +313,14 @@ def evaluate_manifest(
     Returns:
         The :class:`Evaluation` and the report's paths.
     """
-    from street2shop.data.records import read_manifest
+    from street2shop.data.records import read_manifest_csv
     from street2shop.embedders import open_embedder
     from street2shop.errors import DataError
     from street2shop.index import load_index
-    from street2shop.report import label_column_of, write_report
+    from street2shop.items import label_column_of
+    from street2shop.report import write_report
 
-    records = read_manifest(manifest)
+    records = read_manifest_csv(manifest)
     queries = [r for r in records if r.domain == "street" and r.split == split]
     if not queries:
         splits = sorted({r.split for r in records if r.domain == "street"})

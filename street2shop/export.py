@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -195,40 +194,34 @@ def export_tower(
 
     endpoints = {contract.SERVING_DEFAULT: serving_default, contract.EMBED_BOXES: embed_boxes, contract.EMBED_PIXELS: embed_pixels}
     assert set(endpoints) == set(contract.SIGNATURES)
-    tmp = contract.staging_folder(base, version)
     try:
-        archive = keras.export.ExportArchive()
-        archive.track(tower)
-        for name, endpoint in endpoints.items():
-            archive.add_endpoint(name, endpoint)
-        archive.write_out(str(tmp), verbose=False)
-        extra = tmp / contract.ASSETS_EXTRA
-        extra.mkdir(exist_ok=True)
-        write_warmup(extra / contract.WARMUP_FILE, list(warmup_images or _warmup_images(size)), model_name)
-        card = {
-            "dimension": dimension,
-            "image_size": list(size),
-            "backbone": _backbone_name(tower),
-            "fingerprint": fingerprint,
-            "tta": tta,
-            "package_version": __version__,
-            "tensorflow_version": tf.__version__,
-            "keras_version": keras.__version__,
-            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "version": version,
-            "signatures": {name: sig.describe() for name, sig in contract.SIGNATURES.items()},
-        }
-        (extra / contract.CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
-        contract.publish_version(tmp, base, version)
+        with contract.new_version(base, version) as tmp:
+            archive = keras.export.ExportArchive()
+            archive.track(tower)
+            for name, endpoint in endpoints.items():
+                archive.add_endpoint(name, endpoint)
+            archive.write_out(str(tmp), verbose=False)
+            extra = tmp / contract.ASSETS_EXTRA
+            extra.mkdir(exist_ok=True)
+            write_warmup(extra / contract.WARMUP_FILE, list(warmup_images or _warmup_images(size)), model_name)
+            card = {
+                "dimension": dimension,
+                "image_size": list(size),
+                "backbone": _backbone_name(tower),
+                "fingerprint": fingerprint,
+                "tta": tta,
+                "package_version": __version__,
+                "tensorflow_version": tf.__version__,
+                "keras_version": keras.__version__,
+                "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "version": version,
+                "signatures": {name: sig.describe() for name, sig in contract.SIGNATURES.items()},
+            }
+            (extra / contract.CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
     except FileExistsError:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise ModelError(f"version {version} appeared at {final} while exporting; versions are never overwritten. Export again.") from None
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise ModelError(f"cannot write the export to {final}: {e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("exported tower (D=%d, %dx%d, fingerprint %s%s) to %s", dimension, size[0], size[1], fingerprint,
                 "" if tta == "none" else f", test-time augmentation {tta}", final)
     return final

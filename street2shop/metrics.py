@@ -5,7 +5,7 @@ Each reads ``y_true`` (1 = matching pair) and ``y_pred`` = the pair distance,
 epoch (reset by Keras at each epoch); the result is their ratio, 0 while the
 count is 0. ``sample_weight`` is honoured when given (a pair weighs its
 weight), but Keras passes sample weights only to ``weighted_metrics``: in
-``model.compile(metrics=...)``, as ``street2shop.train`` uses them, every pair
+``model.compile(metrics=...)``, as ``street2shop.compile`` uses them, every pair
 counts once.
 
 The drop rates call :func:`street2shop.losses.robust_contrastive_terms`, the
@@ -16,7 +16,7 @@ Label-noise benchmarks flag the positives known to be corrupted with the
 label 2 (see :mod:`street2shop.data.pairs`); the drop's precision and recall,
 the clean and corrupted positives' mean distances, their AUC and the
 positive-distance quantiles measure what the drop removes. On ordinary data
-they are not logged (``street2shop.train`` adds them only when the training
+they are not logged (``street2shop.compile`` adds them only when the training
 records carry corruption flags).
 
 Example::

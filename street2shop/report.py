@@ -19,16 +19,16 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from street2shop.data.image import Box
-from street2shop.errors import ConfigError
 from street2shop.fileio import write_atomic
 from street2shop.index import ranking
+from street2shop.items import label_column_of
 
 logger = logging.getLogger(__name__)
 
@@ -118,27 +118,6 @@ def _thumbnail(path: str, size: int = 160, box: tuple[float, float, float, float
         return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
     except (OSError, Image.DecompressionBombError):
         return ""
-
-
-DEFAULT_LABEL_COLUMN = "product_name"
-
-
-def label_column_of(gallery_labels: Iterable[Mapping[str, Any]], label_column: str | None = None) -> str:
-    """The manifest column that names products: ``label_column``, else ``product_name`` when the catalogue has it, else none ("").
-
-    ``gallery_labels``: each catalogue image's other manifest columns
-    (``Evaluation.gallery_labels``, or the index's ``Item.labels``).
-
-    Raises:
-        ConfigError: ``label_column`` is given and no catalogue image has it (the message lists the columns there are).
-    """
-    columns = sorted({k for labels in gallery_labels for k in labels})
-    if label_column is None:
-        return DEFAULT_LABEL_COLUMN if DEFAULT_LABEL_COLUMN in columns else ""
-    if label_column and label_column not in columns:
-        raise ConfigError(f"no catalogue image has a {label_column!r} column; the catalogue's other columns are {columns}. "
-                          f"Received: label_column={label_column!r}")
-    return label_column
 
 
 def product_labels(evaluation: Any, label_column: str) -> dict[str, str]:

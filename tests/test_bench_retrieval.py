@@ -146,7 +146,7 @@ def test_same_category_noise_stays_in_the_category_then_the_supercategory(bench)
 def test_noisy_manifest_is_written_once_and_read_back(bench, tmp_path):
     import argparse
 
-    from street2shop.data.records import read_manifest, write_manifest
+    from street2shop.data.records import read_manifest_csv, write_manifest
 
     records, _ = _grocery_like()
     images = tmp_path / "images"
@@ -159,7 +159,7 @@ def test_noisy_manifest_is_written_once_and_read_back(bench, tmp_path):
     manifest = write_manifest(local, tmp_path / "manifest.csv")
     args = argparse.Namespace(manifest=str(manifest), noise_rate=0.5, noise_kind="uniform", train_split="train")
     path, info = bench.noisy_manifest(args, 7, tmp_path / "out")
-    noisy = read_manifest(path).records
+    noisy = read_manifest_csv(path).records
     assert info["corrupted"] == 20 and sum(r.product_id != r.metadata["true_product_id"] for r in noisy) == 20
     assert _untouched(local, noisy, bench)
     assert json.loads((tmp_path / "out" / "noise" / "manifest-seed7.json").read_text())["digest"] == info["digest"]

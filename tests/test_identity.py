@@ -46,12 +46,12 @@ def test_the_tour_embed_over_grpc_then_index_then_evaluate_in_process(exports, s
 
 
 def test_a_resumed_run_refuses_the_other_model_a_restarted_server_serves(exports, synth_dataset, tmp_path):
-    from street2shop.data.records import read_manifest
+    from street2shop.data.records import read_manifest_csv
     from street2shop.embed import embed_catalog
     from street2shop.embedders import GrpcEmbedder
 
     model_a, model_b = exports
-    records = [r for r in read_manifest(synth_dataset) if r.domain == "street"]  # 24 images: 6 chunks of 4
+    records = [r for r in read_manifest_csv(synth_dataset) if r.domain == "street"]  # 24 images: 6 chunks of 4
 
     class DiesAfter(grpc.ServerInterceptor):
         """The server goes away after its third Predict (the probe and two chunks)."""

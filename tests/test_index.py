@@ -9,6 +9,7 @@ import pytest
 import street2shop
 from street2shop.errors import ConfigError, DataError, IndexMismatchError
 from street2shop.index import FORMAT_VERSION, CatalogIndex, ExactIndex, Item, SearchResult
+from street2shop.index import folder as index_folder
 
 pytest.importorskip("annoy")
 
@@ -155,7 +156,7 @@ def test_save_load_round_trip_gives_identical_answers(tmp_path):
     assert [answers(again.query(q, k=10)) for q in queries] == before
 
 
-@pytest.mark.parametrize("failing_step", ["_write_annoy", "_write_items", "_write_manifest"])
+@pytest.mark.parametrize("failing_step", [(CatalogIndex, "_write_annoy"), (index_folder, "write_items"), (index_folder, "write_manifest")])
 def test_interrupted_save_leaves_the_previous_index_loadable(tmp_path, monkeypatch, failing_step):
     rng = np.random.default_rng(4)
     old = built(unit_rows(rng, 300, 8), [Item(f"old{i}") for i in range(300)], model_fingerprint="old")
@@ -164,11 +165,11 @@ def test_interrupted_save_leaves_the_previous_index_loadable(tmp_path, monkeypat
     expected = [answers(old.query(q, k=5)) for q in queries]
     old.save(tmp_path / "idx")
 
-    def crash(self, path):
-        Path(path).write_bytes(b"half written")
+    def crash(*args):
+        Path(args[-1] if failing_step[0] is CatalogIndex else args[0]).write_bytes(b"half written")
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(CatalogIndex, failing_step, crash)
+    monkeypatch.setattr(*failing_step, crash)
     with pytest.raises(OSError, match="simulated"):
         new.save(tmp_path / "idx")
     monkeypatch.undo()
@@ -362,10 +363,10 @@ def test_versions_are_published_whole_and_the_newest_complete_one_is_read(tmp_pa
     assert loaded.version == 2 and len(loaded) == 3
     assert load_index(base / "1").version == 1
     # A writer that dies half way leaves no version behind, and the next one takes the next number.
-    def crash(self, path):
+    def crash(*args):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(CatalogIndex, "_write_items", crash)
+    monkeypatch.setattr(index_folder, "write_items", crash)
     with pytest.raises(OSError, match="simulated"):
         publish_index(second, base)
     monkeypatch.undo()
@@ -393,3 +394,49 @@ def test_category_filter_is_an_exact_search_over_the_category_on_both_kinds():
             assert [r.row for r in index.query(q, k=7, by_product=False, category="c1")] == reference
             assert all(r.category == "c1" for r in index.query(q, k=7, category="c1"))
         assert annoy_index.query(q, k=3, category="nope") == []
+
+
+def test_the_search_interface_needs_no_folder_and_checks_before_a_backend_answers(angle_vectors):
+    # A backend that keeps its vectors elsewhere (here: a list, searched by hand) implements the hooks only;
+    # the query API's checks, query_batch and rank_images come from SearchIndex.
+    from street2shop.errors import ModelMismatchError
+    from street2shop.index import SearchIndex
+
+    class Elsewhere(SearchIndex):
+        kind = "elsewhere"
+
+        def __init__(self, vectors, items):
+            super().__init__(2, model_fingerprint="m")
+            self.stored, self.table, self.asked = [v.tolist() for v in vectors], list(items), []
+
+        def __len__(self):
+            return len(self.table)
+
+        @property
+        def items(self):
+            return tuple(self.table)
+
+        def image_path(self, image_id):
+            return next((it.image_path for it in self.table if it.image_id == image_id), None)
+
+        def _search(self, query, k, by_product, excluded, search_k, rerank):
+            self.asked.append((round(float(np.linalg.norm(query)), 6), k))
+            sims = [sum(a * b for a, b in zip(v, query.tolist())) for v in self.stored]
+            rows = sorted(range(len(sims)), key=lambda r: (-sims[r], r))[:k]
+            return [SearchResult(rank, self.table[r].product_id, sims[r], r, self.table[r].image_path, None) for rank, r in enumerate(rows, 1)]
+
+    index = Elsewhere(angle_vectors, ANGLE_ITEMS)
+    assert [r.row for r in index.query(3 * at(0), k=3)] == EXPECTED_ROWS[:3]
+    assert index.asked == [(1.0, 3)]  # the backend got a unit query and a checked k
+    assert [[r.row for r in rs] for rs in index.query_batch(np.stack([at(0), at(180)]), k=2)] == [[5, 3], [2, 0]]
+    assert [rows.tolist() for rows in index.rank_images(np.stack([at(90)]), depth=2)] == [[0, 4]]  # 10 and 30 degrees away
+    assert index.image_path(ANGLE_ITEMS[4].image_id) == "img4.jpg"
+    with pytest.raises(ConfigError, match="k must be an integer >= 1"):
+        index.query(at(0), k=0)
+    with pytest.raises(IndexMismatchError, match="dimension 2"):
+        index.query(np.ones(3, np.float32))
+    with pytest.raises(DataError, match="non-zero"):
+        index.query(np.zeros(2, np.float32))
+    with pytest.raises(ModelMismatchError):
+        index.check_model(street2shop.contract.ModelIdentity("other"))
+    assert len(index.asked) == 4  # the query, the two of the batch, the ranking: nothing after a refusal

@@ -12,6 +12,7 @@ from street2shop.contract import ModelIdentity
 from street2shop.embeddings import write_embeddings
 from street2shop.errors import DataError, ModelMismatchError
 from street2shop.index import CatalogIndex, ExactIndex, Item, LayeredIndex, index_versions, load_index
+from street2shop.index import folder as index_folder
 from street2shop.index.build import build_index
 from street2shop.index.updates import compact_index, compaction_advice, update_index
 
@@ -141,7 +142,7 @@ def test_a_killed_update_or_compaction_leaves_the_previous_version_serving(setup
     def crash(*args, **kwargs):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(LayeredIndex, "_write_manifest", crash)
+    monkeypatch.setattr(index_folder, "write_manifest", crash)
     with pytest.raises(OSError, match="simulated"):
         update_index(tmp / "index", add=[added])
     monkeypatch.undo()

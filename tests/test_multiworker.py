@@ -21,12 +21,13 @@ import pytest
 import tensorflow as tf
 
 from street2shop.callbacks import RestoreFromChief
-from street2shop.cluster import WorkerRole, loopback_tf_configs, worker_role, worker_write_dir
+from street2shop.cluster import WorkerRole, loopback_tf_configs, strategy_kind, worker_role, worker_write_dir
 from street2shop.config import TrainConfig, save_config
 from street2shop.data.pairs import PairPlan
 from street2shop.errors import ConfigError
 from street2shop.export import load_checkpoint
-from street2shop.train import TrainingData, _warn_if_the_quantile_cannot_drop, build_datasets, load_training_data
+from street2shop.train import _warn_if_the_quantile_cannot_drop
+from street2shop.training_data import TrainingData, build_datasets, load_training_data
 from tests.test_train import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,6 +153,25 @@ def test_loopback_cluster_configs():
     assert [c["task"] for c in configs] == [{"type": "worker", "index": i} for i in range(3)]
     assert all(c["cluster"] == {"worker": workers} for c in configs)
     assert len(set(workers)) == 3 and all(w.startswith("127.0.0.1:") and int(w.split(":")[1]) > 0 for w in workers)
+    with_chief = [json.loads(c) for c in loopback_tf_configs(3, chief=True)]
+    cluster = with_chief[0]["cluster"]
+    assert [c["task"] for c in with_chief] == [{"type": "chief", "index": 0}, {"type": "worker", "index": 0}, {"type": "worker", "index": 1}]
+    assert sorted(cluster) == ["chief", "worker"] and len(cluster["chief"]) == 1 and len(cluster["worker"]) == 2
+    assert all(c["cluster"] == cluster for c in with_chief) and len(set(cluster["chief"] + cluster["worker"])) == 3
+
+
+def test_auto_distribution_trains_every_chief_and_worker_together():
+    # Vertex AI and Kubeflow's TFJob name one chief and N workers: a cluster of N + 1, as worker_role counts it.
+    chief_and_worker = {"chief": ["c:1"], "worker": ["w:1"]}
+    assert strategy_kind("auto", chief_and_worker, gpus=0) == "multi_worker"
+    assert strategy_kind("auto", {"worker": ["w0:1", "w1:1"]}, gpus=0) == "multi_worker"
+    assert strategy_kind("auto", {"chief": ["c:1"], "worker": ["w:1"], "evaluator": ["e:1"]}, gpus=0) == "multi_worker"
+    assert strategy_kind("auto", {"worker": ["w:1"], "evaluator": ["e:1"]}, gpus=0) == "default"  # an evaluator does not train
+    assert strategy_kind("auto", {"chief": ["c:1"]}, gpus=2) == "mirrored"  # one task: its GPUs
+    assert strategy_kind("auto", {}, gpus=1) == "default"
+    assert strategy_kind("multi_worker", {"chief": ["c:1"]}, gpus=0) == "multi_worker"
+    with pytest.raises(ConfigError, match="needs TF_CONFIG"):
+        strategy_kind("multi_worker", {}, gpus=0)
 
 
 def test_only_the_chief_writes_to_the_output_dir(tmp_path, monkeypatch):
@@ -214,13 +234,14 @@ KILLABLE_WORKER = textwrap.dedent(
 )
 
 
-def run_workers(commands, logs, tmpdir, timeout=900):
-    """Runs one process per command as the workers of a loopback cluster; returns their exit codes and pids.
+def run_workers(commands, logs, tmpdir, timeout=900, chief=False):
+    """Runs one process per command as the tasks of a loopback cluster (the first one a ``chief`` task with ``chief``);
+    returns their exit codes and pids.
 
     ``timeout`` only guards against a hang (the test fails then): the verdict never depends on speed.
     """
     procs = []
-    for i, (command, tf_config) in enumerate(zip(commands, loopback_tf_configs(len(commands)))):
+    for i, (command, tf_config) in enumerate(zip(commands, loopback_tf_configs(len(commands), chief=chief))):
         env = dict(os.environ, TF_CONFIG=tf_config, TMPDIR=str(tmpdir), TF_CPP_MIN_LOG_LEVEL="2")
         with open(logs / f"worker{i}.out", "w") as stdout, open(logs / f"worker{i}.err", "w") as stderr:
             procs.append(subprocess.Popen(command, env=env, cwd=ROOT, stdout=stdout, stderr=stderr))
@@ -280,10 +301,13 @@ def test_two_workers_resume_after_one_is_killed_and_leave_only_the_chiefs_files(
 
 
 @pytest.mark.slow
-def test_workers_that_disagree_stop_before_training(synth_dataset, tmp_path):
+@pytest.mark.parametrize("chief", [False, True], ids=["workers", "chief-and-worker"])
+def test_workers_that_disagree_stop_before_training(synth_dataset, tmp_path, chief):
+    # With a chief task, distribution "auto" must see a cluster of two too (it once counted workers only, and
+    # both trained alone into output_dir): only then do they compare notes, and stop.
     out = tmp_path / "run"
     config = save_config(TrainConfig().replace(**TINY, manifest=str(synth_dataset)), tmp_path / "run.toml")
-    codes, _ = run_workers([cli_command(config, out), cli_command(config, out, "--seed", "1")], tmp_path, tmp_path)
+    codes, _ = run_workers([cli_command(config, out), cli_command(config, out, "--seed", "1")], tmp_path, tmp_path, chief=chief)
     assert codes == [2, 2]
     for i in range(2):
         assert "the workers disagree on config" in (tmp_path / f"worker{i}.err").read_text()

@@ -9,7 +9,8 @@ from PIL import Image
 
 from street2shop.errors import ConfigError
 from street2shop.evaluate import Evaluation, QueryResult, evaluate_embeddings
-from street2shop.report import _thumbnail, hardest_products, headline, label_column_of, markdown_table, write_report
+from street2shop.items import label_column_of
+from street2shop.report import _thumbnail, hardest_products, headline, markdown_table, write_report
 from tests.browser import launch, needs_chromium
 
 

@@ -10,8 +10,9 @@ import pytest
 from street2shop.config import TrainConfig
 from street2shop.data.pairs import PairConfig, PairPlanner
 from street2shop.data.pipeline import pair_dataset
-from street2shop.data.records import read_manifest
-from street2shop.train import build_model, train
+from street2shop.data.records import read_manifest_csv
+from street2shop.compile import build_model
+from street2shop.train import train
 
 
 def tiny_config(manifest, out, **kw):
@@ -40,7 +41,7 @@ def write_auxiliary_set(root, classes=3, per_class=3):
 def test_fit_lowers_the_loss_on_fixed_pairs(synth_dataset):
     config = tiny_config(synth_dataset, "unused", learning_rate=3e-3)
     keras.utils.set_random_seed(0)
-    records = [r for r in read_manifest(synth_dataset) if r.split in ("train", "catalog")]
+    records = [r for r in read_manifest_csv(synth_dataset) if r.split in ("train", "catalog")]
     plan = PairPlanner(records, PairConfig(pairs_per_epoch=16, seed=0)).plan(0)
     data = pair_dataset(lambda _e: plan, image_size=32, batch_size=8, epochs=1)
     model = build_model(config, None)
@@ -142,7 +143,7 @@ def test_cli_bad_value_is_one_line_exit_2(capsys):
 def test_total_loss_weights_each_task_as_documented(synth_dataset, tmp_path):
     """Total = mean(w_pair or w_aux · contrastive) + per logits output Σ w·CE / n_labelled (reference in NumPy)."""
     rng = np.random.default_rng(1)
-    records = [r for r in read_manifest(synth_dataset) if r.split in ("train", "catalog")]
+    records = [r for r in read_manifest_csv(synth_dataset) if r.split in ("train", "catalog")]
     products = sorted({r.product_id for r in records if r.domain == "street"})
     aux = [r for r in records if r.domain == "shop"][:4]
     aux_labels = [0, 0, 1, 1]
@@ -191,7 +192,7 @@ def _corrupted_manifest(synth_dataset, path, relabelled=4):
 
 
 def test_label_noise_metrics_are_logged_only_for_data_with_corruption_flags(synth_dataset, tmp_path):
-    from street2shop.train import build_losses_and_metrics
+    from street2shop.compile import build_losses_and_metrics
 
     noisy = _corrupted_manifest(synth_dataset, tmp_path / "noisy.csv")
     # Pairs only (tiny_config's w_product 0), as in the label-noise benchmark: the metrics' names carry no output prefix.
@@ -215,7 +216,7 @@ def test_label_noise_metrics_are_logged_only_for_data_with_corruption_flags(synt
 
 def test_init_checkpoint_starts_from_another_runs_tower(synth_dataset, tmp_path):
     from street2shop.errors import ConfigError
-    from street2shop.train import load_tower_weights
+    from street2shop.model.siamese import load_tower_weights
 
     keras.utils.set_random_seed(0)
     first = build_model(tiny_config(synth_dataset, tmp_path), 3)  # with a classifier head, which is not taken

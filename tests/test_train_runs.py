@@ -79,7 +79,8 @@ def test_ctrl_c_while_an_epoch_is_being_saved_loses_no_log_row(synth_dataset, tm
 def test_a_run_resumed_from_before_the_learning_rate_column_keeps_its_log_header(synth_dataset, tmp_path):
     # CSVLogger appends under the old header: a new column would shift every later value under the wrong name.
     from street2shop.callbacks import LearningRateLog
-    from street2shop.train import build_callbacks, build_model
+    from street2shop.callbacks import build_callbacks
+    from street2shop.compile import build_model
 
     config = tiny_config(synth_dataset, tmp_path / "run")
     model = build_model(config, None)
@@ -96,13 +97,13 @@ def test_a_run_resumed_from_before_the_learning_rate_column_keeps_its_log_header
 
 
 def test_trim_log_keeps_the_rows_before_the_resumed_epoch(tmp_path):
-    from street2shop.train import _trim_log
+    from street2shop.runlog import trim_run_log
 
     log = tmp_path / "log.csv"
     log.write_text("epoch,loss\n0,0.9\n1,0.8\n2,0.7\n3,0.")  # the last row cut off mid-write
-    _trim_log(log, 2)
+    trim_run_log(log, 2)
     assert log.read_text() == "epoch,loss\n0,0.9\n1,0.8\n"
-    _trim_log(tmp_path / "absent.csv", 1)  # nothing to trim
+    trim_run_log(tmp_path / "absent.csv", 1)  # nothing to trim
 
 
 def test_training_shows_a_short_line_per_epoch(synth_dataset, tmp_path, caplog):
@@ -128,18 +129,18 @@ def test_epoch_summary_by_hand():
 
 
 def test_best_logged_value_of_a_resumed_run_skips_the_warmup_epochs(tmp_path):
-    from street2shop.train import _best_logged
+    from street2shop.runlog import best_logged_epoch
 
     log = tmp_path / "log.csv"
     log.write_text("epoch,loss,val_loss\n0,0.9,0.8\n1,0.7,0.6\n2,0.5,0.65\n3,0.4,0.7\n")
-    assert _best_logged(log, "val_loss") == 0.6
-    assert _best_logged(log, "val_loss", from_epoch=2) == 0.65
-    assert _best_logged(log, "loss", from_epoch=2) == 0.4
-    assert _best_logged(tmp_path / "missing.csv", "val_loss") is None
+    assert best_logged_epoch(log, "val_loss") == (1, 0.6)
+    assert best_logged_epoch(log, "val_loss", from_epoch=2) == (2, 0.65)
+    assert best_logged_epoch(log, "loss", from_epoch=2) == (3, 0.4)
+    assert best_logged_epoch(tmp_path / "missing.csv", "val_loss") is None
 
 
 def test_best_checkpoint_comes_from_after_a_robust_warmup_that_ends_within_the_run(tmp_path):
-    from street2shop.train import best_checkpoint_from_epoch
+    from street2shop.callbacks import best_checkpoint_from_epoch
 
     def first(**kw):
         return best_checkpoint_from_epoch(tiny_config("m.csv", tmp_path, epochs=5, **kw))
@@ -151,7 +152,7 @@ def test_best_checkpoint_comes_from_after_a_robust_warmup_that_ends_within_the_r
 
 
 def test_best_logged_epoch_is_the_first_of_the_lowest(tmp_path):
-    from street2shop.train import best_logged_epoch
+    from street2shop.runlog import best_logged_epoch
 
     log = tmp_path / "log.csv"
     log.write_text("epoch,loss,val_loss\n0,0.9,0.7\n1,0.8,0.6\n2,0.5,0.6\n3,0.4,0.65\n")

@@ -53,9 +53,9 @@ def benchmark_manifest(source: Path, street_splits: set[str], out: Path) -> int:
     """The shop photos and the street photos of ``street_splits``, all as catalogue rows (the command embeds shop rows)."""
     import dataclasses
 
-    from street2shop.data.records import read_manifest, write_manifest
+    from street2shop.data.records import read_manifest_csv, write_manifest
 
-    rows = [r for r in read_manifest(source) if r.domain == "shop" or r.split in street_splits]
+    rows = [r for r in read_manifest_csv(source) if r.domain == "shop" or r.split in street_splits]
     write_manifest([dataclasses.replace(r, domain="shop", split="catalog", box=None) for r in rows], out)
     return len(rows)
 
@@ -76,10 +76,10 @@ def diagnostics(manifest: Path, export: Path, image_size: int, batch_size: int, 
     import tensorflow as tf
 
     from street2shop.data.image import check_photo, prepare_image, read_image_file
-    from street2shop.data.records import read_manifest
+    from street2shop.data.records import read_manifest_csv
     from street2shop.embedders import call_savedmodel, load_savedmodel
 
-    paths = [r.image_path for r in read_manifest(manifest)][:sample]
+    paths = [r.image_path for r in read_manifest_csv(manifest)][:sample]
     size = (image_size, image_size)
     model = load_savedmodel(str(export))
     spec = tf.TensorSpec([image_size, image_size, 3], tf.float32)

@@ -45,9 +45,9 @@ def main() -> int:
     from street2shop.config import TrainConfig
     from street2shop.data.pairs import PairConfig, PairPlanner
     from street2shop.data.pipeline import AugmentConfig, pair_dataset
-    from street2shop.data.records import read_manifest
+    from street2shop.data.records import read_manifest_csv
 
-    records = read_manifest(args.manifest)
+    records = read_manifest_csv(args.manifest)
     train = [r for r in records if r.split in ("train", "catalog")]
     planner = PairPlanner(train, PairConfig(pairs_per_epoch=args.batch_size * (args.pipeline_batches + 5), seed=0))
     ds = pair_dataset(planner.plan, image_size=args.image_size, batch_size=args.batch_size,
@@ -65,7 +65,7 @@ def main() -> int:
     print(f"pipeline alone: {pipeline_ips:.0f} images/s ({args.pipeline_batches} batches of {args.batch_size} pairs)")
 
     if args.train_steps:
-        from street2shop.train import build_model
+        from street2shop.compile import build_model
 
         config = TrainConfig().replace(image_size=args.image_size, backbone=args.backbone, weights="none", batch_size=args.batch_size,
                                        w_product=0.0)  # pairs only, as BENCHMARKS.md measured it (the default is now 0.5)

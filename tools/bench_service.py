@@ -97,7 +97,7 @@ def main() -> int:
 
     import keras
 
-    from street2shop.data.records import read_manifest
+    from street2shop.data.records import read_manifest_csv
     from street2shop.embed import embed_catalog
     from street2shop.embedders import LocalEmbedder
     from street2shop.export import export_tower
@@ -111,7 +111,7 @@ def main() -> int:
 
     before = uptime()
     print(f"uptime before: {before}", flush=True)
-    records = read_manifest(args.manifest)
+    records = read_manifest_csv(args.manifest)
     catalogue = [r for r in records if r.domain == "shop"]
     queries = [Path(r.image_path).read_bytes() for r in records if r.domain == "street"][: args.queries]
 

@@ -279,12 +279,12 @@ def main() -> int:
     import keras
     import tensorflow as tf
 
-    from street2shop.data.records import read_manifest
+    from street2shop.data.records import read_manifest_csv
 
     before = uptime()
     print(f"uptime before: {before}", flush=True)
     splits = {s for s in args.splits.split(",") if s}
-    records = [r for r in read_manifest(args.manifest) if r.domain == "street" and r.split in splits][: args.images]
+    records = [r for r in read_manifest_csv(args.manifest) if r.domain == "street" and r.split in splits][: args.images]
     if len(records) < args.images:
         raise SystemExit(f"only {len(records)} street images in splits {sorted(splits)} of {args.manifest}; asked for {args.images}")
     images = [Path(r.image_path).read_bytes() for r in records]

@@ -72,7 +72,7 @@ def main() -> int:
     import numpy as np
 
     from street2shop.config import TrainConfig
-    from street2shop.train import build_model, build_optimizer
+    from street2shop.compile import build_model, build_optimizer
 
     config = TrainConfig().replace(backbone=args.backbone, image_size=args.image_size, weights="none", batch_size=args.batch_size,
                                    w_product=0.0)  # pairs only, as BENCHMARKS.md measured it (the default is now 0.5)

@@ -91,14 +91,14 @@ def embed_pixels(tower, pixels, tta, batch=64):
 def evaluate_run(result_path, conditions, strength, seed):
     import numpy as np
 
-    from street2shop.data.records import read_manifest
+    from street2shop.data.records import read_manifest_csv
     from street2shop.export import load_checkpoint
     from street2shop.model.siamese import tower_of
 
     result = json.loads(Path(result_path).read_text())
     run = Path(result_path).parent / "runs" / f"{result['variant']}-seed{result['seed']}"
     command = json.loads((Path(result_path).parent / "command.json").read_text())["args"]
-    records = read_manifest(command["manifest"])
+    records = read_manifest_csv(command["manifest"])
     queries = [r for r in records if r.domain == "street" and r.split == command["eval_split"]]
     gallery = [r for r in records if r.domain == "shop"]
     street = [r for r in records if r.domain == "street" and r.split == command["train_split"]]

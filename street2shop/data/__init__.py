@@ -5,7 +5,7 @@ split, category and optional box); ``pairs`` and ``pipeline`` take it from there
 """
 
 from street2shop.data.image import Box
-from street2shop.data.records import Record, RecordSet, read_manifest, write_manifest
+from street2shop.data.records import Record, RecordSet, read_manifest_csv, write_manifest
 from street2shop.data.folders import LabelledSet, read_class_folders
 from street2shop.data.street2shop import read_street2shop
 
@@ -15,7 +15,7 @@ __all__ = [
     "Record",
     "RecordSet",
     "read_class_folders",
-    "read_manifest",
+    "read_manifest_csv",
     "read_street2shop",
     "write_manifest",
 ]

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import posixpath
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -22,6 +23,7 @@ from typing import IO
 
 from street2shop.data.image import IMAGE_EXTENSIONS, Box, is_image_file
 from street2shop.errors import DataError
+from street2shop.fileio import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +198,7 @@ def manifest_rows(handle: IO[str], source: str, root: str) -> Iterator[tuple[int
         yield line, Record(image_location(image, root), product, domain, split, category, box, meta)
 
 
-def read_manifest(
+def read_manifest_csv(
     path: str | os.PathLike[str], *, strict: bool = False, check_files: bool = True
 ) -> RecordSet:
     """Reads a manifest CSV into records.
@@ -239,6 +241,12 @@ def read_manifest(
     return result
 
 
+def read_manifest(path: str | os.PathLike[str], **options: bool) -> RecordSet:
+    """The former name of :func:`read_manifest_csv` (deprecated: it was also the name of the index's manifest reader)."""
+    warnings.warn("street2shop.data.records.read_manifest is now read_manifest_csv", DeprecationWarning, stacklevel=2)
+    return read_manifest_csv(path, **options)
+
+
 def write_manifest(records: Iterable[Record], path: str | os.PathLike[str]) -> Path:
     """Writes records as a manifest CSV, atomically (a temporary file, then rename).
 
@@ -252,10 +260,8 @@ def write_manifest(records: Iterable[Record], path: str | os.PathLike[str]) -> P
     extra = [k for k in dict.fromkeys(k for r in records for k in r.metadata) if k not in known]
     columns = [*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS, *extra]
     bases = list(dict.fromkeys([Path(os.path.abspath(path.parent)), root]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        with atomic_file(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
             writer.writeheader()
             for r in records:
@@ -270,9 +276,7 @@ def write_manifest(records: Iterable[Record], path: str | os.PathLike[str]) -> P
                 if r.box is not None:
                     row.update({c: _fmt(v) for c, v in zip(BOX_COLUMNS, r.box.as_ltwh())})
                 writer.writerow(row)
-        os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise DataError(f"cannot write manifest {path}: {e}") from None
     return path
 
@@ -310,7 +314,7 @@ def catalogue_records(source: str | os.PathLike[str], split: str = "") -> list[R
         if not files:
             raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
         return [Record(str(p.resolve()), p.stem, "shop", "catalog") for p in files]
-    records = read_manifest(source)
+    records = read_manifest_csv(source)
     chosen = [r for r in records if is_catalogue(r, split)]
     if not chosen:
         shop_splits = sorted({r.split for r in records if r.domain == "shop"})
@@ -352,6 +356,6 @@ def check_dataset(manifest: str | os.PathLike[str], *, strict: bool = False) -> 
     """Reads a manifest and decodes every image once with the training decoder (missing, unreadable, empty boxes)."""
     from street2shop.data.image import check_images
 
-    records = read_manifest(manifest, strict=strict)
+    records = read_manifest_csv(manifest, strict=strict)
     usable, images = check_images(records.records)
     return DatasetCheck(records, images, usable)

@@ -17,7 +17,7 @@ patterns, so colour alone does not tell products apart.
 Street photos of each product are split ``train`` / ``val`` (by photo: every
 product appears in both); shop photos are split ``catalog``. The output is a
 folder of JPEGs and a ``manifest.csv`` readable by
-:func:`street2shop.data.records.read_manifest`. The same seed gives the same
+:func:`street2shop.data.records.read_manifest_csv`. The same seed gives the same
 bytes: all randomness comes from :class:`numpy.random.Generator` objects seeded
 from ``(seed, product, photo, purpose)``, never from global random state.
 """

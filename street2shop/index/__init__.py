@@ -2,9 +2,12 @@
 
 - :mod:`~street2shop.index.ranking`: cosine similarity, ties by row, each
   product once at its best image, for every ranking in street2shop;
-- :mod:`~street2shop.index.base`: :class:`Item`, :class:`SearchResult`, the
-  :class:`SearchIndex` interface and the folder format;
-- :class:`ExactIndex` (NumPy) and :class:`CatalogIndex` (Annoy);
+- :mod:`~street2shop.index.base`: the :class:`SearchIndex` interface and its
+  :class:`SearchResult` (items: :class:`~street2shop.items.Item`);
+- :mod:`~street2shop.index.local`: what the indexes held in this process
+  share, saved in the folder format of :mod:`~street2shop.index.folder`;
+- :class:`ExactIndex` (NumPy), :class:`CatalogIndex` (Annoy) and
+  :class:`LayeredIndex` (a base, a delta and tombstones);
 - :func:`load_index` opens a saved index of either kind (a folder, or the
   newest version under an index base); :func:`publish_index` writes the next
   version (:mod:`~street2shop.index.versions`);
@@ -16,10 +19,13 @@ from __future__ import annotations
 import os
 
 from street2shop.index.annoy_index import DEFAULT_N_TREES, DEFAULT_SEARCH_K, CatalogIndex
-from street2shop.index.base import FORMAT_VERSION, Item, SearchIndex, SearchResult, read_manifest
+from street2shop.index.base import SearchIndex, SearchResult
 from street2shop.index.exact import ExactIndex
+from street2shop.index.folder import FORMAT_VERSION, read_index_manifest
 from street2shop.index.layered import LayeredIndex
+from street2shop.index.local import LocalIndex
 from street2shop.index.versions import index_versions, publish_index, resolve_index
+from street2shop.items import Item
 
 KINDS = {"annoy": CatalogIndex, "exact": ExactIndex, "layered": LayeredIndex}
 
@@ -35,7 +41,7 @@ def load_index(
     Refuses one of another model or dimension.
     """
     folder = resolve_index(path)
-    kind = read_manifest(folder).get("kind", "annoy")
+    kind = read_index_manifest(folder).get("kind", "annoy")
     if kind not in KINDS:
         from street2shop.errors import DataError
 
@@ -51,6 +57,7 @@ __all__ = [
     "DEFAULT_SEARCH_K",
     "ExactIndex",
     "LayeredIndex",
+    "LocalIndex",
     "FORMAT_VERSION",
     "Item",
     "SearchIndex",
@@ -58,6 +65,6 @@ __all__ = [
     "index_versions",
     "load_index",
     "publish_index",
-    "read_manifest",
+    "read_index_manifest",
     "resolve_index",
 ]

@@ -1,6 +1,6 @@
 """The Annoy index: approximate nearest neighbours over the catalogue's unit vectors, saved atomically, loaded memory-mapped.
 
-Its folder holds, besides the files every index has (:mod:`street2shop.index.base`),
+Its folder holds, besides the files every index folder has (:mod:`street2shop.index.folder`),
 ``annoy.ann``: Annoy's forest (angular metric). Annoy stores the vectors in it
 too and ``AnnoyIndex.load`` memory-maps it, so several processes that load the
 same directory share one copy through the page cache. ``vectors.npy`` beside it
@@ -25,23 +25,12 @@ from typing import Any
 import numpy as np
 
 from street2shop.errors import ConfigError, DataError, IndexMismatchError
-from street2shop.fileio import fsync_file
 from street2shop.index import ranking
-from street2shop.index.base import (
-    ITEMS_FILE,
-    VECTORS_FILE,
-    Item,
-    SearchIndex,
-    SearchResult,
-    _result,
-    check_embeddings,
-    check_positive_int,
-    load_vectors,
-    open_folder,
-    read_items,
-    read_manifest,
-)
+from street2shop.index.base import SearchResult, _result, check_embeddings, check_positive_int
+from street2shop.index.folder import ITEMS_FILE, VECTORS_FILE, load_vectors, open_index_folder, read_index_items
 from street2shop.index.exact import ExactIndex
+from street2shop.index.local import LocalIndex
+from street2shop.items import Item
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +66,7 @@ def _check_search_k(value: Any) -> int:
     return int(value)
 
 
-class CatalogIndex(SearchIndex):
+class CatalogIndex(LocalIndex):
     """An approximate nearest-neighbour index of catalogue embeddings (Annoy, cosine similarity).
 
     Add embeddings in batches (rows are numbered 0..N-1 in the order added),
@@ -229,17 +218,14 @@ class CatalogIndex(SearchIndex):
     def _kind_files(self) -> dict[str, str]:
         return {"annoy": ANNOY_FILE}
 
-    def _write_kind_files(self, staging: Path) -> None:
-        self._write_annoy(staging / ANNOY_FILE)
+    def _write_kind_files(self, folder: Path) -> None:
+        self._write_annoy(folder / ANNOY_FILE)
 
     def _write_annoy(self, path: Path) -> None:
         # Annoy's save() re-maps the index from the file it wrote; unlinking or
         # renaming that file later is safe on POSIX (the mapping keeps the inode).
         if not self._annoy.save(str(path)):
             raise DataError(f"Annoy could not save the index. Received: path={path}")
-        fsync_file(path)
-
-    read_manifest = staticmethod(read_manifest)
 
     @classmethod
     def load(
@@ -251,7 +237,7 @@ class CatalogIndex(SearchIndex):
     ) -> CatalogIndex:
         """Open a saved index, memory-mapped. Refuses one from another model or of another dimension."""
         files = {"annoy": ANNOY_FILE, "vectors": VECTORS_FILE, "items": ITEMS_FILE}
-        root, manifest, paths = open_folder(directory, cls.kind, files, expected_fingerprint, expected_dimension)
+        root, manifest, paths = open_index_folder(directory, cls.kind, files, expected_fingerprint, expected_dimension)
         try:
             index = cls(
                 manifest["dimension"],
@@ -272,7 +258,7 @@ class CatalogIndex(SearchIndex):
         if index._annoy.get_n_items() != count:
             raise DataError(f"the Annoy file must hold {count} items. Received: {index._annoy.get_n_items()} in {paths['annoy']}")
         index._vectors = load_vectors(paths["vectors"], count, index.dimension)
-        index._items = read_items(paths["items"], count)
+        index._items = read_index_items(paths["items"], count)
         index._built = True
         index.folder = root
         logger.info("loaded an index of %d items from %s", count, root)

@@ -9,8 +9,9 @@ from typing import Any
 
 from street2shop.embeddings import read_embedding_sets
 from street2shop.errors import DataError
-from street2shop.index.base import Item, SearchIndex
+from street2shop.index.local import LocalIndex
 from street2shop.index.versions import publish_index
+from street2shop.items import Item
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def build_index(
     items = [Item.from_dict(row) for row in rows]
     if not items:
         raise DataError(f"no embedded image in {', '.join(map(str, embeddings))}: nothing to index. Received: 0 items")
-    index: SearchIndex
+    index: LocalIndex
     if kind == "exact":
         index = ExactIndex(vectors.shape[1], model_fingerprint=identity.fingerprint, model_version=identity.version)
     else:

@@ -9,22 +9,15 @@ from typing import Any
 
 import numpy as np
 
-from street2shop.index.base import (
-    ITEMS_FILE,
-    VECTORS_FILE,
-    Item,
-    SearchIndex,
-    SearchResult,
-    check_embeddings,
-    load_vectors,
-    open_folder,
-    read_items,
-)
+from street2shop.index.base import SearchResult, check_embeddings
+from street2shop.index.folder import ITEMS_FILE, VECTORS_FILE, load_vectors, open_index_folder, read_index_items
+from street2shop.index.local import LocalIndex
+from street2shop.items import Item
 
 logger = logging.getLogger(__name__)
 
 
-class ExactIndex(SearchIndex):
+class ExactIndex(LocalIndex):
     """Brute-force cosine search with NumPy: ground truth for the Annoy index, and fine for small catalogues.
 
     The same interface as :class:`~street2shop.index.annoy_index.CatalogIndex`
@@ -106,10 +99,11 @@ class ExactIndex(SearchIndex):
         expected_dimension: int | None = None,
     ) -> ExactIndex:
         """Opens a saved exact index, memory-mapped. Refuses one from another model or of another dimension."""
-        root, manifest, paths = open_folder(directory, cls.kind, {"vectors": VECTORS_FILE, "items": ITEMS_FILE}, expected_fingerprint, expected_dimension)
+        root, manifest, paths = open_index_folder(directory, cls.kind, {"vectors": VECTORS_FILE, "items": ITEMS_FILE},
+                                                  expected_fingerprint, expected_dimension)
         count, dimension = manifest["count"], manifest["dimension"]
         index = cls.from_arrays(
-            load_vectors(paths["vectors"], count, dimension), read_items(paths["items"], count),
+            load_vectors(paths["vectors"], count, dimension), read_index_items(paths["items"], count),
             model_fingerprint=manifest["model_fingerprint"], model_version=manifest.get("model_version"),
         )
         index.folder = root

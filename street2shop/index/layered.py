@@ -28,22 +28,21 @@ from typing import Any
 import numpy as np
 
 from street2shop.errors import DataError
-from street2shop.fileio import write_atomic
+from street2shop.index import folder as index_folder
 from street2shop.index import ranking
 from street2shop.index.annoy_index import CatalogIndex
-from street2shop.index.base import (
+from street2shop.index.base import SearchResult, _result
+from street2shop.index.exact import ExactIndex
+from street2shop.index.folder import (
     ITEMS_FILE,
     MANIFEST_FILE,
     VECTORS_FILE,
-    SearchIndex,
-    SearchResult,
-    _result,
     load_vectors,
-    open_folder,
-    read_items,
-    read_manifest,
+    open_index_folder,
+    read_index_items,
+    read_index_manifest,
 )
-from street2shop.index.exact import ExactIndex
+from street2shop.index.local import LocalIndex
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ DELTA_FOLDER = "delta"
 TOMBSTONES_FILE = "tombstones.json"
 
 
-class LayeredIndex(SearchIndex):
+class LayeredIndex(LocalIndex):
     """A base index, a delta searched exactly, and tombstones over the base; searched as one index.
 
     Rows are global: the base's rows ``0..B-1``, then the delta's ``B..B+D-1``.
@@ -65,7 +64,7 @@ class LayeredIndex(SearchIndex):
 
     kind = "layered"
 
-    def __init__(self, base: SearchIndex, delta: ExactIndex, dead: np.ndarray) -> None:
+    def __init__(self, base: LocalIndex, delta: ExactIndex, dead: np.ndarray) -> None:
         super().__init__(base.dimension, model_fingerprint=base.model_fingerprint, model_version=base.model_version)
         if len(dead) != len(base):
             raise DataError(f"the tombstones must cover the base's {len(base)} rows. Received: {len(dead)}")
@@ -119,24 +118,17 @@ class LayeredIndex(SearchIndex):
 
     # -- saving (as a version folder: see street2shop.index.updates) and loading
 
-    def write_folder(self, staging: Path) -> None:
-        """Writes the layered version into ``staging``: the base linked, the delta, the tombstones, the manifest last."""
-        import shutil
-
+    def write_folder(self, folder: Path) -> None:
+        """Writes the layered version into the new, empty ``folder``: the base linked, the delta, the tombstones, the manifest last."""
         if self.base.folder is None:
             raise DataError("the base of a layered index must be a saved index (it is linked, never copied)")
-        staging.mkdir()
-        try:
-            self._base_ref = link_folder(Path(self.base.folder), staging / BASE_FOLDER)
-            if len(self.delta):
-                (staging / DELTA_FOLDER).mkdir()
-                self.delta._write_vectors(staging / DELTA_FOLDER / VECTORS_FILE)
-                self.delta._write_items(staging / DELTA_FOLDER / ITEMS_FILE)
-            write_atomic(staging / TOMBSTONES_FILE, json.dumps({"base_rows": np.flatnonzero(self.base.dead).tolist()}) + "\n")
-            self._write_manifest(staging / MANIFEST_FILE)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        self._base_ref = link_folder(Path(self.base.folder), folder / BASE_FOLDER)
+        if len(self.delta):
+            (folder / DELTA_FOLDER).mkdir()
+            index_folder.write_vectors(folder / DELTA_FOLDER / VECTORS_FILE, self.delta.vectors)
+            index_folder.write_items(folder / DELTA_FOLDER / ITEMS_FILE, self.delta.items)
+        (folder / TOMBSTONES_FILE).write_text(json.dumps({"base_rows": np.flatnonzero(self.base.dead).tolist()}) + "\n")
+        index_folder.write_manifest(folder / MANIFEST_FILE, self.kind, self.config(), len(self), self._files())
 
     def _files(self) -> dict[str, str]:
         files = {"base": getattr(self, "_base_ref", BASE_FOLDER), "tombstones": TOMBSTONES_FILE}
@@ -147,16 +139,16 @@ class LayeredIndex(SearchIndex):
     @classmethod
     def load(cls, directory: str | os.PathLike[str], *, expected_fingerprint: str | None = None, expected_dimension: int | None = None) -> LayeredIndex:
         """Opens a layered version: its base (memory-mapped), its delta and its tombstones."""
-        root, manifest, _ = open_folder(directory, cls.kind, {}, expected_fingerprint, expected_dimension)
+        root, manifest, _ = open_index_folder(directory, cls.kind, {}, expected_fingerprint, expected_dimension)
         files = manifest.get("files", {})
         base_folder = root / files.get("base", BASE_FOLDER)
-        base_kind = read_manifest(base_folder).get("kind", "annoy")
+        base_kind = read_index_manifest(base_folder).get("kind", "annoy")
         if base_kind not in ("annoy", "exact"):
             raise DataError(f"the base of {root} must be an Annoy or exact index. Received: kind={base_kind!r} at {base_folder}")
         opener = CatalogIndex if base_kind == "annoy" else ExactIndex
         base = opener.load(base_folder, expected_fingerprint=manifest["model_fingerprint"], expected_dimension=manifest["dimension"])
         if "delta_items" in files:
-            delta_items = read_items(root / files["delta_items"], manifest["delta_count"])
+            delta_items = read_index_items(root / files["delta_items"], manifest["delta_count"])
             delta_vectors = load_vectors(root / files["delta_vectors"], len(delta_items), base.dimension)
             delta = ExactIndex.from_arrays(delta_vectors, delta_items, model_fingerprint=base.model_fingerprint, model_version=base.model_version)
         else:

@@ -32,10 +32,12 @@ from street2shop.contract import check_same_model
 from street2shop.embeddings import read_embedding_sets
 from street2shop.errors import DataError
 from street2shop.index.annoy_index import DEFAULT_SEARCH_K, CatalogIndex
-from street2shop.index.base import Item, SearchIndex
+from street2shop.index.base import SearchIndex
 from street2shop.index.exact import ExactIndex
 from street2shop.index.layered import LayeredIndex
+from street2shop.index.local import LocalIndex
 from street2shop.index.versions import publish_index
+from street2shop.items import Item
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ logger = logging.getLogger(__name__)
 MAX_REMOVED_SHARE = 0.25
 
 
-def _layers(index: SearchIndex) -> tuple[SearchIndex, ExactIndex, np.ndarray]:
+def _layers(index: LocalIndex) -> tuple[LocalIndex, ExactIndex, np.ndarray]:
     """The base, delta and removed base rows of the current version (a plain index is a base with nothing on top)."""
     if isinstance(index, LayeredIndex):
         return index.base, index.delta, index.base.dead.copy()

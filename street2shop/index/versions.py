@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 
 from street2shop import contract
 from street2shop.errors import DataError
-from street2shop.index.base import MANIFEST_FILE, SearchIndex
+from street2shop.index.folder import MANIFEST_FILE
+from street2shop.index.local import LocalIndex
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def resolve_index(path: str | os.PathLike[str]) -> Path:
     return versions[max(versions)]
 
 
-def publish_index(index: SearchIndex, base: str | os.PathLike[str]) -> Path:
+def publish_index(index: LocalIndex, base: str | os.PathLike[str]) -> Path:
     """Writes ``index`` as the next version under ``base`` (atomically: staging folder, then rename); returns its folder."""
     base = Path(base)
     if is_complete(base):
@@ -60,17 +60,12 @@ def publish_index(index: SearchIndex, base: str | os.PathLike[str]) -> Path:
     base.mkdir(parents=True, exist_ok=True)
     for _ in range(10):  # another writer may take the number first
         version = contract.next_version(base)
-        staging = contract.staging_folder(base, version)
-        index.write_folder(staging)
         try:
-            final = contract.publish_version(staging, base, version)
+            with contract.new_version(base, version) as staging:
+                index.write_folder(staging)
         except FileExistsError:
-            shutil.rmtree(staging, ignore_errors=True)
             continue
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        index.version, index.folder = version, final
+        index.version, index.folder = version, base / str(version)
         logger.info("published index version %d (%d items) under %s", version, len(index), base)
-        return final
+        return index.folder
     raise DataError(f"could not take a version number under {base}: other writers keep taking them. Received: 10 tries")

@@ -15,6 +15,7 @@ _HOMES = {
     "BACKBONES": "backbones", "build_backbone": "backbones", "set_trainable": "backbones",
     "BackbonePreprocess": "layers", "CosineClassifier": "layers", "L2Normalize": "layers", "PairDistance": "layers",
     "OUTPUT_KEYS": "siamese", "build_siamese": "siamese", "tower_of": "siamese",
+    "load_tower_weights": "siamese", "read_tower_weights": "siamese", "set_tower_weights": "siamese",
     "build_tower": "tower", "tower_spec": "tower",
     "TTA_MODES": "views", "embed_views": "views", "tta_fingerprint": "views",
 }

@@ -17,11 +17,17 @@ backbone features), so the softmax task of multi-task fine-tuning shapes the
 very space the retrieval uses. Training builds it as a cosine classifier with
 a fixed scale (``classifier_scale``; see ``CosineClassifier``), since a plain
 ``Dense`` on unit vectors learns slowly.
+
+:func:`tower_of` finds the tower in a siamese model; :func:`load_tower_weights`
+copies a checkpoint's tower into a model's (a run's ``init_checkpoint``), the
+head left out.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from street2shop.errors import ConfigError, ModelError
@@ -99,3 +105,46 @@ def tower_of(model: Any) -> Any:
         f"cannot find the embedding tower in model {model.name!r}: expected a layer named 'tower' "
         f"or a single-input, single-output model. Received: layers={[layer.name for layer in model.layers][:10]}"
     )
+
+
+# --------------------------------------------------------------------------- moving a tower's weights
+
+
+def load_tower_weights(model: Any, checkpoint: str | os.PathLike[str]) -> None:
+    """Copies the tower weights of a ``.keras`` checkpoint (a siamese model or a tower) into ``model``'s tower.
+
+    Only the tower: a classifier head, its classes and the optimizer state
+    are not taken. The two towers must have the same architecture (backbone,
+    image size, embedding dimension).
+
+    Raises:
+        ConfigError: the file is missing, or its tower does not fit.
+    """
+    set_tower_weights(model, read_tower_weights(checkpoint), checkpoint)
+
+
+def read_tower_weights(checkpoint: str | os.PathLike[str]) -> list[Any]:
+    """The tower weights of a ``.keras`` checkpoint (a siamese model or a tower), as arrays.
+
+    Raises:
+        ConfigError: the file is missing.
+    """
+    import keras
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ConfigError(f"init_checkpoint not found. Received: init_checkpoint={str(checkpoint)!r}")
+    return tower_of(keras.saving.load_model(path, compile=False)).get_weights()
+
+
+def set_tower_weights(model: Any, weights: list[Any], source: str | os.PathLike[str]) -> None:
+    """Sets ``model``'s tower to ``weights`` (read from ``source``, named in errors and the log).
+
+    Raises:
+        ConfigError: the weights do not fit the tower.
+    """
+    try:
+        tower_of(model).set_weights(weights)
+    except ValueError as e:
+        raise ConfigError(f"the tower of {source} does not fit this model's tower (backbone, image_size, embedding_dim must match): {e}") from None
+    logger.info("tower weights from %s", source)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from street2shop.data.image import Box
-from street2shop.data.records import Record, RecordSet, read_manifest, write_manifest
+from street2shop.data.records import Record, RecordSet, read_manifest_csv, write_manifest
 from street2shop.errors import DataError
 
 HEADER = "image_path,product_id,domain,split,category,bbox_left,bbox_top,bbox_width,bbox_height"
@@ -39,7 +39,7 @@ def test_reads_rows_boxes_and_categories(images):
         "b.jpg,p1,shop,catalog,bags,,,,",
         "sub/c.png,p2,shop,catalog,,,,,",
     )
-    rs = read_manifest(m)
+    rs = read_manifest_csv(m)
     assert isinstance(rs, RecordSet)
     assert rs.missing == []
     assert [(Path(r.image_path).name, r.product_id, r.domain, r.split, r.category) for r in rs] == [
@@ -55,7 +55,7 @@ def test_reads_rows_boxes_and_categories(images):
 def test_missing_required_column_names_file_and_line(images):
     m = write(images / "m.csv", "image_path,product_id,split", "a.jpg,p1,train")
     with pytest.raises(DataError) as e:
-        read_manifest(m)
+        read_manifest_csv(m)
     msg = str(e.value)
     assert str(m) in msg and "line 1" in msg and "domain" in msg
 
@@ -79,7 +79,7 @@ def test_row_errors_name_file_and_line(images, bad_row, words):
     # header is line 1, a good row line 2, the bad row line 3
     m = write(images / "m.csv", HEADER, "a.jpg,p1,street,train,,,,,", bad_row, "a.jpg,p3,shop,catalog,,,,,")
     with pytest.raises(DataError) as e:
-        read_manifest(m)
+        read_manifest_csv(m)
     msg = str(e.value)
     assert str(m) in msg
     assert "line 3" in msg
@@ -89,7 +89,7 @@ def test_row_errors_name_file_and_line(images, bad_row, words):
 
 def test_missing_manifest_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="nope.csv"):
-        read_manifest(tmp_path / "nope.csv")
+        read_manifest_csv(tmp_path / "nope.csv")
 
 
 def test_missing_images_are_counted_not_fatal(images):
@@ -101,7 +101,7 @@ def test_missing_images_are_counted_not_fatal(images):
         "b.jpg,p2,shop,catalog,,,,,",
         "sub/gone2.jpg,p2,street,test,,,,,",
     )
-    rs = read_manifest(m)
+    rs = read_manifest_csv(m)
     assert [Path(r.image_path).name for r in rs] == ["a.jpg", "b.jpg"]
     assert rs.missing == [str(images / "gone1.jpg"), str(images / "sub" / "gone2.jpg")]
     assert "2 missing" in rs.summary()
@@ -110,14 +110,14 @@ def test_missing_images_are_counted_not_fatal(images):
 def test_missing_image_is_fatal_when_strict(images):
     m = write(images / "m.csv", HEADER, "a.jpg,p1,street,train,,,,,", "gone.jpg,p1,shop,catalog,,,,,")
     with pytest.raises(DataError) as e:
-        read_manifest(m, strict=True)
+        read_manifest_csv(m, strict=True)
     msg = str(e.value)
     assert str(m) in msg and "line 3" in msg and "gone.jpg" in msg
 
 
 def test_check_files_false_keeps_rows_of_absent_images(tmp_path):
     m = write(tmp_path / "m.csv", HEADER, "gone.jpg,p1,shop,catalog,,,,,")
-    rs = read_manifest(m, check_files=False)
+    rs = read_manifest_csv(m, check_files=False)
     assert len(rs) == 1 and rs.missing == []
 
 
@@ -128,7 +128,7 @@ def test_unknown_columns_are_kept_as_metadata(images):
         "red,a.jpg,p1,street,train,9.99",
         "blue,b.jpg,p2,shop,catalog,",
     )
-    rs = read_manifest(m)
+    rs = read_manifest_csv(m)
     assert dict(rs.records[0].metadata) == {"colour": "red", "price": "9.99"}
     assert dict(rs.records[1].metadata) == {"colour": "blue", "price": ""}
     assert rs.records[0].category is None and rs.records[0].box is None
@@ -139,7 +139,7 @@ def test_relative_paths_are_relative_to_the_manifest_not_the_cwd(images, tmp_pat
     outside = touch(elsewhere / "abs.jpg")
     monkeypatch.chdir(elsewhere)
     m = write(images / "m.csv", HEADER, "sub/c.png,p1,shop,catalog,,,,,", f"{outside},p1,street,train,,,,,")
-    rs = read_manifest(m)
+    rs = read_manifest_csv(m)
     assert rs.missing == []
     assert Path(rs.records[0].image_path) == (images / "sub" / "c.png").resolve()
     assert Path(rs.records[0].image_path).is_absolute()
@@ -150,7 +150,7 @@ def test_blank_lines_bom_and_spaces_in_header_are_tolerated(images):
     text = "\ufeffimage_path, product_id ,domain,split\n\na.jpg,p1,street,train\n\n"
     m = images / "m.csv"
     m.write_text(text, encoding="utf-8")
-    rs = read_manifest(m)
+    rs = read_manifest_csv(m)
     assert [(r.product_id, r.domain) for r in rs] == [("p1", "street")]
 
 
@@ -163,7 +163,7 @@ def test_write_read_round_trip(images, tmp_path_factory):
         Record(str(outside), "p3", "shop", "catalog", "tops", None, {"photo_id": "7", "note": ""}),
     ]
     m = write_manifest(records, images / "m.csv")
-    back = read_manifest(m, strict=True)
+    back = read_manifest_csv(m, strict=True)
     assert back.records == records
     assert [r.box for r in back] == [Box(381, 385, 33, 82), Box(0, 0.5, 12.25, 7), None, None]
     assert [dict(r.metadata) for r in back] == [dict(r.metadata) for r in records]
@@ -178,7 +178,7 @@ def test_metadata_columns_are_the_union_over_records(images):
         Record(str(images / "a.jpg"), "p1", "shop", "catalog", metadata={"colour": "red"}),
         Record(str(images / "b.jpg"), "p2", "shop", "catalog", metadata={"size": "L"}),
     ]
-    back = read_manifest(write_manifest(records, images / "m.csv"))
+    back = read_manifest_csv(write_manifest(records, images / "m.csv"))
     assert [dict(r.metadata) for r in back] == [{"colour": "red", "size": ""}, {"colour": "", "size": "L"}]
 
 
@@ -190,7 +190,7 @@ def test_write_is_atomic_and_leaves_no_temporary_file(images):
 def test_metadata_cannot_overwrite_the_standard_columns(images):
     r = Record(str(images / "a.jpg"), "p1", "street", "train", "bags", Box(1, 2, 3, 4),
                {"product_id": "WRONG", "bbox_left": "99", "category": "WRONG", "extra": "x"})
-    back = read_manifest(write_manifest([r], images / "m.csv"))
+    back = read_manifest_csv(write_manifest([r], images / "m.csv"))
     (got,) = back.records
     assert (got.product_id, got.category, got.box) == ("p1", "bags", Box(1, 2, 3, 4))
     assert dict(got.metadata) == {"extra": "x"}
@@ -205,7 +205,7 @@ def test_record_pickles_and_deep_copies():
 
 @pytest.mark.skipif(not GROCERY.exists(), reason="grocery data set not present")
 def test_grocery_manifest_reads_as_it_is():
-    rs = read_manifest(GROCERY, strict=True)
+    rs = read_manifest_csv(GROCERY, strict=True)
     assert len(rs) == 3017
     assert rs.missing == []
     assert sum(r.domain == "shop" for r in rs) == 81
@@ -222,14 +222,14 @@ def test_symlinked_image_keeps_its_own_name(images, tmp_path_factory):
     m = write_manifest([Record(str(link), "p1", "shop", "catalog")], images / "m.csv")
     with open(m, newline="", encoding="utf-8") as f:
         assert [row["image_path"] for row in csv.DictReader(f)] == ["linked.jpg"]
-    assert read_manifest(m, strict=True).records[0].image_path == str(link)
+    assert read_manifest_csv(m, strict=True).records[0].image_path == str(link)
 
 
 def test_relative_image_path_is_written_absolute_when_outside(tmp_path, monkeypatch):
     touch(tmp_path / "cwd" / "a.jpg")
     monkeypatch.chdir(tmp_path / "cwd")
     m = write_manifest([Record("a.jpg", "p1", "shop", "catalog")], tmp_path / "out" / "m.csv")
-    back = read_manifest(m, strict=True)
+    back = read_manifest_csv(m, strict=True)
     assert back.records[0].image_path == str(tmp_path / "cwd" / "a.jpg")
 
 

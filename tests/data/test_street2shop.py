@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from street2shop.data.image import Box
-from street2shop.data.records import read_manifest
+from street2shop.data.records import read_manifest_csv
 from street2shop.data.street2shop import CATEGORIES, import_street2shop, read_street2shop
 from street2shop.errors import DataError
 
@@ -290,7 +290,7 @@ def test_import_writes_a_manifest_that_reads_back(tmp_path):
     out = tmp_path / "out" / "manifest.csv"
     rs = import_street2shop(root, out, categories=["bags"])
     assert len(rs) == 5 and len(rs.missing) == 1
-    back = read_manifest(out, strict=True)
+    back = read_manifest_csv(out, strict=True)
     assert back.records == rs.records
     assert Counter((r.domain, r.split) for r in back) == {("street", "train"): 2, ("shop", "catalog"): 3}
     assert back.products() == ["bags/5", "bags/6"]

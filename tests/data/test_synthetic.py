@@ -7,7 +7,7 @@ from PIL import Image
 
 from street2shop.baselines import colour_histogram_embeddings, top_k_accuracy
 from street2shop.data import synthetic
-from street2shop.data.records import read_manifest
+from street2shop.data.records import read_manifest_csv
 from street2shop.errors import ConfigError
 
 SMALL = dict(products=6, street_per_product=4, shop_per_product=1, image_size=64, val_fraction=0.25, categories=3)
@@ -32,7 +32,7 @@ def test_same_seed_same_bytes_and_other_seed_differs(tmp_path):
 
 def test_manifest_reads_back_with_right_counts(tmp_path):
     returned = synthetic.generate(tmp_path, seed=0, **SMALL)
-    records = read_manifest(tmp_path / "manifest.csv", strict=True)
+    records = read_manifest_csv(tmp_path / "manifest.csv", strict=True)
     assert sorted(records.records, key=lambda r: r.image_path) == sorted(returned.records, key=lambda r: r.image_path)
     assert len(records) == 6 * (4 + 1)
     by = Counter((r.domain, r.split) for r in records)

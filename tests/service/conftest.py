@@ -26,10 +26,10 @@ def export_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def labelled_catalogue(synth_dataset, tmp_path_factory) -> Path:
     """The generated dataset's manifest with a product_name column (a label to show)."""
-    from street2shop.data.records import Record, read_manifest, write_manifest
+    from street2shop.data.records import Record, read_manifest_csv, write_manifest
 
     records = [Record(r.image_path, r.product_id, r.domain, r.split, r.category, r.box, {"product_name": f"Product {r.product_id}"})
-               for r in read_manifest(synth_dataset)]
+               for r in read_manifest_csv(synth_dataset)]
     return write_manifest(records, synth_dataset.parent / "labelled.csv")
 
 

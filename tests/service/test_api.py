@@ -17,9 +17,9 @@ pytest.importorskip("fastapi")
 
 
 def street_photos(manifest):
-    from street2shop.data.records import read_manifest
+    from street2shop.data.records import read_manifest_csv
 
-    return [r for r in read_manifest(manifest) if r.domain == "street"]
+    return [r for r in read_manifest_csv(manifest) if r.domain == "street"]
 
 
 @pytest.fixture
@@ -60,7 +60,7 @@ def search_client(client):
 
 def test_search_answers_what_the_library_answers_with_labels_images_and_versions(search_client, client, export_dir, index_base, labelled_catalogue):
     from street2shop.contract import read_card
-    from street2shop.data.records import read_manifest
+    from street2shop.data.records import read_manifest_csv
 
     record = street_photos(labelled_catalogue)[0]
     data = open(record.image_path, "rb").read()
@@ -73,7 +73,7 @@ def test_search_answers_what_the_library_answers_with_labels_images_and_versions
     assert answer.index_version == 1 and answer.model_version == int(export_dir.name)
     assert answer.model_fingerprint == read_card(export_dir)["fingerprint"]
     assert set(answer.timings.model_dump()) == {"embed_ms", "search_ms", "total_ms"}
-    shop = [r for r in read_manifest(labelled_catalogue) if r.domain == "shop" and r.product_id == first.product_id][0]
+    shop = [r for r in read_manifest_csv(labelled_catalogue) if r.domain == "shop" and r.product_id == first.product_id][0]
     image = client.get(first.image_url)
     assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
     assert search_client.image(first) == image.content == open(shop.image_path, "rb").read()
@@ -97,10 +97,10 @@ def test_json_with_base64_answers_as_the_upload_does(client):
 
 
 def test_category_filter_and_an_unknown_category_is_refused_naming_the_known_ones(search_client, labelled_catalogue):
-    from street2shop.data.records import read_manifest
+    from street2shop.data.records import read_manifest_csv
     from street2shop.service.models import ServiceError
 
-    categories = sorted({r.category for r in read_manifest(labelled_catalogue) if r.domain == "shop"})
+    categories = sorted({r.category for r in read_manifest_csv(labelled_catalogue) if r.domain == "shop"})
     answer = search_client.search(make_jpeg(2), category=categories[0])
     assert answer.results and {h.category for h in answer.results} == {categories[0]}
     with pytest.raises(ServiceError) as refused:
@@ -405,7 +405,7 @@ def test_an_index_of_another_model_is_refused_and_the_old_one_keeps_serving(clie
 
 def test_catalogue_updates_reach_the_service_without_a_restart(client, service, export_dir, index_base, labelled_catalogue, tmp_path):
     """An added product is found and a removed one is gone, through the service, on the next poll."""
-    from street2shop.data.records import Record, read_manifest
+    from street2shop.data.records import Record, read_manifest_csv
     from street2shop.embed import embed_catalog
     from street2shop.embedders import LocalEmbedder
     from street2shop.index.updates import update_index
@@ -415,7 +415,7 @@ def test_catalogue_updates_reach_the_service_without_a_restart(client, service, 
     with LocalEmbedder(export_dir) as embedder:
         embed_catalog([Record(str(new_photo), "brand-new", "shop", "catalog", None, None, {"product_name": "Brand new"})],
                       embedder, tmp_path / "added")
-    shop = [r for r in read_manifest(labelled_catalogue) if r.domain == "shop"]
+    shop = [r for r in read_manifest_csv(labelled_catalogue) if r.domain == "shop"]
     removed = shop[0].product_id
     (tmp_path / "remove.txt").write_text(removed + "\n")
 

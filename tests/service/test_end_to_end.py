@@ -96,7 +96,7 @@ def reference_top(export_base, index_base, photo: bytes, box, k: int = 3, catego
 
 
 def test_service_over_the_stand_in_fails_with_503_and_recovers_without_a_restart(deployment, synth_dataset, tmp_path):
-    from street2shop.data.records import read_manifest
+    from street2shop.data.records import read_manifest_csv
     from street2shop.service.client import SearchClient
     from street2shop.service.models import ServiceError
 
@@ -109,7 +109,7 @@ def test_service_over_the_stand_in_fails_with_503_and_recovers_without_a_restart
     client = SearchClient(f"http://127.0.0.1:{http_port}", timeout=60, retries=0)
     try:
         until(lambda: _up(http_port) and client.ready(), "the service to be ready", tmp_path / "service.log")
-        street = [r for r in read_manifest(synth_dataset) if r.domain == "street" and r.split == "val"][0]
+        street = [r for r in read_manifest_csv(synth_dataset) if r.domain == "street" and r.split == "val"][0]
         photo = Path(street.image_path).read_bytes()
         answer = client.search(photo, box=street.box, k=3)
         assert [h.product_id for h in answer.results] == reference_top(export_base, root / "index", photo, street.box)
@@ -139,22 +139,22 @@ def test_service_over_the_stand_in_fails_with_503_and_recovers_without_a_restart
 
 def grocery_catalogue():
     """Grocery's shop photos, each product's supercategory as its category (Fruit, Packages, Vegetables)."""
-    from street2shop.data.records import Record, read_manifest
+    from street2shop.data.records import Record, read_manifest_csv
 
     return [Record(r.image_path, r.product_id, r.domain, r.split, r.metadata["supercategory"], None, {"product_name": r.metadata["product_name"]})
-            for r in read_manifest(GROCERY) if r.domain == "shop"]
+            for r in read_manifest_csv(GROCERY) if r.domain == "shop"]
 
 
 @pytest.fixture(scope="module")
 def page_service(deployment, synth_dataset, tmp_path_factory):
     """One service (the tiny export, embedding in process) for the browser tests: the generated catalogue and, where present, grocery's."""
-    from street2shop.data.records import read_manifest, write_manifest
+    from street2shop.data.records import read_manifest_csv, write_manifest
     from street2shop.embed import embed_source
     from street2shop.index.build import build_index
 
     _, export_base = deployment
     work = tmp_path_factory.mktemp("page")
-    records = [r for r in read_manifest(synth_dataset) if r.domain == "shop"] + (grocery_catalogue() if GROCERY.exists() else [])
+    records = [r for r in read_manifest_csv(synth_dataset) if r.domain == "shop"] + (grocery_catalogue() if GROCERY.exists() else [])
     embed_source(write_manifest(records, work / "catalogue.csv"), work / "embeddings", model=str(export_base))
     build_index([work / "embeddings"], work / "index", kind="exact")
     port = free_port()
@@ -206,9 +206,9 @@ def search_for_cards(page):
 def test_the_web_page_in_headless_chromium(page_service, synth_dataset, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    from street2shop.data.records import read_manifest
+    from street2shop.data.records import read_manifest_csv
 
-    street = [r for r in read_manifest(synth_dataset) if r.domain == "street"][0]
+    street = [r for r in read_manifest_csv(synth_dataset) if r.domain == "street"][0]
     not_a_photo = tmp_path / "notes.jpg"
     not_a_photo.write_text("these are notes, not a photo")
     with sync_playwright() as p:

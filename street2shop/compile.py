@@ -1,0 +1,100 @@
+"""What ``model.compile`` gets from a :class:`~street2shop.config.TrainConfig`, and the compiled siamese model.
+
+- the pair loss (contrastive or robust, with its warm-up switch) and the
+  softmax losses of a class head, with their weights;
+- the metrics: pair metrics, drop rates of the robust loss, and on data with
+  corruption flags the drop's precision and recall (:data:`NOISE_QUANTILES`);
+- the optimizer (AdamW or SGD, the backbone's own learning rate) and its
+  learning-rate schedule;
+- :func:`build_model`: the tower, the siamese model around it, compiled
+  (call it under the strategy's scope).
+
+A new setting of any of these is one config field read here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from street2shop.config import TrainConfig
+
+NOISE_QUANTILES = (0.5, 0.6, 0.7, 0.8, 0.9)  # positive-distance quantiles logged on data with corruption flags
+
+
+def build_model(config: TrainConfig, num_classes: int | None, label_noise: bool = False) -> Any:
+    """The compiled siamese model (call under the strategy's scope); ``label_noise``: see :func:`build_losses_and_metrics`."""
+    from street2shop.model.siamese import build_siamese
+    from street2shop.model.tower import build_tower
+
+    tower = build_tower(image_size=(config.data.image_size, config.data.image_size), **config.model.tower_kwargs())
+    model = build_siamese(tower, num_classes=num_classes, classifier_scale=config.model.get("classifier_scale"))
+    loss, loss_weights, metric_map = build_losses_and_metrics(config, num_classes, label_noise)
+    optimizer = build_optimizer(config)
+    optimizer.set_backbone_variables(tower.get_layer("backbone").trainable_variables)
+    model.compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights, metrics=metric_map)
+    return model
+
+
+def build_losses_and_metrics(config: TrainConfig, num_classes: int | None, label_noise: bool = False):
+    """The ``loss``, ``loss_weights`` and ``metrics`` dicts for ``model.compile``.
+
+    With ``label_noise`` (the training records carry corruption flags: a
+    label-noise benchmark), the pair metrics also measure what the robust
+    loss drops: its precision and recall on the corrupted positives, the mean
+    distances of clean and corrupted positives, their AUC and the positive
+    distances' quantiles ``NOISE_QUANTILES``.
+    """
+    from street2shop import losses, metrics
+
+    lc = config.loss
+    if lc.loss == "robust":
+        pair_loss = losses.RobustContrastiveLoss(**lc.robust_kwargs())
+        if lc.drop_warmup_epochs:
+            # Switched on by DropWarmup; created here, under the caller's strategy scope.
+            pair_loss.active = losses.drop_switch()
+    else:
+        pair_loss = losses.ContrastiveLoss(margin=lc.margin)
+    pair_metrics: list[Any] = [
+        metrics.MeanPositiveDistance(),
+        metrics.MeanNegativeDistance(),
+        metrics.PairAccuracy(threshold=lc.margin / 2),
+    ]
+    if lc.loss == "robust":
+        pair_metrics += [metrics.PositiveDropRate.from_loss(pair_loss), metrics.NegativeDropRate.from_loss(pair_loss)]
+    if label_noise:
+        if lc.loss == "robust":
+            pair_metrics += [metrics.PositiveDropPrecision.from_loss(pair_loss), metrics.PositiveDropRecall.from_loss(pair_loss)]
+        pair_metrics += [metrics.MeanCleanPositiveDistance(), metrics.MeanCorruptedPositiveDistance(), metrics.CorruptedPositiveAUC()]
+        pair_metrics += [metrics.PositiveDistanceQuantile(q) for q in NOISE_QUANTILES]
+    loss: dict[str, Any] = {"distance": pair_loss}
+    loss_weights = {"distance": 1.0}
+    metric_map: dict[str, Any] = {"distance": pair_metrics}
+    if num_classes:
+        for key in ("logits_a", "logits_b"):
+            loss[key] = losses.MaskedSparseCategoricalCrossentropy()
+            loss_weights[key] = 1.0  # w_cls and w_product are per-image sample weights (pair_dataset)
+            metric_map[key] = [metrics.MaskedSparseCategoricalAccuracy(name="accuracy")]
+    return loss, loss_weights, metric_map
+
+
+def build_optimizer(config: TrainConfig):
+    from street2shop.optimizers import BackboneAdamW, BackboneSGD
+
+    fc = config.fit
+    learning_rate = learning_rate_of(config)
+    if fc.optimizer == "sgd":
+        return BackboneSGD(learning_rate=learning_rate, momentum=fc.momentum, nesterov=True,
+                           weight_decay=fc.weight_decay or None, backbone_lr_multiplier=fc.backbone_lr_multiplier)
+    return BackboneAdamW(learning_rate=learning_rate, weight_decay=fc.weight_decay, backbone_lr_multiplier=fc.backbone_lr_multiplier)
+
+
+def learning_rate_of(config: TrainConfig) -> Any:
+    """``learning_rate`` as the optimizer takes it: a float, or a :class:`~street2shop.optimizers.WarmupCosine` over the run's steps."""
+    from street2shop.optimizers import WarmupCosine
+
+    fc = config.fit
+    if fc.lr_schedule == "constant" and not fc.warmup_epochs:
+        return fc.learning_rate
+    steps = max(1, config.data.pairs_per_epoch // fc.batch_size)  # as steps_per_epoch: one step per global batch, whatever the replicas
+    total = steps * fc.epochs
+    return WarmupCosine(fc.learning_rate, total_steps=total, warmup_steps=min(round(steps * fc.warmup_epochs), total - 1), kind=fc.lr_schedule)
