@@ -159,7 +159,8 @@ class SearchIndex:
     float32 query of the index's dimension, ``k`` >= 1, excluded product ids
     as a set). It provides ``__len__``, ``items``, ``image_path``, and the
     searches ``_search`` (the whole catalogue) and ``_search_category``; it
-    may answer several queries at once in ``_search_many``.
+    may answer several queries at once in ``_search_many``, and list its
+    ``categories`` without reading every item.
     """
 
     kind = "base"
@@ -188,6 +189,10 @@ class SearchIndex:
     def image_path(self, image_id: str) -> str | None:
         """The path of the catalogue image with this :attr:`Item.image_id`, or None if the index has none."""
         raise NotImplementedError
+
+    def categories(self) -> list[str]:
+        """The categories of the catalogue's items, sorted (what a category filter can ask for; a backend may know them without reading every item)."""
+        return sorted({item.category for item in self.items if item.category})
 
     def _search(self, query: np.ndarray, k: int, by_product: bool, excluded: frozenset[str], search_k: int | None, rerank: bool) -> list[SearchResult]:
         """The k best answers over the whole catalogue."""

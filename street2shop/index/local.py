@@ -39,6 +39,7 @@ class LocalIndex(SearchIndex):
         self.folder: Path | None = None  # the folder it was loaded from or saved to
         self._items: list[Item] = []
         self._category_rows: dict[str | None, np.ndarray] | None = None
+        self._categories: list[str] | None = None
         self._image_paths: dict[str, str] | None = None
         self._items_view: tuple[tuple[int, int], tuple[Item, ...]] | None = None
 
@@ -64,6 +65,13 @@ class LocalIndex(SearchIndex):
         if self._image_paths is None:
             self._image_paths = {item.image_id: item.image_path for item in self._items if item.image_path}
         return self._image_paths.get(image_id)
+
+    def categories(self) -> list[str]:
+        """The categories of the items not removed, sorted (worked out once)."""
+        if self._categories is None:
+            dead = self.dead
+            self._categories = sorted({item.category for row, item in enumerate(self._items) if item.category and (dead is None or not dead[row])})
+        return list(self._categories)
 
     def category_rows(self, category: str | None) -> np.ndarray:
         """The rows of the items of ``category``."""

@@ -23,8 +23,9 @@ version current when the request started) and knows its health;
 Errors are JSON ``{"detail": ...}``: 400 an image that cannot be used, 413 too
 large, 415 neither multipart nor JSON, 422 bad parameters (and anything the
 service would otherwise have to ignore or change: see :func:`read_search`), 404 unknown image,
-503 (with ``Retry-After``) when TF Serving is down or slow, the index and the
-served model disagree, or the service is at its concurrency limit (it turns
+503 (with ``Retry-After``) when TF Serving is down or slow, the index kept
+elsewhere (Milvus) does not answer, the index and the served model disagree,
+or the service is at its concurrency limit (it turns
 work away at once rather than queueing it without bound).
 """
 
@@ -90,7 +91,6 @@ class Service:
         self.in_flight = 0  # changed only on the event loop's thread
         self._probe: tuple[float, dict[str, Any]] | None = None
         self._probe_lock = threading.Lock()
-        self._categories: tuple[Any, list[str]] | None = None  # (index, its categories), for the last index asked about
 
     def start(self) -> None:
         """Warms the embedder up (the first call traces the model's graph) and starts watching the index base."""
@@ -146,7 +146,10 @@ class Service:
         except ModelMismatchError as e:
             raise ServiceError(503, f"the served model and the index disagree; waiting for an index of the served model: {e}",
                                retry_after=self.config.poll_seconds) from None
-        results = index.query(embedded.vectors[0], k=k, category=category)
+        try:
+            results = index.query(embedded.vectors[0], k=k, category=category)
+        except Street2ShopError as e:  # an index kept elsewhere (Milvus) that does not answer
+            raise ServiceError(503, f"the index does not answer: {e}", retry_after=self.config.poll_seconds) from None
         done = time.perf_counter()
         self.metrics.embed_seconds.observe(embed_done - started)
         self.metrics.search_seconds.observe(done - embed_done)
@@ -175,12 +178,7 @@ class Service:
 
     def check_category(self, index: Any, category: str) -> None:
         """ServiceError 422 unless ``index`` holds items of ``category`` (the refusal lists the categories it has)."""
-        cached = self._categories
-        if cached is None or cached[0] is not index:
-            dead = index.dead
-            names = {item.category for row, item in enumerate(index.items) if item.category and (dead is None or not dead[row])}
-            cached = self._categories = (index, sorted(names))
-        known = cached[1]
+        known = index.categories()
         if category in known:
             return
         if not known:
@@ -191,7 +189,10 @@ class Service:
     def catalogue_image(self, image_id: str) -> tuple[str, str]:
         """``(path, media type)`` of a catalogue image of the served index; ServiceError 404 otherwise."""
         index = self.watcher.current
-        path = index.image_path(image_id) if index is not None and len(image_id) == 16 else None
+        try:
+            path = index.image_path(image_id) if index is not None and len(image_id) == 16 else None
+        except Street2ShopError as e:  # an index kept elsewhere (Milvus) that does not answer
+            raise ServiceError(503, f"the index does not answer: {e}", retry_after=self.config.poll_seconds) from None
         shown = image_id if len(image_id) <= 40 else f"{image_id[:16]}... ({len(image_id):,} characters)"
         if path is None:
             raise ServiceError(404, f"no catalogue image {shown!r} in the index being served (an image id is 16 hex digits)")

@@ -19,7 +19,8 @@ class ServiceConfig:
     """How the service runs (``street2shop service`` flags of the same names).
 
     Args:
-        index: the index base (``INDEX_BASE/<n>/``); the newest complete version is served and swapped live.
+        index: the index base (``INDEX_BASE/<n>/``); the newest complete version is served and swapped live. Or a
+            Milvus index, ``milvus:URI#NAME``: the version its alias names (the token in ``MILVUS_TOKEN``).
         server: TF Serving's gRPC address ``HOST:PORT`` (or ``model``).
         model: an export base or version folder, to embed in this process (or ``server``).
         model_name: the name TF Serving serves the model under.
