@@ -172,6 +172,22 @@ def _wait_indexed(client: Any, target: MilvusTarget, collection: str) -> None:
         waited += 1.0
 
 
+def _wait_lite_index(target: MilvusTarget, collection: str) -> None:
+    """Milvus Lite reports its vector index built at once and builds it in a background thread: waits for that thread.
+
+    Best effort, through Milvus Lite's own objects in this process: if they have moved, the index is built a little later.
+    """
+    if not target.is_lite:
+        return
+    try:
+        from milvus_lite.server_manager import server_manager_instance
+
+        _, db, _ = server_manager_instance._servers[os.path.abspath(target.uri)]
+        db.get_collection(collection)._wait_for_bg()
+    except Exception as e:  # noqa: BLE001 - private to Milvus Lite
+        logger.debug("could not wait for Milvus Lite's background index build of %s: %s", collection, e)
+
+
 def publish_version(client: Any, target: MilvusTarget, version: int, collection: str, *, next_row: int, categories: Iterable[str],
                     keep: int = DEFAULT_KEEP) -> int:
     """Makes a filled collection the live version: flush, index, load, mark it finished, move the alias; returns its count.
@@ -180,6 +196,7 @@ def publish_version(client: Any, target: MilvusTarget, version: int, collection:
     """
     call(target, f"flush {collection}", client.flush, collection)
     _wait_indexed(client, target, collection)
+    _wait_lite_index(target, collection)
     ensure_loaded(client, target, collection)
     total = count(client, target, collection)
     call(target, f"mark {collection} finished", client.alter_collection_properties, collection, properties={
