@@ -207,8 +207,11 @@ def connect(target: MilvusTarget) -> Any:
                 import milvus_lite  # noqa: F401
             except ImportError:
                 raise ConfigError("a Milvus Lite file (.db) needs milvus-lite: pip install 'street2shop[milvus]'. Received: no module milvus_lite") from None
+        # pymilvus pings every 10 s, more often than Milvus Lite's in-process gRPC server allows: it would answer
+        # with GOAWAY (too_many_pings) during a long wait. Nothing is between the two on loopback to keep alive.
+        options = {"grpc_options": {"grpc.keepalive_time_ms": 3_600_000}} if target.is_lite else {}
         try:
-            client = module.MilvusClient(uri=target.uri, token=token, timeout=CONNECT_SECONDS)
+            client = module.MilvusClient(uri=target.uri, token=token, timeout=CONNECT_SECONDS, **options)
         except Exception as e:  # noqa: BLE001 - pymilvus raises its own kinds, and gRPC's
             if target.is_lite and _lite_held(target.uri):
                 raise DataError(f"the Milvus Lite file {target.uri} is open in another process (Milvus Lite allows one process at a "

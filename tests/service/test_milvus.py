@@ -7,13 +7,10 @@ first product is known by hand: the photo's own.
 
 from __future__ import annotations
 
-import threading
-import time
-
 import numpy as np
 import pytest
 
-from tests.service.conftest import make_jpeg
+from tests.service.conftest import make_jpeg, swap_under_load
 
 pytest.importorskip("fastapi")
 pytest.importorskip("milvus_lite")
@@ -96,31 +93,8 @@ def test_the_service_follows_the_alias_with_no_request_failing_and_sees_updates_
         ready = client.get("/readyz").json()
         assert ready["ready"] is True and ready["index"]["base"] == spec and ready["index"]["version"] == 1
 
-        answers, stop = [], threading.Event()  # (sent, answered, status, index version)
-
-        def hammer():
-            while not stop.is_set():
-                sent = time.monotonic()
-                r = post(client, shop["photos"][5], k=3)
-                answers.append((sent, time.monotonic(), r.status_code, r.json().get("index_version")))
-
-        threads = [threading.Thread(target=hammer) for _ in range(3)]
-        for t in threads:
-            t.start()
-        while len(answers) < 3:
-            time.sleep(0.05)
-        build_milvus([shop["emb"]], spec, index_type="FLAT")  # version 2, while requests run
-        swap_started = time.monotonic()
-        assert service.watcher.check() is True
-        swapped = time.monotonic()
-        while sum(1 for a in answers if a[0] > swapped) < 3:
-            time.sleep(0.05)
-        stop.set()
-        for t in threads:
-            t.join(30)
-        assert {status for _, _, status, _ in answers} == {200}  # none failed
-        assert {v for _, done, _, v in answers if done < swap_started} == {1}
-        assert {v for sent, _, _, v in answers if sent > swapped} == {2}
+        swap_under_load(service, lambda: build_milvus([shop["emb"]], spec, index_type="FLAT"),
+                        lambda: post(client, shop["photos"][5], k=3))
 
         # An update in place: no new version; the next poll reads the new count and categories.
         new_photo = make_jpeg(99, size=(40, 40))
