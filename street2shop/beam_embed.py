@@ -557,15 +557,17 @@ class MilvusRun(NamedTuple):
     collection: str
     identity: ModelIdentity  # the model its properties name (the export's card)
     client: Any
+    keep: int
 
 
-def _milvus_version(spec: str, options: PipelineOptions, model_path: str, index_type: str, keep: int) -> MilvusRun:
+def _milvus_version(spec: str, options: PipelineOptions, model_path: str, index_type: str | None, keep: int | None) -> MilvusRun:
     """The next version of the Milvus index ``spec`` names, made empty for the run's workers to fill."""
     from street2shop.index.milvus import connect, parse_target
-    from street2shop.index.milvus_write import check_keep, create_version, preflight
+    from street2shop.index.milvus_write import DEFAULT_INDEX_TYPE, DEFAULT_KEEP, check_keep, create_version, preflight
 
     target = parse_target(spec)
-    check_keep(keep)
+    index_type = index_type or DEFAULT_INDEX_TYPE
+    keep = check_keep(DEFAULT_KEEP if keep is None else keep)
     direct = options.view_as(DirectOptions)
     if target.is_lite and ((options.view_as(StandardOptions).runner or "DirectRunner") not in LOCAL_RUNNERS
                            or direct.direct_running_mode == "multi_processing"):
@@ -581,7 +583,7 @@ def _milvus_version(spec: str, options: PipelineOptions, model_path: str, index_
     preflight(client, target, index_type)
     version, collection = create_version(client, target, identity, index_type=index_type)
     logger.info("the run goes into %s version %d (%s)", target, version, collection)
-    return MilvusRun(target, version, collection, identity, client)
+    return MilvusRun(target, version, collection, identity, client, keep)
 
 
 def worker_error(error: BaseException) -> Street2ShopError | None:
@@ -613,8 +615,8 @@ def beam_embed(
     model_handler: SavedModelHandler | None = None,
     quiet_workers: bool = True,
     to_milvus: str | None = None,
-    index_type: str = "HNSW",
-    keep: int = 2,
+    index_type: str | None = None,
+    keep: int | None = None,
 ) -> BeamEmbedResult:
     """``street2shop beam-embed``: the shop photos of a manifest (or a glob of shards), embedded on Beam into ``out``.
 
@@ -629,7 +631,8 @@ def beam_embed(
         quiet_workers: keep TensorFlow's C++ start-up lines off the workers' stderr (see :class:`SavedModelHandler`).
         model_handler: another handler (tests).
         to_milvus: ``milvus:URI#NAME``: also write the run into the next version of that Milvus index (see the module doc).
-        index_type, keep: that version's vector index, and the versions kept (:func:`street2shop.index.milvus_write.build_milvus`).
+        index_type, keep: that version's vector index, and the versions kept (None: the defaults of
+            :func:`street2shop.index.milvus_write.build_milvus`).
 
     Raises:
         ConfigError: an unknown Beam option, a bad setting.
@@ -666,7 +669,7 @@ def beam_embed(
                                          f"says {milvus.identity}; nothing was published to {milvus.target}. Received: fingerprint={identity.fingerprint!r}")
             published = {"index": milvus.target.spec, "version": milvus.version, "collection": milvus.collection,
                          "count": publish_version(milvus.client, milvus.target, milvus.version, milvus.collection,
-                                                  next_row=len(manifests) << 32, categories=categories, keep=keep)}
+                                                  next_row=len(manifests) << 32, categories=categories, keep=milvus.keep)}
     except BaseException as e:
         if FileSystems.exists(run_dir):
             FileSystems.delete([run_dir])

@@ -184,7 +184,7 @@ def cmd_beam_embed(args: argparse.Namespace) -> int:
         min_batch_size=args.min_batch_size, shard_rows=args.shard_rows, crop_to_box=not args.no_crop,
         decode_check=args.decode_check, runner=args.runner, pipeline_args=args.pipeline_args,
         quiet_workers=getattr(args, "verbose", 0) < 2,  # as main() keeps this process's quiet unless -vv
-        to_milvus=args.to_milvus or None, index_type=args.index_type, keep=args.keep,
+        to_milvus=args.to_milvus or None, **_milvus_settings(args),
     )
     summary = {"out": result.out, "run": result.run, "shards": len(result.shards), "embedded": result.embedded,
                "dead_letter": result.dead_letter, "replaced": result.replaced, "seconds": round(result.seconds, 1),
@@ -201,11 +201,18 @@ def cmd_beam_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
+    from street2shop.errors import ConfigError
+
+    local = {"--out": args.out, "--kind": args.kind != "annoy", "--n-trees": args.n_trees is not None, "--search-k": args.search_k is not None}
+    milvus = {"--uri": args.uri, "--collection": args.collection, "--index-params": args.index_params, "--search-params": args.search_params,
+              "--index-type": args.index_type is not None, "--keep": args.keep is not None}
+    other = [flag for flag, given in (local if args.backend == "milvus" else milvus).items() if given]
+    if other:
+        raise ConfigError(f"{', '.join(other)} belong(s) to the {'local' if args.backend == 'milvus' else 'milvus'} backend, not "
+                          f"--backend {args.backend}. Received: {' '.join(other)}")
     if args.backend == "milvus":
         return _milvus_build(args)
     if not args.out:
-        from street2shop.errors import ConfigError
-
         raise ConfigError("give the index base: --out INDEX_BASE (or --backend milvus --uri URI). Received: no --out")
     from street2shop.index.build import build_index
 
@@ -226,13 +233,18 @@ def _json_flag(name: str, text: str) -> dict[str, Any]:
     return value
 
 
+def _milvus_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """``--index-type`` and ``--keep`` where given (the library's defaults otherwise)."""
+    return {k: v for k, v in (("index_type", args.index_type), ("keep", args.keep)) if v is not None}
+
+
 def _milvus_build(args: argparse.Namespace) -> int:
     from street2shop.errors import ConfigError
     from street2shop.index.milvus_write import build_milvus
 
     if not args.uri:
         raise ConfigError("--backend milvus needs --uri: a Milvus Lite file (catalogue.db) or http://host:19530. Received: no --uri")
-    built = build_milvus(args.embeddings, args.uri, name=args.collection or None, index_type=args.index_type, keep=args.keep,
+    built = build_milvus(args.embeddings, args.uri, name=args.collection or None, **_milvus_settings(args),
                          index_params=_json_flag("index-params", args.index_params),
                          search_params=_json_flag("search-params", args.search_params), progress=not args.json)
     if args.json:
@@ -377,9 +389,10 @@ DEMO_HELP = {
 
 
 def _add_milvus_build_flags(p: argparse.ArgumentParser, *, beam: bool = False) -> None:
-    """The flags of a build into Milvus (``index build --backend milvus``; ``beam-embed --to-milvus``). The token: MILVUS_TOKEN, never a flag."""
-    from street2shop.index.milvus_write import DEFAULT_INDEX_TYPE, DEFAULT_KEEP, INDEX_TYPES
+    """The flags of a build into Milvus (``index build --backend milvus``; ``beam-embed --to-milvus``). The token: MILVUS_TOKEN, never a flag.
 
+    Their defaults are the library's (``index.milvus_write``, which checks the values), so parsing imports no index code.
+    """
     group = p.add_argument_group("Milvus (the token of a server comes from the MILVUS_TOKEN environment variable)")
     if not beam:
         group.add_argument("--backend", choices=("local", "milvus"), default="local",
@@ -388,8 +401,9 @@ def _add_milvus_build_flags(p: argparse.ArgumentParser, *, beam: bool = False) -
         group.add_argument("--collection", default="", help="Milvus: the index's name, the alias of its live version (default: street2shop)")
         group.add_argument("--index-params", default="", help="Milvus: the vector index's build parameters as JSON, e.g. '{\"M\": 32}'")
         group.add_argument("--search-params", default="", help="Milvus: its search parameters as JSON, e.g. '{\"ef\": 256}'")
-    group.add_argument("--index-type", choices=INDEX_TYPES, default=DEFAULT_INDEX_TYPE, help="Milvus: the vector index (Milvus Lite: not IVF_PQ)")
-    group.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="Milvus: versions kept, the live one included (at least 2)")
+    group.add_argument("--index-type", default=None, metavar="TYPE",
+                       help="Milvus: the vector index, HNSW (the default), FLAT, IVF_FLAT, IVF_SQ8 or IVF_PQ (not on Milvus Lite)")
+    group.add_argument("--keep", type=int, default=None, help="Milvus: versions kept, the live one included (at least 2; default 2)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -319,6 +319,11 @@ def test_the_command_line_builds_updates_and_names_the_index_to_search(db, tmp_p
     assert load_index(f"milvus:{db}#cli").config()["search_params"] == {"ef": 64}
     assert main(["index", "build", str(folder), "--backend", "milvus", "--uri", db, "--index-params", "[1]"]) == 2
     assert "--index-params must be a JSON object" in capsys.readouterr().err
+    # A flag of the other backend is refused, not ignored.
+    assert main(["index", "build", str(folder), "--backend", "milvus", "--uri", db, "--kind", "exact"]) == 2
+    assert main(["index", "build", str(folder), "--out", str(tmp_path / "base"), "--collection", "cli"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert "--kind belong(s) to the local backend" in err[0] and "--collection belong(s) to the milvus backend" in err[1]
 
 
 def test_importing_pymilvus_closes_no_handler_of_the_process(tmp_path):

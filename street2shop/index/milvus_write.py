@@ -183,6 +183,7 @@ def _wait_lite_index(target: MilvusTarget, collection: str) -> None:
         from milvus_lite.server_manager import server_manager_instance
 
         _, db, _ = server_manager_instance._servers[os.path.abspath(target.uri)]
+        logger.info("waiting for Milvus Lite to build the vector index of %s (HNSW: minutes per 10^5 vectors on one core)", collection)
         db.get_collection(collection)._wait_for_bg()
     except Exception as e:  # noqa: BLE001 - private to Milvus Lite
         logger.debug("could not wait for Milvus Lite's background index build of %s: %s", collection, e)
