@@ -28,3 +28,40 @@ def pytest_collection_modifyitems(config, items):
         return 0.0 if slow is None else float(slow.kwargs.get("minutes", 1.0))
 
     items.sort(key=lambda item: -minutes(item))
+
+
+# --------------------------------------------------------------------------- peak memory per worker
+
+RSS_BUDGET_GB = 4.0  # what one pytest worker may reach (issue 26); the summary marks a worker above it
+
+
+def _peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
+
+
+def pytest_configure(config):
+    config._peak_rss = {}  # worker id -> peak RSS in GB, filled as the workers finish
+
+
+def pytest_sessionfinish(session):
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: hand the number to the controller
+        workeroutput["peak_rss_gb"] = _peak_rss_gb()
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook
+def pytest_testnodedown(node, error):
+    peak = getattr(node, "workeroutput", {}).get("peak_rss_gb")
+    if peak is not None:
+        node.config._peak_rss[node.gateway.id] = peak
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """One line: each worker's peak resident memory (ru_maxrss), so a leak across tests shows in every run."""
+    peaks = dict(config._peak_rss) or ({"main": _peak_rss_gb()} if not hasattr(config, "workerinput") else {})
+    if not peaks:
+        return
+    cells = ", ".join(f"{worker} {gb:.2f} GB" + (" (over the budget)" if gb > RSS_BUDGET_GB else "") for worker, gb in sorted(peaks.items()))
+    terminalreporter.write_line(f"peak RSS per pytest process: {cells}; budget {RSS_BUDGET_GB:g} GB")
