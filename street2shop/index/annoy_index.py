@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from street2shop.errors import ConfigError, DataError, IndexMismatchError
+from street2shop.errors import ConfigError, DataError, IndexMismatchError, check_positive_int
 from street2shop.fileio import fsync_file
 from street2shop.index import ranking
 from street2shop.index.base import (
@@ -35,7 +35,6 @@ from street2shop.index.base import (
     SearchResult,
     _result,
     check_embeddings,
-    check_positive_int,
     load_vectors,
     open_folder,
     read_items,
@@ -128,9 +127,7 @@ class CatalogIndex(SearchIndex):
         self.metric = metric
         self.n_trees = check_positive_int("n_trees", n_trees)
         self.search_k = _check_search_k(search_k)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ConfigError(f"seed must be an integer >= 0. Received: seed={seed!r}")
-        self.seed = int(seed)
+        self.seed = check_positive_int("seed", seed, minimum=0)
         self._annoy = _annoy().AnnoyIndex(self.dimension, self.metric)
         self._annoy.set_seed(self.seed)
         self._chunks: list[np.ndarray] = []

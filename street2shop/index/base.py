@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from street2shop.contract import ModelIdentity, check_same_model
-from street2shop.errors import ConfigError, DataError, IndexMismatchError
+from street2shop.errors import ConfigError, DataError, IndexMismatchError, check_positive_int
 from street2shop.fileio import fsync_dir
 from street2shop.index import ranking
 
@@ -134,11 +134,6 @@ def _result(*, rank: int, item: Item, row: int, similarity: float) -> SearchResu
 
 # ----------------------------------------------------------------------------- checks
 
-
-def check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{name} must be an integer >= 1. Received: {name}={value!r}")
-    return int(value)
 
 
 def check_embeddings(embeddings: Any, items: Sequence[Item], dimension: int) -> np.ndarray:

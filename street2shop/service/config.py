@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from street2shop.errors import ConfigError
+from street2shop.errors import ConfigError, check_positive_int
 
 MiB = 1024 * 1024
 
@@ -46,8 +46,7 @@ class ServiceConfig:
         for name in ("max_upload_mb", "poll_seconds", "timeout", "readiness_seconds"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0. Received: {name}={getattr(self, name)!r}")
-        if self.max_concurrency < 1:
-            raise ConfigError(f"max_concurrency must be >= 1. Received: max_concurrency={self.max_concurrency}")
+        check_positive_int("max_concurrency", self.max_concurrency)
 
     @property
     def max_upload_bytes(self) -> int:

@@ -44,7 +44,7 @@ from tensorflow_serving.apis import (
 )
 
 from street2shop import contract
-from street2shop.errors import ConfigError, ModelError, ServingError, tf_error_text
+from street2shop.errors import ConfigError, ModelError, ServingError, check_positive_int, tf_error_text
 
 logger = logging.getLogger(__name__)
 
@@ -206,8 +206,7 @@ class StandInServer:
         if not isinstance(port, int) or not 0 <= port < 65536:
             raise ConfigError(f"port must be an int in 0..65535 (0 = any free port). Received: port={port!r}")
         for name, value in (("max_batch_size", max_batch_size), ("max_message_bytes", max_message_bytes), ("workers", workers)):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive int. Received: {name}={value!r}")
+            check_positive_int(name, value)
         self.export_base = Path(export_base)
         self.model_name = model_name
         self.host = host
