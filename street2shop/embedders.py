@@ -318,7 +318,8 @@ class GrpcEmbedder(Embedder):
 
     @property
     def dimension(self) -> int:
-        return self.client.dimension
+        """D; like :meth:`identity`, asks the server once (its signature) when no answer has told it yet."""
+        return self.client.fetch_dimension()
 
     def identity(self) -> ModelIdentity:
         return self.client.identity or self.client.probe()
