@@ -120,6 +120,15 @@ def test_newest_version_is_served_and_can_be_named(server, model_name, export_ba
             older.connect()
 
 
+def test_dimension_makes_no_rpc_and_fetch_dimension_asks_once(server, model_name, card):
+    with client_for(server, model_name) as client:
+        assert client.dimension is None and client.calls == 0  # nothing known, nothing asked
+        assert client.fetch_dimension() == card["dimension"] and client.calls == 1  # GetModelMetadata
+        assert client.dimension == card["dimension"] and client.fetch_dimension() == card["dimension"] and client.calls == 1
+    with client_for(server, model_name, expected_dimension=card["dimension"]) as client:
+        assert client.dimension == card["dimension"] and client.calls == 0
+
+
 def test_model_status(server, model_name, served_version):
     with client_for(server, model_name) as client:
         assert client.model_status() == [{"version": served_version, "state": "AVAILABLE", "error": ""}]
