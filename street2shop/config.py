@@ -19,6 +19,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from street2shop.errors import ConfigError
 from street2shop.fileio import write_atomic
 from street2shop.model.backbones import BACKBONES  # the registry; imports no Keras
@@ -265,8 +267,8 @@ def field_owners() -> dict[str, str]:
     return {f.name: section for section, kind in TrainConfig.SECTIONS.items() for f in dataclasses.fields(kind)}
 
 
-def _coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
-    kind = field.type if not isinstance(field.type, str) else eval(field.type, {}, {})  # noqa: S307 - our own annotations
+def _coerce(name: str, kind: Any, value: Any, source: str) -> Any:
+    """``value`` (from TOML, JSON or a flag's text) as field ``name``'s type ``kind``, or ConfigError."""
     if isinstance(kind, types.UnionType):
         kind = next(t for t in typing.get_args(kind) if t is not type(None))
     if kind is bool:
@@ -297,15 +299,22 @@ def _coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
             return ""
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    raise ConfigError(f"{source}: {field.name} must be {kind.__name__}. Received: {field.name}={value!r}")
+    raise ConfigError(f"{source}: {name} must be {kind.__name__}. Received: {name}={value!r}")
 
 
 def section_from_dict(kind: type, values: dict[str, Any], *, source: str) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(kind)}
-    unknown = set(values) - set(fields)
+    """A config dataclass ``kind`` from ``{field: value}``, each value coerced to its field's type; unknown keys are errors."""
+    types_of = field_types(kind)
+    unknown = set(values) - set(types_of)
     if unknown:
-        raise ConfigError(f"{source}: unknown field(s) {sorted(unknown)}. Known: {', '.join(fields)}")
-    return kind(**{k: _coerce(fields[k], v, source) for k, v in values.items()})
+        raise ConfigError(f"{source}: unknown field(s) {sorted(unknown)}. Known: {', '.join(types_of)}")
+    return kind(**{k: _coerce(k, types_of[k], v, source) for k, v in values.items()})
+
+
+def field_types(kind: type) -> dict[str, Any]:
+    """A dataclass's field name → its type, the annotations resolved (``typing.get_type_hints``)."""
+    hints = typing.get_type_hints(kind)
+    return {f.name: hints[f.name] for f in dataclasses.fields(kind)}
 
 
 def read_config_values(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -325,25 +334,9 @@ def load_config(path: str | os.PathLike[str]) -> TrainConfig:
     return TrainConfig.from_dict(read_config_values(path), source=str(path))
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-
-
 def save_config(config: TrainConfig, path: str | os.PathLike[str]) -> Path:
     """Writes TOML (or JSON for a ``.json`` path) atomically."""
     path = Path(path)
     data = config.to_dict()
-    if path.suffix.lower() == ".json":
-        text = json.dumps(data, indent=2) + "\n"
-    else:
-        lines = []
-        for section, values in data.items():
-            lines.append(f"[{section}]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
-            lines.append("")
-        text = "\n".join(lines)
+    text = json.dumps(data, indent=2) + "\n" if path.suffix.lower() == ".json" else tomli_w.dumps(data)
     return write_atomic(path, text)
