@@ -142,3 +142,42 @@ def test_evaluate_with_a_missing_split_lists_the_splits_there_are(synth_dataset,
     assert main(["evaluate", str(synth_dataset), "--split", "test", "--index", str(tmp_path / "no-index"), "--model", "unused"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no street photo of split 'test'" in err and "split(s) ['train', 'val']" in err
+
+
+def test_a_config_dataclass_field_is_a_flag_with_its_type_default_and_help():
+    import dataclasses
+
+    from street2shop.cli import add_dataclass_flags, config_of
+    from street2shop.config import setting
+
+    @dataclasses.dataclass(frozen=True)
+    class Settings:
+        where: str = dataclasses.field(metadata={"help": "a folder"})
+        rounds: int = setting(3, "how many rounds")
+        rate: float = setting(0.5, "a share")
+        check: bool = setting(True, "check first")
+        internal: str = "not a flag"  # no help: no flag
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_flags(parser, Settings)
+    args = parser.parse_args(["--where", "w", "--rounds", "7", "--no-check"])
+    assert config_of(Settings, args) == Settings("w", 7, 0.5, False)
+    assert config_of(Settings, parser.parse_args(["--where", "w"])) == Settings("w")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--rounds", "2"])  # --where is required: the field has no default
+    assert "--internal" not in parser.format_help()
+    given_only = argparse.ArgumentParser()
+    add_dataclass_flags(given_only, Settings, defaults=Settings("x", rounds=9), only_given=True)
+    assert vars(given_only.parse_args(["--where", "y", "--rate", "0.25"])) == {"where": "y", "rate": 0.25}
+    assert "how many rounds (default: 9)" in " ".join(given_only.format_help().split())
+
+
+def test_the_service_flags_are_the_service_configs_fields():
+    import dataclasses
+
+    from street2shop.service.config import ServiceConfig
+
+    parser = build_parser()
+    args = parser.parse_args(["service", "--index", "idx", "--server", "localhost:8500"])
+    assert {f.name: getattr(args, f.name) for f in dataclasses.fields(ServiceConfig)} == dataclasses.asdict(
+        ServiceConfig(index="idx", server="localhost:8500"))
