@@ -1,4 +1,7 @@
+import ctypes
+import ctypes.util
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -30,9 +33,10 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: -minutes(item))
 
 
-# --------------------------------------------------------------------------- peak memory per worker
+# --------------------------------------------------------------------------- memory: freed after each file, peak reported
 
 RSS_BUDGET_GB = 4.0  # what one pytest worker may reach (issue 26); the summary marks a worker above it
+_GROWTH: dict[str, float] = {}  # test file -> how much it raised this process's peak RSS, in GB
 
 
 def _peak_rss_gb() -> float:
@@ -41,27 +45,62 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
 
 
+def _release_memory() -> None:
+    """Keras' global state cleared, garbage collected, and the C heap's free pages handed back to the system.
+
+    TensorFlow frees its buffers with the C library's allocator, which keeps freed memory for reuse: without the
+    trim, the heap left by one file's models stays resident, fragmented, under the next file's.
+    """
+    sys.modules["keras"].backend.clear_session()  # also gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):  # glibc
+        ctypes.CDLL(libc).malloc_trim(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_tensorflow_state_after_each_file(request):
+    """After a test file (its own module fixtures gone), what its models held is freed (issue 26: a worker reached 10.9 GB).
+
+    Once per file, not per test: a file's module-scoped fixtures hold models its tests build on (clearing Keras'
+    names under them would let a new layer take a name the fixture's model uses), and a collection with TensorFlow
+    loaded takes about a second. Only where Keras was imported, so files that never touch it stay fast.
+    """
+    before = _peak_rss_gb()
+    yield
+    _GROWTH[request.node.nodeid] = _peak_rss_gb() - before
+    if "keras" in sys.modules:
+        _release_memory()
+
+
 def pytest_configure(config):
-    config._peak_rss = {}  # worker id -> peak RSS in GB, filled as the workers finish
+    config._peak_rss = {}  # worker id -> (peak RSS in GB, the files that raised it most), filled as the workers finish
+
+
+def _largest_growth() -> list[tuple[str, float]]:
+    return sorted(((f, g) for f, g in _GROWTH.items() if g >= 0.05), key=lambda fg: -fg[1])[:3]
 
 
 def pytest_sessionfinish(session):
     workeroutput = getattr(session.config, "workeroutput", None)
-    if workeroutput is not None:  # an xdist worker: hand the number to the controller
+    if workeroutput is not None:  # an xdist worker: hand the numbers to the controller
         workeroutput["peak_rss_gb"] = _peak_rss_gb()
+        workeroutput["rss_growth"] = _largest_growth()
 
 
 @pytest.hookimpl(optionalhook=True)  # an xdist hook
 def pytest_testnodedown(node, error):
-    peak = getattr(node, "workeroutput", {}).get("peak_rss_gb")
-    if peak is not None:
-        node.config._peak_rss[node.gateway.id] = peak
+    output = getattr(node, "workeroutput", {})
+    if "peak_rss_gb" in output:
+        node.config._peak_rss[node.gateway.id] = (output["peak_rss_gb"], output.get("rss_growth", []))
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    """One line: each worker's peak resident memory (ru_maxrss), so a leak across tests shows in every run."""
-    peaks = dict(config._peak_rss) or ({"main": _peak_rss_gb()} if not hasattr(config, "workerinput") else {})
+    """Each worker's peak resident memory (ru_maxrss) and the files that raised it most, so a leak shows in every run."""
+    peaks = dict(config._peak_rss) or ({"main": (_peak_rss_gb(), _largest_growth())} if not hasattr(config, "workerinput") else {})
     if not peaks:
         return
-    cells = ", ".join(f"{worker} {gb:.2f} GB" + (" (over the budget)" if gb > RSS_BUDGET_GB else "") for worker, gb in sorted(peaks.items()))
+    cells = ", ".join(f"{worker} {gb:.2f} GB" + (" (over the budget)" if gb > RSS_BUDGET_GB else "") for worker, (gb, _) in sorted(peaks.items()))
     terminalreporter.write_line(f"peak RSS per pytest process: {cells}; budget {RSS_BUDGET_GB:g} GB")
+    for worker, (_, growth) in sorted(peaks.items()):
+        if growth:
+            terminalreporter.write_line(f"  {worker}, the files that raised it most: " + ", ".join(f"{f} +{g:.2f} GB" for f, g in growth))
