@@ -61,11 +61,21 @@ def _release_memory() -> None:
     gc.freeze()
 
 
+def _forget_fastapi_apps() -> None:
+    """FastAPI caches what it learns of each endpoint function in module-level ``lru_cache``s, which keep every app
+    a test made alive, and with it the service and its loaded model (0.4 GB each for the tests' tiny InceptionV3)."""
+    models = sys.modules.get("fastapi.dependencies.models")
+    for value in vars(models).values() if models else ():
+        if callable(getattr(value, "cache_clear", None)):
+            value.cache_clear()
+
+
 @pytest.fixture(autouse=True)
 def _collect_after_each_test():
     """A model is cyclic garbage (its layers, variables and traced functions refer to one another), freed only by a
     collection, and Python's own full collections are rare: without this the models of a file's tests pile up."""
     yield
+    _forget_fastapi_apps()
     if "keras" in sys.modules:  # files that never load Keras stay fast
         gc.collect()
 
