@@ -89,7 +89,7 @@ from street2shop.data.image import DEFAULT_MAX_PIXELS, check_photo
 from street2shop.data.records import Record, catalogue_splits, is_catalogue, manifest_root, manifest_rows
 from street2shop.embedders import call_savedmodel, embed_isolating, load_savedmodel
 from street2shop.embeddings import SHARDS_FILE, SUMMARY_FILE, decode_shards, encode_embeddings, encode_shards
-from street2shop.errors import ConfigError, DataError, ImageError, ModelError, ModelMismatchError, Street2ShopError
+from street2shop.errors import ConfigError, DataError, ImageError, ModelError, ModelMismatchError, Street2ShopError, check_positive_int
 from street2shop.fileio import write_atomic
 from street2shop.items import Item
 
@@ -214,9 +214,8 @@ class SavedModelHandler(ModelHandler):
     """
 
     def __init__(self, model_path: str, *, batch_size: int = 32, min_batch_size: int | None = None, quiet: bool = True) -> None:
-        for name, value in (("batch_size", batch_size), ("min_batch_size", min_batch_size)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{name} must be a positive int. Received: {name}={value!r}")
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("min_batch_size", min_batch_size, allow_none=True)
         smallest = batch_size if min_batch_size is None else min_batch_size
         if smallest > batch_size:
             raise ConfigError(f"min_batch_size must not exceed batch_size. Received: min_batch_size={smallest}, batch_size={batch_size}")
@@ -334,8 +333,7 @@ class EmbedCatalogue(beam.PTransform):
     def __init__(self, run_dir: str, model_handler: SavedModelHandler, *, split: str = "", shard_rows: int = 100_000,
                  crop_to_box: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS, decode_check: bool = False) -> None:
         super().__init__()
-        if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
-            raise ConfigError(f"shard_rows must be a positive int. Received: shard_rows={shard_rows!r}")
+        check_positive_int("shard_rows", shard_rows)
         self.run_dir = run_dir
         self.model_handler = model_handler
         self.split = split

@@ -15,10 +15,11 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from street2shop import __version__
+from street2shop.contract import DEFAULT_MODEL_NAME  # imports no TensorFlow
 from street2shop.errors import Street2ShopError
 from street2shop.model.views import TTA_MODES  # imports no TensorFlow
 
@@ -81,25 +82,45 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- train / export / serve
 
 
+def add_dataclass_flags(parser: Any, kind: type, *, defaults: Any = None, skip: Collection[str] = (), only_given: bool = False) -> None:
+    """A flag per field of config dataclass ``kind`` with a help text (``--image-size`` for ``image_size``): a new setting is one field.
+
+    Type, default and help are the field's (:func:`street2shop.config.setting`); a field without a default is a
+    required flag, a bool one ``--x/--no-x``. ``defaults``: an instance whose values are the defaults shown.
+    ``only_given``: the flag is in the namespace only when given (it overrides a config file).
+    """
+    from street2shop.config import field_types
+
+    for field, kind_of in zip(dataclasses.fields(kind), field_types(kind).values()):
+        if field.name in skip or "help" not in field.metadata:
+            continue
+        default = getattr(defaults, field.name) if defaults is not None else field.default
+        kwargs: dict[str, Any] = {"dest": field.name, "help": field.metadata["help"], "default": default}
+        if kind_of is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:  # int, float or str
+            kwargs.update(type=kind_of, metavar=field.name.upper())
+        if default is dataclasses.MISSING:
+            kwargs.update(required=True, default=None)
+        elif only_given:
+            kwargs.update(default=argparse.SUPPRESS, help=f"{kwargs['help']} (default: {default!r})")
+        parser.add_argument("--" + field.name.replace("_", "-"), **kwargs)
+
+
+def config_of(kind: type, args: argparse.Namespace, **values: Any) -> Any:
+    """An instance of config dataclass ``kind`` from the parsed flags of its fields (and ``values``)."""
+    names = {f.name for f in dataclasses.fields(kind)} - set(values)
+    return kind(**{k: v for k, v in vars(args).items() if k in names}, **values)
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, defaults: Any = None, skip: frozenset[str] = frozenset()) -> None:
-    """A flag per config field (``--image-size`` for ``image_size``), its default from ``defaults`` (a TrainConfig)."""
+    """``--config`` and a flag per training config field, by section, each overriding the file when given."""
     from street2shop.config import TrainConfig
 
     defaults = defaults or TrainConfig()
     parser.add_argument("--config", help="TOML or JSON config file; flags given here override it")
     for section, kind in TrainConfig.SECTIONS.items():
-        group = parser.add_argument_group(f"[{section}]")
-        for field in dataclasses.fields(kind):
-            if field.name in skip:
-                continue
-            flag = "--" + field.name.replace("_", "-")
-            default = getattr(getattr(defaults, section), field.name)
-            kwargs: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS, "help": f"{field.metadata.get('help', '')} (default: {default!r})"}
-            if field.type in (bool, "bool"):
-                kwargs["action"] = argparse.BooleanOptionalAction
-            else:
-                kwargs["metavar"] = field.name.upper()
-            group.add_argument(flag, **kwargs)
+        add_dataclass_flags(parser.add_argument_group(f"[{section}]"), kind, defaults=getattr(defaults, section), skip=skip, only_given=True)
 
 
 def _resolve_train_config(args: argparse.Namespace, defaults: Any = None):
@@ -148,7 +169,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _add_embedder_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="", help="exported model: an export base or version folder (embeds in this process)")
     p.add_argument("--server", default="", help="TF Serving gRPC address HOST:PORT (instead of --model)")
-    p.add_argument("--model-name", default="street2shop", help="model name on the server")
+    p.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help="model name on the server")
     p.add_argument("--batch-size", type=int, default=32, help="images per request")
 
 
@@ -252,8 +273,7 @@ def cmd_service(args: argparse.Namespace) -> int:
     from street2shop.service import serve_http
     from street2shop.service.config import ServiceConfig
 
-    fields = {f.name for f in dataclasses.fields(ServiceConfig)}
-    serve_http(ServiceConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    serve_http(config_of(ServiceConfig, args))
     return 0
 
 
@@ -281,9 +301,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from street2shop.demo import DEMO_TRAINING, DemoConfig, run_demo
 
-    fields = {f.name for f in dataclasses.fields(DemoConfig)} - {"verbose", "train"}
-    config = DemoConfig(**{k: v for k, v in vars(args).items() if k in fields}, verbose=0 if args.json else "auto",
-                        train=_resolve_train_config(args, DEMO_TRAINING))
+    config = config_of(DemoConfig, args, verbose=0 if args.json else "auto", train=_resolve_train_config(args, DEMO_TRAINING))
     summary = run_demo(config)
     if args.json:
         _print_json(summary)
@@ -301,17 +319,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- parser
-
-
-DEMO_HELP = {
-    "workdir": "folder for everything the demo writes (data, run, exports, indexes, report)",
-    "data": "a manifest to use instead of the generated dataset",
-    "eval_split": "split of the street photos used as queries",
-    "products": "products in the generated dataset",
-    "street_per_product": "street photos per generated product",
-    "by_category": "search only the query's category",
-    "model_name": "model name the stand-in server answers to",
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -360,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help=".keras checkpoint (siamese model or tower)")
     p.add_argument("export_base", help="TF Serving model base path; the version goes in a numbered subfolder")
     p.add_argument("--version", type=int, default=None, help="version number (default: next free; never overwrites)")
-    p.add_argument("--model-name", default="street2shop", help="model name used in the warm-up requests")
+    p.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help="model name used in the warm-up requests")
     p.add_argument("--tta", default="none", choices=TTA_MODES,
                    help="test-time augmentation in every signature: the mean of the image and its mirror (flip; 2 tower passes), "
                         "and of their central crops (flip-crops; 4 passes); embed catalogue and queries with the same export")
@@ -369,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("export_base", help="export base path (the newest version is served)")
     p.add_argument("--port", type=int, default=8500, help="gRPC port")
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
-    p.add_argument("--model-name", default="street2shop", help="model name to answer to")
+    p.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help="model name to answer to")
     p.add_argument("--max-batch-size", type=int, default=256, help="largest batch accepted")
 
     p = command(sub, "embed", cmd_embed, "embed the shop images of a manifest (resumable), locally or over gRPC")
@@ -429,18 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(sub, "service", cmd_service, "the search service: an HTTP API and a web page over TF Serving (or --model) and an index base, swapped live")
     p.epilog = "Every flag can be given as an environment variable instead: STREET2SHOP_ and its name (STREET2SHOP_INDEX, STREET2SHOP_MAX_UPLOAD_MB, ...); a flag wins."
-    p.add_argument("--index", default="", help="index base: its newest complete version is served, and a newer one swapped in live")
-    p.add_argument("--server", default="", help="TF Serving gRPC address HOST:PORT")
-    p.add_argument("--model", default="", help="an export base or version folder, to embed in this process instead of --server")
-    p.add_argument("--model-name", default="street2shop", help="model name on the server")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8080, help="HTTP port")
-    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest photo accepted (413 beyond)")
-    p.add_argument("--max-concurrency", type=int, default=8, help="searches worked on at once; more are turned away with 503 and Retry-After")
-    p.add_argument("--poll-seconds", type=float, default=2.0, help="how often the index base is looked at for a new version")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds TF Serving gets per request (503 beyond)")
-    from street2shop.service.config import environment_settings
+    from street2shop.service.config import ServiceConfig, environment_settings  # imports no FastAPI
 
+    add_dataclass_flags(p, ServiceConfig)
     p.set_defaults(**environment_settings(os.environ))  # STREET2SHOP_INDEX etc.: the flags' defaults, so a flag wins
 
     p = command(sub, "evaluate", cmd_evaluate, "top-k accuracy, recall@k, mAP, MRR of street photos against the indexed catalogue")
@@ -459,16 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(sub, "demo", cmd_demo, "the whole pipeline end to end on a generated dataset (or --data)")
     from street2shop.demo import DEMO_SETS, DEMO_TRAINING, DemoConfig
 
-    for field in dataclasses.fields(DemoConfig):
-        if field.name in ("verbose", "train"):
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        if isinstance(field.default, bool):
-            p.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=field.default,
-                           help=DEMO_HELP.get(field.name))
-        else:
-            p.add_argument(flag, dest=field.name, type=type(field.default), default=field.default,
-                           help=DEMO_HELP.get(field.name))
+    add_dataclass_flags(p, DemoConfig)
     _add_config_flags(p, DEMO_TRAINING, skip=DEMO_SETS)
     return parser
 

@@ -183,7 +183,6 @@ def test_service_settings_come_from_the_environment_and_a_flag_wins(service_env)
     "env, message",
     [
         ({}, "give the index base: --index INDEX_BASE (or STREET2SHOP_INDEX)"),
-        ({"STREET2SHOP_INDEX": "/srv/index", "STREET2SHOP_MAX_PIXELS": "lots"}, "max_pixels (STREET2SHOP_MAX_PIXELS) must be a number. Received: max_pixels='lots'"),
         ({"STREET2SHOP_INDEX": "/srv/index", "STREET2SHOP_SERVER": "tfs:8500"}, "give exactly one of --server HOST:PORT or --model EXPORT"),
     ],
 )
@@ -197,9 +196,50 @@ def test_service_settings_that_do_not_make_a_service_are_one_line_errors(env, me
     assert err.count("\n") == 1 and message in err
 
 
-def test_a_service_variable_that_is_not_a_number_names_its_flag(service_env, capsys):
+@pytest.mark.parametrize("name, value, message", [("STREET2SHOP_PORT", "http", "argument --port: invalid int value: 'http'"),
+                                                  ("STREET2SHOP_MAX_PIXELS", "lots", "argument --max-pixels: invalid int value: 'lots'")])
+def test_a_service_variable_that_is_not_a_number_names_its_flag(name, value, message, service_env, capsys):
     monkeypatch = service_env
-    monkeypatch.setenv("STREET2SHOP_PORT", "http")
+    monkeypatch.setenv(name, value)
     with pytest.raises(SystemExit) as info:
         main(["service", "--index", "/srv/index", "--model", "/srv/exports"])
-    assert info.value.code == 2 and "argument --port: invalid int value: 'http'" in capsys.readouterr().err
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_config_dataclass_field_is_a_flag_with_its_type_default_and_help():
+    import dataclasses
+
+    from street2shop.cli import add_dataclass_flags, config_of
+    from street2shop.config import setting
+
+    @dataclasses.dataclass(frozen=True)
+    class Settings:
+        where: str = dataclasses.field(metadata={"help": "a folder"})
+        rounds: int = setting(3, "how many rounds")
+        rate: float = setting(0.5, "a share")
+        check: bool = setting(True, "check first")
+        internal: str = "not a flag"  # no help: no flag
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_flags(parser, Settings)
+    args = parser.parse_args(["--where", "w", "--rounds", "7", "--no-check"])
+    assert config_of(Settings, args) == Settings("w", 7, 0.5, False)
+    assert config_of(Settings, parser.parse_args(["--where", "w"])) == Settings("w")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--rounds", "2"])  # --where is required: the field has no default
+    assert "--internal" not in parser.format_help()
+    given_only = argparse.ArgumentParser()
+    add_dataclass_flags(given_only, Settings, defaults=Settings("x", rounds=9), only_given=True)
+    assert vars(given_only.parse_args(["--where", "y", "--rate", "0.25"])) == {"where": "y", "rate": 0.25}
+    assert "how many rounds (default: 9)" in " ".join(given_only.format_help().split())
+
+
+def test_the_service_flags_are_the_service_configs_fields():
+    import dataclasses
+
+    from street2shop.service.config import ServiceConfig
+
+    parser = build_parser()
+    args = parser.parse_args(["service", "--index", "idx", "--server", "localhost:8500"])
+    assert {f.name: getattr(args, f.name) for f in dataclasses.fields(ServiceConfig)} == dataclasses.asdict(
+        ServiceConfig(index="idx", server="localhost:8500"))

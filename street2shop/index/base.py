@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from street2shop.contract import ModelIdentity, check_same_model
-from street2shop.errors import ConfigError, DataError, IndexMismatchError
+from street2shop.errors import ConfigError, DataError, IndexMismatchError, check_positive_int
 from street2shop.index import ranking
 from street2shop.items import Item, image_id
 
@@ -68,11 +68,6 @@ def _result(*, rank: int, item: Item, row: int, similarity: float) -> SearchResu
 
 # ----------------------------------------------------------------------------- checks
 
-
-def check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{name} must be an integer >= 1. Received: {name}={value!r}")
-    return int(value)
 
 
 def check_embeddings(embeddings: Any, items: Sequence[Item], dimension: int) -> np.ndarray:
