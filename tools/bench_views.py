@@ -13,9 +13,13 @@ protocol (the ``val`` street photos against every shop photo), with:
   both;
 - ``street-refs``: the shop photos plus the *training* street photos, labelled
   with their product, as references: a shop's own labelled customer photos
-  (reviews, earlier searches) indexed beside its catalogue. Another protocol
-  (the gallery holds street photos), reported apart: the queries are still
-  other photos than those indexed.
+  (reviews, earlier searches) indexed beside its catalogue, as
+  ``street2shop embed --domains shop,street --reference-splits <train split>``
+  selects them (:func:`street2shop.data.records.catalogue_records`, the same
+  records; kept in the order shop photos, then street photos, as before, so
+  earlier results reproduce). Another protocol (the gallery holds street
+  photos), reported apart: the queries are still other photos than those
+  indexed.
 
 The baseline (``none``) must reproduce the run's own result exactly; the tool
 stops otherwise. Paired differences against ``none`` over the runs (seeds) and
@@ -88,6 +92,16 @@ def embed_pixels(tower, pixels, tta, batch=64):
     return np.concatenate([embed_views(tower, pixels[i:i + batch], tta).numpy() for i in range(0, len(pixels), batch)])
 
 
+def customer_references(command, gallery):
+    """The training street photos ``embed --domains shop,street --reference-splits <train split>`` indexes beside ``gallery``."""
+    from street2shop.data.records import catalogue_records
+
+    references = catalogue_records(command["manifest"], domains="shop,street", reference_splits=command["train_split"])
+    if [r for r in references if r.domain == "shop"] != list(gallery):
+        raise SystemExit("street-refs: the package's catalogue photos are not this run's gallery: this tool measures something else")
+    return [r for r in references if r.domain == "street"]
+
+
 def evaluate_run(result_path, conditions, strength, seed):
     import numpy as np
 
@@ -101,7 +115,7 @@ def evaluate_run(result_path, conditions, strength, seed):
     records = read_manifest_csv(command["manifest"])
     queries = [r for r in records if r.domain == "street" and r.split == command["eval_split"]]
     gallery = [r for r in records if r.domain == "shop"]
-    street = [r for r in records if r.domain == "street" and r.split == command["train_split"]]
+    street = customer_references(command, gallery) if any(parse(c)[2] for c in conditions) else []
     tower = tower_of(load_checkpoint(run / "last.keras"))
     size = int(tower.inputs[0].shape[1])
     out = {}
