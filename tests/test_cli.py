@@ -242,3 +242,18 @@ def test_customer_photos_as_references_embedded_indexed_searched_and_kept_out_of
     assert main([*evaluate, "--split", "val", "--out", str(tmp_path / "r-val"), "--json"]) == 0
     report = json.loads((tmp_path / "r-val" / "report.json").read_text())["runs"]["model"]
     assert report["references"] == {"shop": len(shop), "street": len(train), "products_with_customer_photos": len(shop)}
+
+
+def test_the_readme_customer_photo_commands_parse():
+    """The commands of README.md's "Customer photos as references" (not run: they need the recipe's export)."""
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("**Customer photos as references.**", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    commands = [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    assert [c[:2] for c in commands] == [["street2shop", "embed"], ["street2shop", "index"], ["street2shop", "evaluate"]]
+    embed = build_parser().parse_args(commands[0][1:])
+    assert (embed.domains, embed.reference_splits) == ("shop,street", "train")
+    for command in commands[1:]:
+        build_parser().parse_args(command[1:])
