@@ -243,7 +243,8 @@ class Hit(BaseModel):
     similarity: float = Field(description="cosine similarity of the photo and the product's best reference image (matched), in [-1, 1]")
     category: str | None = None
     labels: dict[str, str] = Field(default_factory=dict, description="the catalogue manifest's other columns (product_name, ...), "
-                                                                     "of the product's catalogue photo")
+                                                                     "of the product's catalogue photo (of the customer photo matched "
+                                                                     "when the product has none)")
     image_id: str | None = Field(description="the stable id of the product's catalogue photo to show: the matched image when it is a "
                                              "catalogue photo, else the product's first one; null when the index holds only customer "
                                              "photos of the product")
