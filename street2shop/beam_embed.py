@@ -6,7 +6,7 @@ Flink, Spark, or Beam's local runner), built from the same parts:
 ::
 
     manifest shards (a CSV or a glob; FileSystems, so gs:// and s3:// too)
-      → rows (data.records.manifest_rows) → shop photos (data.records.is_catalogue) → Reshuffle
+      → rows (data.records.manifest_rows) → references (data.records.is_catalogue) → Reshuffle
       → image bytes (FileSystems) → checks (data.image.check_photo) ──────────────► dead letter
       → RunInference(KeyedModelHandler(SavedModelHandler)).with_exception_handling()
             model rejects an image: its batch is retried image by image
@@ -86,12 +86,20 @@ finally:
 from street2shop import contract, errors
 from street2shop.contract import ModelIdentity
 from street2shop.data.image import DEFAULT_MAX_PIXELS, check_photo
-from street2shop.data.records import Record, catalogue_splits, is_catalogue, manifest_root, manifest_rows
+from street2shop.data.records import (
+    DEFAULT_REFERENCE_SPLITS,
+    Record,
+    catalogue_splits,
+    is_catalogue,
+    manifest_root,
+    manifest_rows,
+    reference_domains,
+)
 from street2shop.embedders import call_savedmodel, embed_isolating, load_savedmodel
 from street2shop.embeddings import SHARDS_FILE, SUMMARY_FILE, decode_shards, encode_embeddings, encode_shards
 from street2shop.errors import ConfigError, DataError, ImageError, ModelError, ModelMismatchError, Street2ShopError, check_positive_int
 from street2shop.fileio import write_atomic
-from street2shop.items import Item
+from street2shop.items import Item, domain_counts
 
 logger = logging.getLogger(__name__)
 
@@ -303,7 +311,8 @@ class WriteShard(beam.DoFn):
         identity = ModelIdentity(models[0][0], self.version, models[0][1]) if len(models) == 1 else None
         dimension = models[0][1] if len(models) == 1 else 0
         vectors = np.stack([v for _, v in embedded]) if embedded else np.zeros((0, dimension), np.float32)
-        extra = {"manifest": shard[0], "block": shard[1], "dead_letter": len(dead)}
+        extra = {"manifest": shard[0], "block": shard[1], "dead_letter": len(dead),
+                 "references": domain_counts(Item.from_record(row.record) for row, _ in embedded)}
         if len(models) > 1:
             extra["models"] = [fingerprint for fingerprint, _ in models]
         files = encode_embeddings(vectors, [Item.from_record(row.record) for row, _ in embedded], identity,
@@ -326,26 +335,31 @@ class EmbedCatalogue(beam.PTransform):
         run_dir: str. The run's folder (``OUT/run-...``); shards go under it.
         model_handler: the :class:`SavedModelHandler` (or one like it).
         split: str. Only shop photos of these comma-separated splits (all if empty).
+        domains: str. The photos to embed as references: ``shop``, ``street`` or ``shop,street``.
+        reference_splits: str. With ``street``: the street photos of these comma-separated splits.
         shard_rows: int. Manifest lines per output shard (each an embeddings folder).
         crop_to_box, max_pixels, decode_check: as for ``street2shop embed``.
     """
 
-    def __init__(self, run_dir: str, model_handler: SavedModelHandler, *, split: str = "", shard_rows: int = 100_000,
+    def __init__(self, run_dir: str, model_handler: SavedModelHandler, *, split: str = "", domains: str = "shop",
+                 reference_splits: str = DEFAULT_REFERENCE_SPLITS, shard_rows: int = 100_000,
                  crop_to_box: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS, decode_check: bool = False) -> None:
         super().__init__()
         check_positive_int("shard_rows", shard_rows)
         self.run_dir = run_dir
         self.model_handler = model_handler
         self.split = split
+        self.domains = reference_domains(domains)
+        self.reference_splits = reference_splits
         self.shard_rows = shard_rows
         self.checks = {"crop_to_box": crop_to_box, "max_pixels": max_pixels, "decode_check": decode_check}
 
     def expand(self, manifests: beam.PCollection) -> beam.PCollection:
-        split, shard_rows = self.split, self.shard_rows
+        split, domains, reference_splits, shard_rows = self.split, self.domains, self.reference_splits, self.shard_rows
         rows = (
             manifests
             | "Rows" >> beam.FlatMap(read_manifest_file)
-            | "Catalogue" >> beam.Filter(lambda row: is_catalogue(row.record, split))
+            | "Catalogue" >> beam.Filter(lambda row: is_catalogue(row.record, split, domains=domains, reference_splits=reference_splits))
             | "Spread" >> beam.Reshuffle()
         )
         read = rows | "ReadAndCheck" >> beam.ParDo(ReadAndCheck(**self.checks)).with_outputs(DEAD, main="images")
@@ -387,6 +401,7 @@ class BeamEmbedResult:
     identity: ModelIdentity
     replaced: str | None
     seconds: float
+    references: dict[str, int] = dataclasses.field(default_factory=lambda: {"shop": 0, "street": 0})  # embedded, by domain
 
 
 def pipeline_options(runner: str = "DirectRunner", args: Sequence[str] = ()) -> PipelineOptions:
@@ -478,8 +493,11 @@ def write_file(path: str, data: bytes) -> None:
         write_atomic(path, data)
 
 
-def publish(out: str, run: str, previous: dict[str, Any] | None, *, source: str, model_path: str) -> tuple[list[str], int, int, ModelIdentity]:
+def publish(out: str, run: str, previous: dict[str, Any] | None, *, source: str,
+            model_path: str) -> tuple[list[str], int, int, ModelIdentity, dict[str, int]]:
     """Checks a finished run's shards and makes it the output: ``shards.json`` names them, the replaced run is deleted.
+
+    ``shards.json`` also counts the images embedded, by domain (``references``: catalogue and customer photos).
 
     Raises:
         ModelMismatchError: the run's batches came from two models.
@@ -499,14 +517,15 @@ def publish(out: str, run: str, previous: dict[str, Any] | None, *, source: str,
     if embedded == 0:
         reasons = [f"{p}: {why}" for r in records for p, why in list(r.get("skipped", {}).items())[:2]][:3]
         raise DataError(
-            f"nothing embedded from {source}: {dead} catalogue images all landed in the dead letter"
-            + (f" ({'; '.join(reasons)})" if reasons else " (no shop photo of the split(s) asked for?)")
+            f"nothing embedded from {source}: {dead} reference images all landed in the dead letter"
+            + (f" ({'; '.join(reasons)})" if reasons else " (no photo of the domain(s) and split(s) asked for?)")
             + f"; nothing was published{' and the previous output is kept' if previous else ''}. Received: 0 images embedded"
         )
     identity = ModelIdentity.from_dict(next(r for r in records if r.get("fingerprint")))
     assert identity is not None
     relative = [f"{run}/{s}" for s in shards]
-    data = encode_shards(run, relative, identity, embedded, dead, source=source, model_path=model_path,
+    references = {domain: sum(int(r.get("references", {}).get(domain, 0)) for r in records) for domain in ("shop", "street")}
+    data = encode_shards(run, relative, identity, embedded, dead, source=source, model_path=model_path, references=references,
                          dead_letter=f"{run}/shard-*/{DEAD_LETTER_FILE}",
                          created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     write_file(FileSystems.join(out, SHARDS_FILE), data)
@@ -514,7 +533,7 @@ def publish(out: str, run: str, previous: dict[str, Any] | None, *, source: str,
         old = FileSystems.join(out, previous["run"])
         if FileSystems.exists(old):
             FileSystems.delete([old])
-    return relative, embedded, dead, identity
+    return relative, embedded, dead, identity, references
 
 
 def worker_error(error: BaseException) -> Street2ShopError | None:
@@ -535,6 +554,8 @@ def beam_embed(
     *,
     model: str,
     split: str = "",
+    domains: str = "shop",
+    reference_splits: str = DEFAULT_REFERENCE_SPLITS,
     batch_size: int = 32,
     min_batch_size: int | None = None,
     shard_rows: int = 100_000,
@@ -546,13 +567,17 @@ def beam_embed(
     model_handler: SavedModelHandler | None = None,
     quiet_workers: bool = True,
 ) -> BeamEmbedResult:
-    """``street2shop beam-embed``: the shop photos of a manifest (or a glob of shards), embedded on Beam into ``out``.
+    """``street2shop beam-embed``: the reference photos of a manifest (or a glob of shards), embedded on Beam into ``out``.
 
     Args:
         manifest: a manifest CSV or a glob of shards (local, ``gs://``, ``s3://``...).
         out: the output folder: ``shards.json`` and the run's shards.
         model: an export base (local: its newest version) or a version folder.
-        split, crop_to_box, max_pixels, decode_check: which images, and their checks, as ``street2shop embed``.
+        split, domains, reference_splits, crop_to_box, max_pixels, decode_check: which images (by default the shop
+            photos; ``domains="shop,street"`` adds the street photos of ``reference_splits`` as references of their
+            products: :func:`~street2shop.data.records.is_catalogue`), and their checks, as ``street2shop embed``.
+            A domain asked for of which nothing was embedded is not an error here (the run learns it only at its
+            end, and its other references are good): the log warns, and ``shards.json`` counts the references by domain.
         batch_size, min_batch_size: images per model call (see :class:`SavedModelHandler`).
         shard_rows: manifest lines per output shard (an embeddings folder of up to that many vectors).
         runner, pipeline_args: Beam's runner and its standard options.
@@ -573,17 +598,20 @@ def beam_embed(
     handler = model_handler or SavedModelHandler(model_path, batch_size=batch_size, min_batch_size=min_batch_size, quiet=quiet_workers)
     run = f"run-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
     run_dir = FileSystems.join(out, run)
-    transform = EmbedCatalogue(run_dir, handler, split=split, shard_rows=shard_rows, crop_to_box=crop_to_box,
-                               max_pixels=max_pixels, decode_check=decode_check)
-    logger.info("embedding %s (%d manifest file(s), split %s) with %s into %s on %s", manifest, len(manifests),
-                sorted(catalogue_splits(split)) or "all", model_path, run_dir, options.view_as(StandardOptions).runner)
+    kinds = reference_domains(domains)
+    transform = EmbedCatalogue(run_dir, handler, split=split, domains=",".join(kinds), reference_splits=reference_splits,
+                               shard_rows=shard_rows, crop_to_box=crop_to_box, max_pixels=max_pixels, decode_check=decode_check)
+    chosen = [f"{domain} photos of split(s) {sorted(catalogue_splits(splits)) or 'all'}"
+              for domain, splits in (("shop", split), ("street", reference_splits)) if domain in kinds]
+    logger.info("embedding %s (%d manifest file(s); %s) with %s into %s on %s", manifest, len(manifests), " and ".join(chosen),
+                model_path, run_dir, options.view_as(StandardOptions).runner)
     start = time.perf_counter()
     try:
         pipeline = beam.Pipeline(runner=make_runner(options), options=options)
         _ = pipeline | "Manifests" >> beam.Create(list(enumerate(manifests))) | "Embed" >> transform
         result = pipeline.run()
         result.wait_until_finish()
-        shards, embedded, dead, identity = publish(out, run, previous, source=manifest, model_path=model_path)
+        shards, embedded, dead, identity, references = publish(out, run, previous, source=manifest, model_path=model_path)
     except BaseException as e:
         if FileSystems.exists(run_dir):
             FileSystems.delete([run_dir])
@@ -595,4 +623,8 @@ def beam_embed(
     log = logger.warning if dead else logger.info
     log("embedded %d images into %d shards of %s (%s); %d in the dead letter (%s)", embedded, len(shards), out, identity,
         dead, FileSystems.join(run_dir, "shard-*", DEAD_LETTER_FILE))
-    return BeamEmbedResult(out, run, shards, embedded, dead, identity, previous.get("run") if previous else None, seconds)
+    for domain, splits, flag in (("shop", split, "--split"), ("street", reference_splits, "--reference-splits")):
+        if domain in kinds and not references[domain]:
+            logger.warning("no %s photo of split(s) %s of %s was embedded: the output holds none (%s %r)", domain,
+                           sorted(catalogue_splits(splits)) or "any", manifest, flag, splits)
+    return BeamEmbedResult(out, run, shards, embedded, dead, identity, previous.get("run") if previous else None, seconds, references)

@@ -173,20 +173,37 @@ def _add_embedder_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per request")
 
 
+def _add_reference_flags(p: argparse.ArgumentParser) -> None:
+    """Which photos of the manifest become references (embed, beam-embed): data.records.is_catalogue's settings."""
+    p.add_argument("--split", default="", help="only shop images of these comma-separated splits (default: all shop images)")
+    p.add_argument("--domains", default="shop", help="the photos to index as references: shop (the catalogue), or shop,street to add "
+                   "labelled customer photos as references of their products (street alone: customer photos only, e.g. for index update)")
+    p.add_argument("--reference-splits", default="train", help="with --domains ...street: only street photos of these comma-separated "
+                   "splits (keep the photos you evaluate with out of the index)")
+
+
+def _references(counts: dict[str, int]) -> str:
+    """`` (81 catalogue photos, 2640 customer photos)`` when there are customer photos, else nothing."""
+    return f" ({counts['shop']} catalogue photos, {counts['street']} customer photos)" if counts.get("street") else ""
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     from street2shop.embed import embed_source
+    from street2shop.items import domain_counts
 
     result = embed_source(
-        args.manifest, args.out, split=args.split, model=args.model or None, server=args.server or None,
+        args.manifest, args.out, split=args.split, domains=args.domains, reference_splits=args.reference_splits,
+        model=args.model or None, server=args.server or None,
         model_name=args.model_name, batch_size=args.batch_size, chunk_size=args.chunk_size, in_flight=args.in_flight,
         crop_to_box=not args.no_crop, progress=not args.json,
     )
-    summary = {"out": args.out, "embedded": len(result.items), "skipped": len(result.skipped), "resumed_chunks": result.resumed_chunks,
-               "model": result.identity.to_dict()}
+    summary = {"out": args.out, "embedded": len(result.items), "references": domain_counts(result.items), "skipped": len(result.skipped),
+               "resumed_chunks": result.resumed_chunks, "model": result.identity.to_dict()}
     if args.json:
         _print_json(summary)
     else:
-        print(f"embedded {summary['embedded']} images ({summary['skipped']} skipped) with {result.identity} into {args.out}")
+        print(f"embedded {summary['embedded']} images{_references(summary['references'])} ({summary['skipped']} skipped) "
+              f"with {result.identity} into {args.out}")
     return 0
 
 
@@ -201,18 +218,19 @@ def cmd_beam_embed(args: argparse.Namespace) -> int:
         raise ConfigError("beam-embed needs Apache Beam: pip install 'street2shop[beam]'. Received: no module apache_beam") from None
 
     result = beam_embed(
-        args.manifest, args.out, model=args.model, split=args.split, batch_size=args.batch_size,
+        args.manifest, args.out, model=args.model, split=args.split, domains=args.domains, reference_splits=args.reference_splits,
+        batch_size=args.batch_size,
         min_batch_size=args.min_batch_size, shard_rows=args.shard_rows, crop_to_box=not args.no_crop,
         decode_check=args.decode_check, runner=args.runner, pipeline_args=args.pipeline_args,
         quiet_workers=getattr(args, "verbose", 0) < 2,  # as main() keeps this process's quiet unless -vv
     )
     summary = {"out": result.out, "run": result.run, "shards": len(result.shards), "embedded": result.embedded,
-               "dead_letter": result.dead_letter, "replaced": result.replaced, "seconds": round(result.seconds, 1),
+               "references": result.references, "dead_letter": result.dead_letter, "replaced": result.replaced, "seconds": round(result.seconds, 1),
                "model": result.identity.to_dict()}
     if args.json:
         _print_json(summary)
     else:
-        print(f"embedded {result.embedded} images ({result.dead_letter} in the dead letter) with {result.identity} "
+        print(f"embedded {result.embedded} images{_references(result.references)} ({result.dead_letter} in the dead letter) with {result.identity} "
               f"into {len(result.shards)} shards of {result.out}")
     return 0
 
@@ -257,15 +275,21 @@ def cmd_search(args: argparse.Namespace) -> int:
         args.photos, index=args.index, model=args.model or None, server=args.server or None, model_name=args.model_name,
         boxes=args.box, k=args.k, category=args.category or None, batch_size=args.batch_size,
     )
+    def shown(answer: Any, r: Any) -> str | None:  # the product's catalogue photo, whatever image matched
+        photo = answer.catalogue_photo(r)
+        return photo.image_path if photo is not None else None
+
     if args.json:
-        _print_json({a.photo: ([dataclasses.asdict(r) for r in a.results] if a.error is None else {"error": a.error}) for a in answers})
+        _print_json({a.photo: ([{**dataclasses.asdict(r), "catalogue_image": shown(a, r)} for r in a.results] if a.error is None
+                               else {"error": a.error}) for a in answers})
     else:
         for answer in answers:
             print(answer.photo)
             if answer.error is not None:
                 print(f"  error: {answer.error}")
             for r in answer.results:
-                print(f"  {r.rank:>3}. {r.product_id:<24} {r.similarity:6.3f}  {r.image_path}")
+                matched = f"  (matched a customer photo: {r.image_path})" if r.domain == "street" else ""
+                print(f"  {r.rank:>3}. {r.product_id:<24} {r.similarity:6.3f}  {shown(answer, r) or '(no catalogue photo)'}{matched}")
     return 0 if all(a.error is None for a in answers) else 1
 
 
@@ -379,14 +403,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help="model name to answer to")
     p.add_argument("--max-batch-size", type=int, default=256, help="largest batch accepted")
 
-    p = command(sub, "embed", cmd_embed, "embed the shop images of a manifest (resumable), locally or over gRPC")
+    p = command(sub, "embed", cmd_embed, "embed the shop images of a manifest (and, if asked, labelled customer photos) as references (resumable), locally or over gRPC")
     p.add_argument("manifest", help="manifest CSV, or a folder of catalogue images (product id = file name)")
     p.add_argument("--out", required=True, help="output folder (embeddings.npy, items.jsonl; chunks for resuming)")
-    p.add_argument("--split", default="", help="only shop images of these comma-separated splits (default: all shop images)")
+    _add_reference_flags(p)
     _add_embedder_flags(p)
     p.add_argument("--in-flight", type=int, default=2, help="requests in flight at once")
     p.add_argument("--chunk-size", type=int, default=256, help="images per saved chunk (the unit of resuming)")
-    p.add_argument("--no-crop", action="store_true", help="ignore boxes of shop images")
+    p.add_argument("--no-crop", action="store_true", help="ignore the images' boxes")
 
     p = command(sub, "beam-embed", cmd_beam_embed, "embed the shop images of a manifest (or a glob of shards) on Apache Beam "
                 "(RunInference) into sharded embeddings; needs street2shop[beam]")
@@ -396,11 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest", help="manifest CSV, or a glob of manifest shards (local, gs://, s3://)")
     p.add_argument("--out", required=True, help="output folder: shards.json and the run's shards (a re-run replaces it whole)")
     p.add_argument("--model", required=True, help="an export base (its newest version) or version folder; remote: the version folder")
-    p.add_argument("--split", default="", help="only shop images of these comma-separated splits (default: all shop images)")
+    _add_reference_flags(p)
     p.add_argument("--batch-size", type=int, default=32, help="most images per model call")
     p.add_argument("--min-batch-size", type=int, default=None, help="fewest images per model call (default: --batch-size)")
     p.add_argument("--shard-rows", type=int, default=100_000, help="manifest lines per output shard (an embeddings folder)")
-    p.add_argument("--no-crop", action="store_true", help="ignore boxes of shop images")
+    p.add_argument("--no-crop", action="store_true", help="ignore the images' boxes")
     p.add_argument("--decode-check", action="store_true", help="decode each image before the model (catches truncated files earlier)")
     p.add_argument("--runner", default="DirectRunner",
                    help="Beam runner; DirectRunner runs Beam's FnApiRunner (never Prism, which downloads a binary)")

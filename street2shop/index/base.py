@@ -44,9 +44,12 @@ class SearchResult:
         product_id: str, the product of the matched image.
         similarity: float, cosine similarity between the query and the image, in [-1, 1].
         row: int, the image's row in the index (0-based, in the order added).
-        image_path: str, the image's path as given to ``add``.
+        image_path: str, the matched image's path as given to ``add``.
         category: str | None, the image's category.
         labels: mapping, the image's labels (the manifest's other columns).
+        domain: str, what the matched image is: ``"shop"`` (a catalogue photo) or ``"street"`` (a customer
+            photo indexed as a reference of the product; :func:`street2shop.items.catalogue_photos` gives the
+            product's catalogue photo to show instead).
 
     Example:
         >>> best = index.query(embedding, k=5)[0]
@@ -60,10 +63,11 @@ class SearchResult:
     image_path: str
     category: str | None
     labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    domain: str = "shop"
 
 
 def _result(*, rank: int, item: Item, row: int, similarity: float) -> SearchResult:
-    return SearchResult(rank, item.product_id, similarity, row, item.image_path, item.category, item.labels)
+    return SearchResult(rank, item.product_id, similarity, row, item.image_path, item.category, item.labels, item.domain)
 
 
 # ----------------------------------------------------------------------------- checks

@@ -9,10 +9,13 @@ version current when the request started) and knows its health;
   "k": 20, "box": [left, top, width, height], "category": ...}`` (TF Serving's
   REST convention for bytes), each body a model of
   :mod:`~street2shop.service.models` that parses it and documents it →
-  ranked products with their labels, similarity and catalogue image URL, the
-  index and model versions, the fingerprint and timings;
+  ranked products with their labels, similarity, catalogue image URL and the
+  image matched (a catalogue photo, or a customer photo indexed as a
+  reference: the product's catalogue photo is shown either way), the index
+  and model versions, the fingerprint and timings;
 - ``GET /v1/catalogue/images/{image_id}``: a catalogue image, by the index's
-  stable image id only (never by a path taken from a request);
+  stable image id only (never by a path taken from a request; customer
+  photos are not served);
 - ``GET /healthz`` (the process lives), ``GET /readyz`` (an index is loaded, the
   embedder answers, and they are the same model; a JSON detail of why not),
   ``GET /metrics`` (Prometheus);
@@ -56,6 +59,7 @@ from street2shop.errors import (
     Street2ShopError,
 )
 from street2shop.index.base import image_id as make_image_id
+from street2shop.items import catalogue_photos
 from street2shop.service import models
 from street2shop.service.config import ServiceConfig
 from street2shop.service.models import ServiceError
@@ -90,7 +94,7 @@ class Service:
         self.in_flight = 0  # changed only on the event loop's thread
         self._probe: tuple[float, dict[str, Any]] | None = None
         self._probe_lock = threading.Lock()
-        self._categories: tuple[Any, list[str]] | None = None  # (index, its categories), for the last index asked about
+        self._facts: tuple[Any, _IndexFacts] | None = None  # (index, what it holds), for the last index asked about
 
     def start(self) -> None:
         """Warms the embedder up (the first call traces the model's graph) and starts watching the index base."""
@@ -147,22 +151,12 @@ class Service:
             raise ServiceError(503, f"the served model and the index disagree; waiting for an index of the served model: {e}",
                                retry_after=self.config.poll_seconds) from None
         results = index.query(embedded.vectors[0], k=k, category=category)
+        photos = self.facts(index).photos
         done = time.perf_counter()
         self.metrics.embed_seconds.observe(embed_done - started)
         self.metrics.search_seconds.observe(done - embed_done)
         return {
-            "results": [
-                {
-                    "rank": r.rank,
-                    "product_id": r.product_id,
-                    "similarity": round(r.similarity, 6),
-                    "category": r.category,
-                    "labels": dict(r.labels),
-                    "image_id": make_image_id(r.image_path or r.product_id),
-                    "image_url": f"/v1/catalogue/images/{make_image_id(r.image_path or r.product_id)}",
-                }
-                for r in results
-            ],
+            "results": [_hit(r, photos.get(r.product_id)) for r in results],
             "index_version": index.version,
             "model_version": identity.version if identity else None,
             "model_fingerprint": identity.fingerprint if identity else None,
@@ -173,14 +167,16 @@ class Service:
             },
         }
 
+    def facts(self, index: Any) -> _IndexFacts:
+        """What ``index`` holds besides its vectors (worked out once per index version)."""
+        cached = self._facts
+        if cached is None or cached[0] is not index:
+            cached = self._facts = (index, _IndexFacts(index))
+        return cached[1]
+
     def check_category(self, index: Any, category: str) -> None:
         """ServiceError 422 unless ``index`` holds items of ``category`` (the refusal lists the categories it has)."""
-        cached = self._categories
-        if cached is None or cached[0] is not index:
-            dead = index.dead
-            names = {item.category for row, item in enumerate(index.items) if item.category and (dead is None or not dead[row])}
-            cached = self._categories = (index, sorted(names))
-        known = cached[1]
+        known = self.facts(index).categories
         if category in known:
             return
         if not known:
@@ -195,6 +191,8 @@ class Service:
         shown = image_id if len(image_id) <= 40 else f"{image_id[:16]}... ({len(image_id):,} characters)"
         if path is None:
             raise ServiceError(404, f"no catalogue image {shown!r} in the index being served (an image id is 16 hex digits)")
+        if image_id in self.facts(index).customer_photos:
+            raise ServiceError(404, f"image {shown!r} is a customer photo indexed as a reference; the service serves catalogue photos only")
         try:
             with open(path, "rb") as handle:
                 head = handle.read(16)
@@ -234,6 +232,39 @@ class Service:
         detail["ready"] = not problems
         detail["problems"] = problems
         return not problems, detail
+
+
+class _IndexFacts:
+    """What the service asks of an index version besides searches, worked out once per version (one pass over its items).
+
+    ``categories``: those of its live items; ``photos``: each product's catalogue photo
+    (:func:`~street2shop.items.catalogue_photos`); ``customer_photos``: the image ids of its customer photos (not served).
+    """
+
+    def __init__(self, index: Any) -> None:
+        items, dead = index.items, getattr(index, "dead", None)
+        self.categories = sorted({item.category for row, item in enumerate(items) if item.category and (dead is None or not dead[row])})
+        self.photos = catalogue_photos(items, dead)
+        shop = {item.image_id for item in items if item.domain == "shop"}
+        self.customer_photos = {item.image_id for item in items if item.domain == "street"} - shop
+
+
+def _hit(result: Any, photo: Any) -> dict[str, Any]:
+    """A search result as the API answers it: the product's catalogue photo (``photo``, its first) shown when the match was a
+    customer photo, and what matched. A product with customer photos only has no image to show (``image_id`` null)."""
+    matched = make_image_id(result.image_path or result.product_id)
+    shown = result if result.domain == "shop" else photo
+    shown_id = matched if result.domain == "shop" else (photo.image_id if photo is not None else None)
+    return {
+        "rank": result.rank,
+        "product_id": result.product_id,
+        "similarity": round(result.similarity, 6),
+        "category": (shown or result).category,
+        "labels": dict((shown or result).labels),
+        "image_id": shown_id,
+        "image_url": f"/v1/catalogue/images/{shown_id}" if shown_id is not None else None,
+        "matched": {"image_id": matched, "domain": result.domain},
+    }
 
 
 def _route_label(path: str) -> str:
