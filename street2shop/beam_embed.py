@@ -6,7 +6,7 @@ Flink, Spark, or Beam's local runner), built from the same parts:
 ::
 
     manifest shards (a CSV or a glob; FileSystems, so gs:// and s3:// too)
-      → rows (data.records.manifest_rows) → shop photos (data.records.is_catalogue) → Reshuffle
+      → rows (data.records.manifest_rows) → references (data.records.is_catalogue) → Reshuffle
       → image bytes (FileSystems) → checks (data.image.check_photo) ──────────────► dead letter
       → RunInference(KeyedModelHandler(SavedModelHandler)).with_exception_handling()
             model rejects an image: its batch is retried image by image
@@ -99,12 +99,20 @@ finally:
 from street2shop import contract, errors
 from street2shop.contract import ModelIdentity
 from street2shop.data.image import DEFAULT_MAX_PIXELS, check_photo
-from street2shop.data.records import Record, catalogue_splits, is_catalogue, manifest_root, manifest_rows
+from street2shop.data.records import (
+    DEFAULT_REFERENCE_SPLITS,
+    Record,
+    catalogue_splits,
+    is_catalogue,
+    manifest_root,
+    manifest_rows,
+    reference_domains,
+)
 from street2shop.embedders import call_savedmodel, embed_isolating, load_savedmodel
 from street2shop.embeddings import SHARDS_FILE, SUMMARY_FILE, decode_shards, encode_embeddings, encode_shards
-from street2shop.errors import ConfigError, DataError, ImageError, ModelError, ModelMismatchError, Street2ShopError
+from street2shop.errors import ConfigError, DataError, ImageError, ModelError, ModelMismatchError, Street2ShopError, check_positive_int
 from street2shop.fileio import write_atomic
-from street2shop.items import Item
+from street2shop.items import Item, domain_counts
 
 logger = logging.getLogger(__name__)
 
@@ -227,9 +235,8 @@ class SavedModelHandler(ModelHandler):
     """
 
     def __init__(self, model_path: str, *, batch_size: int = 32, min_batch_size: int | None = None, quiet: bool = True) -> None:
-        for name, value in (("batch_size", batch_size), ("min_batch_size", min_batch_size)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{name} must be a positive int. Received: {name}={value!r}")
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("min_batch_size", min_batch_size, allow_none=True)
         smallest = batch_size if min_batch_size is None else min_batch_size
         if smallest > batch_size:
             raise ConfigError(f"min_batch_size must not exceed batch_size. Received: min_batch_size={smallest}, batch_size={batch_size}")
@@ -318,7 +325,8 @@ class WriteShard(beam.DoFn):
         identity = ModelIdentity(models[0][0], self.version, models[0][1]) if len(models) == 1 else None
         dimension = models[0][1] if len(models) == 1 else 0
         vectors = np.stack([v for _, v in embedded]) if embedded else np.zeros((0, dimension), np.float32)
-        extra: dict[str, Any] = {"manifest": shard[0], "block": shard[1], "dead_letter": len(dead)}
+        extra: dict[str, Any] = {"manifest": shard[0], "block": shard[1], "dead_letter": len(dead),
+                                 "references": domain_counts(Item.from_record(row.record) for row, _ in embedded)}
         if len(models) > 1:
             extra["models"] = [fingerprint for fingerprint, _ in models]
         items = [Item.from_record(row.record) for row, _ in embedded]
@@ -351,30 +359,34 @@ class EmbedCatalogue(beam.PTransform):
         run_dir: str. The run's folder (``OUT/run-...``); shards go under it.
         model_handler: the :class:`SavedModelHandler` (or one like it).
         split: str. Only shop photos of these comma-separated splits (all if empty).
+        domains: str. The photos to embed as references: ``shop``, ``street`` or ``shop,street``.
+        reference_splits: str. With ``street``: the street photos of these comma-separated splits.
         shard_rows: int. Manifest lines per output shard (each an embeddings folder).
         crop_to_box, max_pixels, decode_check: as for ``street2shop embed``.
         milvus: ``(uri, name, collection)``: also upsert each shard's rows into that Milvus collection.
     """
 
-    def __init__(self, run_dir: str, model_handler: SavedModelHandler, *, split: str = "", shard_rows: int = 100_000,
+    def __init__(self, run_dir: str, model_handler: SavedModelHandler, *, split: str = "", domains: str = "shop",
+                 reference_splits: str = DEFAULT_REFERENCE_SPLITS, shard_rows: int = 100_000,
                  crop_to_box: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS, decode_check: bool = False,
                  milvus: tuple[str, str, str] | None = None) -> None:
         super().__init__()
-        if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
-            raise ConfigError(f"shard_rows must be a positive int. Received: shard_rows={shard_rows!r}")
+        check_positive_int("shard_rows", shard_rows)
         self.run_dir = run_dir
         self.model_handler = model_handler
         self.split = split
+        self.domains = reference_domains(domains)
+        self.reference_splits = reference_splits
         self.shard_rows = shard_rows
         self.checks = {"crop_to_box": crop_to_box, "max_pixels": max_pixels, "decode_check": decode_check}
         self.milvus = milvus
 
     def expand(self, manifests: beam.PCollection) -> beam.PCollection:
-        split, shard_rows = self.split, self.shard_rows
+        split, domains, reference_splits, shard_rows = self.split, self.domains, self.reference_splits, self.shard_rows
         rows = (
             manifests
             | "Rows" >> beam.FlatMap(read_manifest_file)
-            | "Catalogue" >> beam.Filter(lambda row: is_catalogue(row.record, split))
+            | "Catalogue" >> beam.Filter(lambda row: is_catalogue(row.record, split, domains=domains, reference_splits=reference_splits))
             | "Spread" >> beam.Reshuffle()
         )
         read = rows | "ReadAndCheck" >> beam.ParDo(ReadAndCheck(**self.checks)).with_outputs(DEAD, main="images")
@@ -416,6 +428,7 @@ class BeamEmbedResult:
     identity: ModelIdentity
     replaced: str | None
     seconds: float
+    references: dict[str, int] = dataclasses.field(default_factory=lambda: {"shop": 0, "street": 0})  # embedded, by domain
     milvus: dict[str, Any] | None = None  # with --to-milvus: the index, version, collection and count published
 
 
@@ -508,10 +521,13 @@ def write_file(path: str, data: bytes) -> None:
         write_atomic(path, data)
 
 
-def publish(out: str, run: str, previous: dict[str, Any] | None, *, source: str, model_path: str) -> tuple[list[str], int, int, ModelIdentity, set[str]]:
+def publish(out: str, run: str, previous: dict[str, Any] | None, *, source: str,
+            model_path: str) -> tuple[list[str], int, int, ModelIdentity, dict[str, int], set[str]]:
     """Checks a finished run's shards and makes it the output: ``shards.json`` names them, the replaced run is deleted.
 
-    Returns the shards, the counts embedded and in the dead letter, the model, and the categories the shards recorded (``--to-milvus``).
+    ``shards.json`` also counts the images embedded, by domain (``references``: catalogue and customer photos).
+    Returns the shards, the counts embedded and in the dead letter, the model, the references by domain, and the
+    categories the shards recorded (``--to-milvus``).
 
     Raises:
         ModelMismatchError: the run's batches came from two models.
@@ -531,14 +547,15 @@ def publish(out: str, run: str, previous: dict[str, Any] | None, *, source: str,
     if embedded == 0:
         reasons = [f"{p}: {why}" for r in records for p, why in list(r.get("skipped", {}).items())[:2]][:3]
         raise DataError(
-            f"nothing embedded from {source}: {dead} catalogue images all landed in the dead letter"
-            + (f" ({'; '.join(reasons)})" if reasons else " (no shop photo of the split(s) asked for?)")
+            f"nothing embedded from {source}: {dead} reference images all landed in the dead letter"
+            + (f" ({'; '.join(reasons)})" if reasons else " (no photo of the domain(s) and split(s) asked for?)")
             + f"; nothing was published{' and the previous output is kept' if previous else ''}. Received: 0 images embedded"
         )
     identity = ModelIdentity.from_dict(next(r for r in records if r.get("fingerprint")))
     assert identity is not None
     relative = [f"{run}/{s}" for s in shards]
-    data = encode_shards(run, relative, identity, embedded, dead, source=source, model_path=model_path,
+    references = {domain: sum(int(r.get("references", {}).get(domain, 0)) for r in records) for domain in ("shop", "street")}
+    data = encode_shards(run, relative, identity, embedded, dead, source=source, model_path=model_path, references=references,
                          dead_letter=f"{run}/shard-*/{DEAD_LETTER_FILE}",
                          created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     write_file(FileSystems.join(out, SHARDS_FILE), data)
@@ -546,7 +563,7 @@ def publish(out: str, run: str, previous: dict[str, Any] | None, *, source: str,
         old = FileSystems.join(out, previous["run"])
         if FileSystems.exists(old):
             FileSystems.delete([old])
-    return relative, embedded, dead, identity, {c for r in records for c in r.get("categories", [])}
+    return relative, embedded, dead, identity, references, {c for r in records for c in r.get("categories", [])}
 
 
 class MilvusRun(NamedTuple):
@@ -604,6 +621,8 @@ def beam_embed(
     *,
     model: str,
     split: str = "",
+    domains: str = "shop",
+    reference_splits: str = DEFAULT_REFERENCE_SPLITS,
     batch_size: int = 32,
     min_batch_size: int | None = None,
     shard_rows: int = 100_000,
@@ -618,13 +637,17 @@ def beam_embed(
     index_type: str | None = None,
     keep: int | None = None,
 ) -> BeamEmbedResult:
-    """``street2shop beam-embed``: the shop photos of a manifest (or a glob of shards), embedded on Beam into ``out``.
+    """``street2shop beam-embed``: the reference photos of a manifest (or a glob of shards), embedded on Beam into ``out``.
 
     Args:
         manifest: a manifest CSV or a glob of shards (local, ``gs://``, ``s3://``...).
         out: the output folder: ``shards.json`` and the run's shards.
         model: an export base (local: its newest version) or a version folder.
-        split, crop_to_box, max_pixels, decode_check: which images, and their checks, as ``street2shop embed``.
+        split, domains, reference_splits, crop_to_box, max_pixels, decode_check: which images (by default the shop
+            photos; ``domains="shop,street"`` adds the street photos of ``reference_splits`` as references of their
+            products: :func:`~street2shop.data.records.is_catalogue`), and their checks, as ``street2shop embed``.
+            A domain asked for of which nothing was embedded is not an error here (the run learns it only at its
+            end, and its other references are good): the log warns, and ``shards.json`` counts the references by domain.
         batch_size, min_batch_size: images per model call (see :class:`SavedModelHandler`).
         shard_rows: manifest lines per output shard (an embeddings folder of up to that many vectors).
         runner, pipeline_args: Beam's runner and its standard options.
@@ -648,19 +671,22 @@ def beam_embed(
     handler = model_handler or SavedModelHandler(model_path, batch_size=batch_size, min_batch_size=min_batch_size, quiet=quiet_workers)
     run = f"run-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
     run_dir = FileSystems.join(out, run)
+    kinds = reference_domains(domains)
     milvus = _milvus_version(to_milvus, options, model_path, index_type, keep) if to_milvus else None
-    transform = EmbedCatalogue(run_dir, handler, split=split, shard_rows=shard_rows, crop_to_box=crop_to_box,
-                               max_pixels=max_pixels, decode_check=decode_check,
+    transform = EmbedCatalogue(run_dir, handler, split=split, domains=",".join(kinds), reference_splits=reference_splits,
+                               shard_rows=shard_rows, crop_to_box=crop_to_box, max_pixels=max_pixels, decode_check=decode_check,
                                milvus=(milvus.target.uri, milvus.target.name, milvus.collection) if milvus else None)
-    logger.info("embedding %s (%d manifest file(s), split %s) with %s into %s on %s", manifest, len(manifests),
-                sorted(catalogue_splits(split)) or "all", model_path, run_dir, options.view_as(StandardOptions).runner)
+    chosen = [f"{domain} photos of split(s) {sorted(catalogue_splits(splits)) or 'all'}"
+              for domain, splits in (("shop", split), ("street", reference_splits)) if domain in kinds]
+    logger.info("embedding %s (%d manifest file(s); %s) with %s into %s on %s", manifest, len(manifests), " and ".join(chosen),
+                model_path, run_dir, options.view_as(StandardOptions).runner)
     start = time.perf_counter()
     try:
         pipeline = beam.Pipeline(runner=make_runner(options), options=options)
         _ = pipeline | "Manifests" >> beam.Create(list(enumerate(manifests))) | "Embed" >> transform
         result = pipeline.run()
         result.wait_until_finish()
-        shards, embedded, dead, identity, categories = publish(out, run, previous, source=manifest, model_path=model_path)
+        shards, embedded, dead, identity, references, categories = publish(out, run, previous, source=manifest, model_path=model_path)
         if milvus is not None:
             from street2shop.index.milvus_write import publish_version
 
@@ -685,5 +711,9 @@ def beam_embed(
     log = logger.warning if dead else logger.info
     log("embedded %d images into %d shards of %s (%s); %d in the dead letter (%s)", embedded, len(shards), out, identity,
         dead, FileSystems.join(run_dir, "shard-*", DEAD_LETTER_FILE))
-    return BeamEmbedResult(out, run, shards, embedded, dead, identity, previous.get("run") if previous else None, seconds,
+    for domain, splits, flag in (("shop", split, "--split"), ("street", reference_splits, "--reference-splits")):
+        if domain in kinds and not references[domain]:
+            logger.warning("no %s photo of split(s) %s of %s was embedded: the output holds none (%s %r)", domain,
+                           sorted(catalogue_splits(splits)) or "any", manifest, flag, splits)
+    return BeamEmbedResult(out, run, shards, embedded, dead, identity, previous.get("run") if previous else None, seconds, references,
                            published if milvus is not None else None)

@@ -15,10 +15,11 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from street2shop import __version__
+from street2shop.contract import DEFAULT_MODEL_NAME  # imports no TensorFlow
 from street2shop.errors import Street2ShopError
 from street2shop.model.views import TTA_MODES  # imports no TensorFlow
 
@@ -81,25 +82,45 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- train / export / serve
 
 
+def add_dataclass_flags(parser: Any, kind: type, *, defaults: Any = None, skip: Collection[str] = (), only_given: bool = False) -> None:
+    """A flag per field of config dataclass ``kind`` with a help text (``--image-size`` for ``image_size``): a new setting is one field.
+
+    Type, default and help are the field's (:func:`street2shop.config.setting`); a field without a default is a
+    required flag, a bool one ``--x/--no-x``. ``defaults``: an instance whose values are the defaults shown.
+    ``only_given``: the flag is in the namespace only when given (it overrides a config file).
+    """
+    from street2shop.config import field_types
+
+    for field, kind_of in zip(dataclasses.fields(kind), field_types(kind).values()):
+        if field.name in skip or "help" not in field.metadata:
+            continue
+        default = getattr(defaults, field.name) if defaults is not None else field.default
+        kwargs: dict[str, Any] = {"dest": field.name, "help": field.metadata["help"], "default": default}
+        if kind_of is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:  # int, float or str
+            kwargs.update(type=kind_of, metavar=field.name.upper())
+        if default is dataclasses.MISSING:
+            kwargs.update(required=True, default=None)
+        elif only_given:
+            kwargs.update(default=argparse.SUPPRESS, help=f"{kwargs['help']} (default: {default!r})")
+        parser.add_argument("--" + field.name.replace("_", "-"), **kwargs)
+
+
+def config_of(kind: type, args: argparse.Namespace, **values: Any) -> Any:
+    """An instance of config dataclass ``kind`` from the parsed flags of its fields (and ``values``)."""
+    names = {f.name for f in dataclasses.fields(kind)} - set(values)
+    return kind(**{k: v for k, v in vars(args).items() if k in names}, **values)
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, defaults: Any = None, skip: frozenset[str] = frozenset()) -> None:
-    """A flag per config field (``--image-size`` for ``image_size``), its default from ``defaults`` (a TrainConfig)."""
+    """``--config`` and a flag per training config field, by section, each overriding the file when given."""
     from street2shop.config import TrainConfig
 
     defaults = defaults or TrainConfig()
     parser.add_argument("--config", help="TOML or JSON config file; flags given here override it")
     for section, kind in TrainConfig.SECTIONS.items():
-        group = parser.add_argument_group(f"[{section}]")
-        for field in dataclasses.fields(kind):
-            if field.name in skip:
-                continue
-            flag = "--" + field.name.replace("_", "-")
-            default = getattr(getattr(defaults, section), field.name)
-            kwargs: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS, "help": f"{field.metadata.get('help', '')} (default: {default!r})"}
-            if field.type in (bool, "bool"):
-                kwargs["action"] = argparse.BooleanOptionalAction
-            else:
-                kwargs["metavar"] = field.name.upper()
-            group.add_argument(flag, **kwargs)
+        add_dataclass_flags(parser.add_argument_group(f"[{section}]"), kind, defaults=getattr(defaults, section), skip=skip, only_given=True)
 
 
 def _resolve_train_config(args: argparse.Namespace, defaults: Any = None):
@@ -148,24 +169,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _add_embedder_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="", help="exported model: an export base or version folder (embeds in this process)")
     p.add_argument("--server", default="", help="TF Serving gRPC address HOST:PORT (instead of --model)")
-    p.add_argument("--model-name", default="street2shop", help="model name on the server")
+    p.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help="model name on the server")
     p.add_argument("--batch-size", type=int, default=32, help="images per request")
+
+
+def _add_reference_flags(p: argparse.ArgumentParser) -> None:
+    """Which photos of the manifest become references (embed, beam-embed): data.records.is_catalogue's settings."""
+    p.add_argument("--split", default="", help="only shop images of these comma-separated splits (default: all shop images)")
+    p.add_argument("--domains", default="shop", help="the photos to index as references: shop (the catalogue), or shop,street to add "
+                   "labelled customer photos as references of their products (street alone: customer photos only, e.g. for index update)")
+    p.add_argument("--reference-splits", default="train", help="with --domains ...street: only street photos of these comma-separated "
+                   "splits (keep the photos you evaluate with out of the index)")
+
+
+def _references(counts: dict[str, int]) -> str:
+    """`` (81 catalogue photos, 2640 customer photos)`` when there are customer photos, else nothing."""
+    return f" ({counts['shop']} catalogue photos, {counts['street']} customer photos)" if counts.get("street") else ""
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from street2shop.embed import embed_source
+    from street2shop.items import domain_counts
 
     result = embed_source(
-        args.manifest, args.out, split=args.split, model=args.model or None, server=args.server or None,
+        args.manifest, args.out, split=args.split, domains=args.domains, reference_splits=args.reference_splits,
+        model=args.model or None, server=args.server or None,
         model_name=args.model_name, batch_size=args.batch_size, chunk_size=args.chunk_size, in_flight=args.in_flight,
         crop_to_box=not args.no_crop, progress=not args.json,
     )
-    summary = {"out": args.out, "embedded": len(result.items), "skipped": len(result.skipped), "resumed_chunks": result.resumed_chunks,
-               "model": result.identity.to_dict()}
+    summary = {"out": args.out, "embedded": len(result.items), "references": domain_counts(result.items), "skipped": len(result.skipped),
+               "resumed_chunks": result.resumed_chunks, "model": result.identity.to_dict()}
     if args.json:
         _print_json(summary)
     else:
-        print(f"embedded {summary['embedded']} images ({summary['skipped']} skipped) with {result.identity} into {args.out}")
+        print(f"embedded {summary['embedded']} images{_references(summary['references'])} ({summary['skipped']} skipped) "
+              f"with {result.identity} into {args.out}")
     return 0
 
 
@@ -180,19 +218,20 @@ def cmd_beam_embed(args: argparse.Namespace) -> int:
         raise ConfigError("beam-embed needs Apache Beam: pip install 'street2shop[beam]'. Received: no module apache_beam") from None
 
     result = beam_embed(
-        args.manifest, args.out, model=args.model, split=args.split, batch_size=args.batch_size,
+        args.manifest, args.out, model=args.model, split=args.split, domains=args.domains, reference_splits=args.reference_splits,
+        batch_size=args.batch_size,
         min_batch_size=args.min_batch_size, shard_rows=args.shard_rows, crop_to_box=not args.no_crop,
         decode_check=args.decode_check, runner=args.runner, pipeline_args=args.pipeline_args,
         quiet_workers=getattr(args, "verbose", 0) < 2,  # as main() keeps this process's quiet unless -vv
         to_milvus=args.to_milvus or None, **_milvus_settings(args),
     )
     summary = {"out": result.out, "run": result.run, "shards": len(result.shards), "embedded": result.embedded,
-               "dead_letter": result.dead_letter, "replaced": result.replaced, "seconds": round(result.seconds, 1),
-               "model": result.identity.to_dict(), "milvus": result.milvus}
+               "references": result.references, "dead_letter": result.dead_letter, "replaced": result.replaced,
+               "seconds": round(result.seconds, 1), "model": result.identity.to_dict(), "milvus": result.milvus}
     if args.json:
         _print_json(summary)
     else:
-        print(f"embedded {result.embedded} images ({result.dead_letter} in the dead letter) with {result.identity} "
+        print(f"embedded {result.embedded} images{_references(result.references)} ({result.dead_letter} in the dead letter) with {result.identity} "
               f"into {len(result.shards)} shards of {result.out}")
         if result.milvus:
             print(f"published Milvus index version {result.milvus['version']} ({result.milvus['collection']}, {result.milvus['count']} images); "
@@ -310,15 +349,21 @@ def cmd_search(args: argparse.Namespace) -> int:
         args.photos, index=args.index, model=args.model or None, server=args.server or None, model_name=args.model_name,
         boxes=args.box, k=args.k, category=args.category or None, batch_size=args.batch_size,
     )
+    def shown(answer: Any, r: Any) -> str | None:  # the product's catalogue photo, whatever image matched
+        photo = answer.catalogue_photo(r)
+        return photo.image_path if photo is not None else None
+
     if args.json:
-        _print_json({a.photo: ([dataclasses.asdict(r) for r in a.results] if a.error is None else {"error": a.error}) for a in answers})
+        _print_json({a.photo: ([{**dataclasses.asdict(r), "catalogue_image": shown(a, r)} for r in a.results] if a.error is None
+                               else {"error": a.error}) for a in answers})
     else:
         for answer in answers:
             print(answer.photo)
             if answer.error is not None:
                 print(f"  error: {answer.error}")
             for r in answer.results:
-                print(f"  {r.rank:>3}. {r.product_id:<24} {r.similarity:6.3f}  {r.image_path}")
+                matched = f"  (matched a customer photo: {r.image_path})" if r.domain == "street" else ""
+                print(f"  {r.rank:>3}. {r.product_id:<24} {r.similarity:6.3f}  {shown(answer, r) or '(no catalogue photo)'}{matched}")
     return 0 if all(a.error is None for a in answers) else 1
 
 
@@ -326,8 +371,7 @@ def cmd_service(args: argparse.Namespace) -> int:
     from street2shop.service import serve_http
     from street2shop.service.config import ServiceConfig
 
-    fields = {f.name for f in dataclasses.fields(ServiceConfig)}
-    serve_http(ServiceConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    serve_http(config_of(ServiceConfig, args))
     return 0
 
 
@@ -355,9 +399,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from street2shop.demo import DEMO_TRAINING, DemoConfig, run_demo
 
-    fields = {f.name for f in dataclasses.fields(DemoConfig)} - {"verbose", "train"}
-    config = DemoConfig(**{k: v for k, v in vars(args).items() if k in fields}, verbose=0 if args.json else "auto",
-                        train=_resolve_train_config(args, DEMO_TRAINING))
+    config = config_of(DemoConfig, args, verbose=0 if args.json else "auto", train=_resolve_train_config(args, DEMO_TRAINING))
     summary = run_demo(config)
     if args.json:
         _print_json(summary)
@@ -375,17 +417,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- parser
-
-
-DEMO_HELP = {
-    "workdir": "folder for everything the demo writes (data, run, exports, indexes, report)",
-    "data": "a manifest to use instead of the generated dataset",
-    "eval_split": "split of the street photos used as queries",
-    "products": "products in the generated dataset",
-    "street_per_product": "street photos per generated product",
-    "by_category": "search only the query's category",
-    "model_name": "model name the stand-in server answers to",
-}
 
 
 def _add_milvus_build_flags(p: argparse.ArgumentParser, *, beam: bool = False) -> None:
@@ -452,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help=".keras checkpoint (siamese model or tower)")
     p.add_argument("export_base", help="TF Serving model base path; the version goes in a numbered subfolder")
     p.add_argument("--version", type=int, default=None, help="version number (default: next free; never overwrites)")
-    p.add_argument("--model-name", default="street2shop", help="model name used in the warm-up requests")
+    p.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help="model name used in the warm-up requests")
     p.add_argument("--tta", default="none", choices=TTA_MODES,
                    help="test-time augmentation in every signature: the mean of the image and its mirror (flip; 2 tower passes), "
                         "and of their central crops (flip-crops; 4 passes); embed catalogue and queries with the same export")
@@ -461,17 +492,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("export_base", help="export base path (the newest version is served)")
     p.add_argument("--port", type=int, default=8500, help="gRPC port")
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
-    p.add_argument("--model-name", default="street2shop", help="model name to answer to")
+    p.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help="model name to answer to")
     p.add_argument("--max-batch-size", type=int, default=256, help="largest batch accepted")
 
-    p = command(sub, "embed", cmd_embed, "embed the shop images of a manifest (resumable), locally or over gRPC")
+    p = command(sub, "embed", cmd_embed, "embed the shop images of a manifest (and, if asked, labelled customer photos) as references (resumable), locally or over gRPC")
     p.add_argument("manifest", help="manifest CSV, or a folder of catalogue images (product id = file name)")
     p.add_argument("--out", required=True, help="output folder (embeddings.npy, items.jsonl; chunks for resuming)")
-    p.add_argument("--split", default="", help="only shop images of these comma-separated splits (default: all shop images)")
+    _add_reference_flags(p)
     _add_embedder_flags(p)
     p.add_argument("--in-flight", type=int, default=2, help="requests in flight at once")
     p.add_argument("--chunk-size", type=int, default=256, help="images per saved chunk (the unit of resuming)")
-    p.add_argument("--no-crop", action="store_true", help="ignore boxes of shop images")
+    p.add_argument("--no-crop", action="store_true", help="ignore the images' boxes")
 
     p = command(sub, "beam-embed", cmd_beam_embed, "embed the shop images of a manifest (or a glob of shards) on Apache Beam "
                 "(RunInference) into sharded embeddings; needs street2shop[beam]")
@@ -481,11 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest", help="manifest CSV, or a glob of manifest shards (local, gs://, s3://)")
     p.add_argument("--out", required=True, help="output folder: shards.json and the run's shards (a re-run replaces it whole)")
     p.add_argument("--model", required=True, help="an export base (its newest version) or version folder; remote: the version folder")
-    p.add_argument("--split", default="", help="only shop images of these comma-separated splits (default: all shop images)")
+    _add_reference_flags(p)
     p.add_argument("--batch-size", type=int, default=32, help="most images per model call")
     p.add_argument("--min-batch-size", type=int, default=None, help="fewest images per model call (default: --batch-size)")
     p.add_argument("--shard-rows", type=int, default=100_000, help="manifest lines per output shard (an embeddings folder)")
-    p.add_argument("--no-crop", action="store_true", help="ignore boxes of shop images")
+    p.add_argument("--no-crop", action="store_true", help="ignore the images' boxes")
     p.add_argument("--decode-check", action="store_true", help="decode each image before the model (catches truncated files earlier)")
     p.add_argument("--runner", default="DirectRunner",
                    help="Beam runner; DirectRunner runs Beam's FnApiRunner (never Prism, which downloads a binary)")
@@ -526,19 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(sub, "service", cmd_service, "the search service: an HTTP API and a web page over TF Serving (or --model) and an index base, swapped live")
     p.epilog = "Every flag can be given as an environment variable instead: STREET2SHOP_ and its name (STREET2SHOP_INDEX, STREET2SHOP_MAX_UPLOAD_MB, ...); a flag wins."
-    p.add_argument("--index", default="", help="index base: its newest complete version is served, and a newer one swapped in live; "
-                                               "or a Milvus index milvus:URI#NAME: the version its alias names")
-    p.add_argument("--server", default="", help="TF Serving gRPC address HOST:PORT")
-    p.add_argument("--model", default="", help="an export base or version folder, to embed in this process instead of --server")
-    p.add_argument("--model-name", default="street2shop", help="model name on the server")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8080, help="HTTP port")
-    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest photo accepted (413 beyond)")
-    p.add_argument("--max-concurrency", type=int, default=8, help="searches worked on at once; more are turned away with 503 and Retry-After")
-    p.add_argument("--poll-seconds", type=float, default=2.0, help="how often the index base is looked at for a new version")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds TF Serving gets per request (503 beyond)")
-    from street2shop.service.config import environment_settings
+    from street2shop.service.config import ServiceConfig, environment_settings  # imports no FastAPI
 
+    add_dataclass_flags(p, ServiceConfig)
     p.set_defaults(**environment_settings(os.environ))  # STREET2SHOP_INDEX etc.: the flags' defaults, so a flag wins
 
     p = command(sub, "evaluate", cmd_evaluate, "top-k accuracy, recall@k, mAP, MRR of street photos against the indexed catalogue")
@@ -557,16 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(sub, "demo", cmd_demo, "the whole pipeline end to end on a generated dataset (or --data)")
     from street2shop.demo import DEMO_SETS, DEMO_TRAINING, DemoConfig
 
-    for field in dataclasses.fields(DemoConfig):
-        if field.name in ("verbose", "train"):
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        if isinstance(field.default, bool):
-            p.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=field.default,
-                           help=DEMO_HELP.get(field.name))
-        else:
-            p.add_argument(flag, dest=field.name, type=type(field.default), default=field.default,
-                           help=DEMO_HELP.get(field.name))
+    add_dataclass_flags(p, DemoConfig)
     _add_config_flags(p, DEMO_TRAINING, skip=DEMO_SETS)
     return parser
 

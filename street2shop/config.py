@@ -19,6 +19,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from street2shop.errors import ConfigError
 from street2shop.fileio import write_atomic
 from street2shop.model.backbones import BACKBONES  # the registry; imports no Keras
@@ -27,9 +29,9 @@ _UNSET = object()
 LR_SCHEDULES = ("constant", "cosine")
 
 
-def _help(text: str, unset: Any = _UNSET) -> dict[str, Any]:
-    """Field metadata: its help text and, for a field that can be left unset, the value that spells it."""
-    return {"help": text} if unset is _UNSET else {"help": text, "unset": unset}
+def setting(default: Any, help: str, *, unset: Any = _UNSET) -> Any:
+    """A config dataclass field: its default, its help (the CLI flag's) and, where it can be left unset, the value that spells it."""
+    return dataclasses.field(default=default, metadata={"help": help} if unset is _UNSET else {"help": help, "unset": unset})
 
 
 class _Section:
@@ -51,22 +53,22 @@ def _check(condition: bool, field: str, value: Any, expected: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig(_Section):
-    manifest: str = dataclasses.field(default="", metadata=_help("manifest CSV of product photos (street and shop)"))
-    train_split: str = dataclasses.field(default="train", metadata=_help("manifest split(s) to train on, comma-separated; shop photos of split 'catalog' are always added"))
-    val_split: str = dataclasses.field(default="val", metadata=_help("manifest split for validation pairs ('' for none)", unset=""))
-    auxiliary_dir: str = dataclasses.field(default="", metadata=_help("class-per-folder labelled set for multi-task fine-tuning ('' for none)", unset=""))
-    auxiliary_max_per_class: int = dataclasses.field(default=0, metadata=_help("use at most this many images per auxiliary class (0 = all)", unset=0))
-    image_size: int = dataclasses.field(default=96, metadata=_help("square input size of the tower (InceptionV3 needs >= 75; 299 is its native size)"))
-    pairs_per_epoch: int = dataclasses.field(default=2048, metadata=_help("training pairs drawn per epoch"))
-    val_pairs: int = dataclasses.field(default=256, metadata=_help("validation pairs (drawn once, fixed)"))
-    positive_fraction: float = dataclasses.field(default=-1.0, metadata=_help("share of positive pairs (-1 = unset: unset shares split what the set ones leave; all unset: 1/3 each with an auxiliary set, else 1/2)", unset=-1.0))
-    negative_fraction: float = dataclasses.field(default=-1.0, metadata=_help("share of negative pairs (-1 = unset, see positive_fraction)", unset=-1.0))
-    auxiliary_fraction: float = dataclasses.field(default=-1.0, metadata=_help("share of auxiliary pairs (-1 = unset, see positive_fraction)", unset=-1.0))
-    street_street_fraction: float = dataclasses.field(default=0.0, metadata=_help("share of positives pairing two street photos of a product"))
-    hard_negative_fraction: float = dataclasses.field(default=0.5, metadata=_help("share of negatives taken from the same category"))
-    street_augment: float = dataclasses.field(default=1.0, metadata=_help("augmentation strength for street photos (0 = off)"))
-    shop_augment: float = dataclasses.field(default=0.3, metadata=_help("augmentation strength for shop and auxiliary photos"))
-    check_images: bool = dataclasses.field(default=True, metadata=_help("decode every image once before training; drop unreadable ones"))
+    manifest: str = setting("", "manifest CSV of product photos (street and shop)")
+    train_split: str = setting("train", "manifest split(s) to train on, comma-separated; shop photos of split 'catalog' are always added")
+    val_split: str = setting("val", "manifest split for validation pairs ('' for none)", unset="")
+    auxiliary_dir: str = setting("", "class-per-folder labelled set for multi-task fine-tuning ('' for none)", unset="")
+    auxiliary_max_per_class: int = setting(0, "use at most this many images per auxiliary class (0 = all)", unset=0)
+    image_size: int = setting(96, "square input size of the tower (InceptionV3 needs >= 75; 299 is its native size)")
+    pairs_per_epoch: int = setting(2048, "training pairs drawn per epoch")
+    val_pairs: int = setting(256, "validation pairs (drawn once, fixed)")
+    positive_fraction: float = setting(-1.0, "share of positive pairs (-1 = unset: unset shares split what the set ones leave; all unset: 1/3 each with an auxiliary set, else 1/2)", unset=-1.0)
+    negative_fraction: float = setting(-1.0, "share of negative pairs (-1 = unset, see positive_fraction)", unset=-1.0)
+    auxiliary_fraction: float = setting(-1.0, "share of auxiliary pairs (-1 = unset, see positive_fraction)", unset=-1.0)
+    street_street_fraction: float = setting(0.0, "share of positives pairing two street photos of a product")
+    hard_negative_fraction: float = setting(0.5, "share of negatives taken from the same category")
+    street_augment: float = setting(1.0, "augmentation strength for street photos (0 = off)")
+    shop_augment: float = setting(0.3, "augmentation strength for shop and auxiliary photos")
+    check_images: bool = setting(True, "decode every image once before training; drop unreadable ones")
 
     def __post_init__(self) -> None:
         _check(self.image_size >= 32, "image_size", self.image_size, ">= 32")
@@ -112,16 +114,16 @@ def _split_names(text: str) -> set[str]:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(_Section):
-    backbone: str = dataclasses.field(default="inception_v3", metadata=_help(f"backbone: one of {', '.join(BACKBONES)}"))
-    weights: str = dataclasses.field(default="imagenet", metadata=_help("'imagenet' (downloads once), 'none' (from scratch) or a path to a weights file"))
-    embedding_dim: int = dataclasses.field(default=128, metadata=_help("dimension of the L2-normalised embedding"))
-    trainable_layers: int = dataclasses.field(default=-1, metadata=_help("train only the top N backbone layers (-1 = all)", unset=-1))
-    trainable_from: str = dataclasses.field(default="", metadata=_help("train the backbone from this layer up, e.g. mixed8 for inception_v3 ('' = see trainable_layers)", unset=""))
-    bn_momentum: float = dataclasses.field(default=0.0, metadata=_help("momentum of the backbone's BatchNorm statistics (0 = the backbone's own, 0.99); ~0.9 for short runs from scratch", unset=0.0))
-    dropout: float = dataclasses.field(default=0.0, metadata=_help("dropout before the projection"))
-    pooling: str = dataclasses.field(default="avg", metadata=_help("global pooling: avg or max"))
-    classifier_scale: float = dataclasses.field(default=16.0, metadata=_help("softmax head of multi-task: a cosine classifier with logits scale·cos(embedding, class); 0 = a plain Dense layer", unset=0.0))
-    init_checkpoint: str = dataclasses.field(default="", metadata=_help("start from the tower weights of this .keras checkpoint (e.g. another run's last.keras; same backbone, image_size and embedding_dim; the classifier head is not taken); '' = off", unset=""))
+    backbone: str = setting("inception_v3", f"backbone: one of {', '.join(BACKBONES)}")
+    weights: str = setting("imagenet", "'imagenet' (downloads once), 'none' (from scratch) or a path to a weights file")
+    embedding_dim: int = setting(128, "dimension of the L2-normalised embedding")
+    trainable_layers: int = setting(-1, "train only the top N backbone layers (-1 = all)", unset=-1)
+    trainable_from: str = setting("", "train the backbone from this layer up, e.g. mixed8 for inception_v3 ('' = see trainable_layers)", unset="")
+    bn_momentum: float = setting(0.0, "momentum of the backbone's BatchNorm statistics (0 = the backbone's own, 0.99); ~0.9 for short runs from scratch", unset=0.0)
+    dropout: float = setting(0.0, "dropout before the projection")
+    pooling: str = setting("avg", "global pooling: avg or max")
+    classifier_scale: float = setting(16.0, "softmax head of multi-task: a cosine classifier with logits scale·cos(embedding, class); 0 = a plain Dense layer", unset=0.0)
+    init_checkpoint: str = setting("", "start from the tower weights of this .keras checkpoint (e.g. another run's last.keras; same backbone, image_size and embedding_dim; the classifier head is not taken); '' = off", unset="")
 
     def __post_init__(self) -> None:
         _check(self.backbone in BACKBONES, "backbone", self.backbone, f"one of {', '.join(BACKBONES)}")
@@ -154,16 +156,16 @@ class ModelConfig(_Section):
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig(_Section):
-    loss: str = dataclasses.field(default="robust", metadata=_help("'robust' (robust contrastive) or 'contrastive' (plain)"))
-    margin: float = dataclasses.field(default=1.0, metadata=_help("contrastive margin m on the distance between unit embeddings (0 < m <= 2)"))
-    positive_threshold: float = dataclasses.field(default=0.0, metadata=_help("robust: drop positives with d >= this fixed threshold (0 = not used)", unset=0.0))
-    positive_quantile: float = dataclasses.field(default=0.9, metadata=_help("robust: drop positives beyond this quantile of the batch's positive distances (0 = not used)", unset=0.0))
-    negative_floor: float = dataclasses.field(default=0.0, metadata=_help("robust: drop negatives with d < this floor, probable label noise (0 = not used)", unset=0.0))
-    drop_warmup_epochs: int = dataclasses.field(default=0, metadata=_help("robust: train this many epochs with the plain contrastive loss before dropping any pair"))
-    w_pair: float = dataclasses.field(default=1.0, metadata=_help("weight of the contrastive loss on product pairs"))
-    w_aux: float = dataclasses.field(default=1.0, metadata=_help("weight of the contrastive loss on auxiliary pairs"))
-    w_cls: float = dataclasses.field(default=0.5, metadata=_help("weight of each softmax loss on auxiliary images"))
-    w_product: float = dataclasses.field(default=0.5, metadata=_help("weight of each softmax loss on product images: a softmax over the training products (those with street photos in the training split and a shop photo), in the auxiliary set's head if there is one; 0 = off (the head holds a vector per product: consider 0 for millions)"))
+    loss: str = setting("robust", "'robust' (robust contrastive) or 'contrastive' (plain)")
+    margin: float = setting(1.0, "contrastive margin m on the distance between unit embeddings (0 < m <= 2)")
+    positive_threshold: float = setting(0.0, "robust: drop positives with d >= this fixed threshold (0 = not used)", unset=0.0)
+    positive_quantile: float = setting(0.9, "robust: drop positives beyond this quantile of the batch's positive distances (0 = not used)", unset=0.0)
+    negative_floor: float = setting(0.0, "robust: drop negatives with d < this floor, probable label noise (0 = not used)", unset=0.0)
+    drop_warmup_epochs: int = setting(0, "robust: train this many epochs with the plain contrastive loss before dropping any pair")
+    w_pair: float = setting(1.0, "weight of the contrastive loss on product pairs")
+    w_aux: float = setting(1.0, "weight of the contrastive loss on auxiliary pairs")
+    w_cls: float = setting(0.5, "weight of each softmax loss on auxiliary images")
+    w_product: float = setting(0.5, "weight of each softmax loss on product images: a softmax over the training products (those with street photos in the training split and a shop photo), in the auxiliary set's head if there is one; 0 = off (the head holds a vector per product: consider 0 for millions)")
 
     def __post_init__(self) -> None:
         _check(self.loss in ("robust", "contrastive"), "loss", self.loss, "'robust' or 'contrastive'")
@@ -188,19 +190,19 @@ class LossConfig(_Section):
 
 @dataclasses.dataclass(frozen=True)
 class FitConfig(_Section):
-    output_dir: str = dataclasses.field(default="runs/street2shop", metadata=_help("where checkpoints, logs and the resolved config go"))
-    epochs: int = dataclasses.field(default=10, metadata=_help("number of epochs"))
-    batch_size: int = dataclasses.field(default=32, metadata=_help("global batch size (split across devices)"))
-    optimizer: str = dataclasses.field(default="adamw", metadata=_help("'adamw' or 'sgd' (with momentum)"))
-    learning_rate: float = dataclasses.field(default=1e-3, metadata=_help("learning rate of the head (and of the backbone unless backbone_lr_multiplier); the peak of a schedule"))
-    lr_schedule: str = dataclasses.field(default="constant", metadata=_help("'constant', or 'cosine': from learning_rate down to 0 over the run's steps (a cosine), after any warm-up"))
-    warmup_epochs: float = dataclasses.field(default=0.0, metadata=_help("raise the learning rate linearly from 0 over this many epochs (fractions allowed) before the schedule"))
-    backbone_lr_multiplier: float = dataclasses.field(default=1.0, metadata=_help("the backbone learns at learning_rate times this (e.g. 0.1 for fine-tuning)"))
-    weight_decay: float = dataclasses.field(default=1e-4, metadata=_help("decoupled weight decay (adamw) or L2-like decay (sgd)"))
-    momentum: float = dataclasses.field(default=0.9, metadata=_help("momentum for sgd"))
-    early_stopping_patience: int = dataclasses.field(default=0, metadata=_help("stop after this many epochs without a better validation loss, or training loss without validation (0 = off)", unset=0))
-    distribution: str = dataclasses.field(default="auto", metadata=_help("'auto', 'default' (one device), 'mirrored' (all local GPUs) or 'multi_worker' (from TF_CONFIG)"))
-    seed: int = dataclasses.field(default=0, metadata=_help("seed of pair plans, weights and augmentation"))
+    output_dir: str = setting("runs/street2shop", "where checkpoints, logs and the resolved config go")
+    epochs: int = setting(10, "number of epochs")
+    batch_size: int = setting(32, "global batch size (split across devices)")
+    optimizer: str = setting("adamw", "'adamw' or 'sgd' (with momentum)")
+    learning_rate: float = setting(1e-3, "learning rate of the head (and of the backbone unless backbone_lr_multiplier); the peak of a schedule")
+    lr_schedule: str = setting("constant", "'constant', or 'cosine': from learning_rate down to 0 over the run's steps (a cosine), after any warm-up")
+    warmup_epochs: float = setting(0.0, "raise the learning rate linearly from 0 over this many epochs (fractions allowed) before the schedule")
+    backbone_lr_multiplier: float = setting(1.0, "the backbone learns at learning_rate times this (e.g. 0.1 for fine-tuning)")
+    weight_decay: float = setting(1e-4, "decoupled weight decay (adamw) or L2-like decay (sgd)")
+    momentum: float = setting(0.9, "momentum for sgd")
+    early_stopping_patience: int = setting(0, "stop after this many epochs without a better validation loss, or training loss without validation (0 = off)", unset=0)
+    distribution: str = setting("auto", "'auto', 'default' (one device), 'mirrored' (all local GPUs) or 'multi_worker' (from TF_CONFIG)")
+    seed: int = setting(0, "seed of pair plans, weights and augmentation")
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", self.epochs, ">= 1")
@@ -265,8 +267,8 @@ def field_owners() -> dict[str, str]:
     return {f.name: section for section, kind in TrainConfig.SECTIONS.items() for f in dataclasses.fields(kind)}
 
 
-def _coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
-    kind = field.type if not isinstance(field.type, str) else eval(field.type, {}, {})  # noqa: S307 - our own annotations
+def _coerce(name: str, kind: Any, value: Any, source: str) -> Any:
+    """``value`` (from TOML, JSON or a flag's text) as field ``name``'s type ``kind``, or ConfigError."""
     if isinstance(kind, types.UnionType):
         kind = next(t for t in typing.get_args(kind) if t is not type(None))
     if kind is bool:
@@ -297,15 +299,22 @@ def _coerce(field: dataclasses.Field, value: Any, source: str) -> Any:
             return ""
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    raise ConfigError(f"{source}: {field.name} must be {kind.__name__}. Received: {field.name}={value!r}")
+    raise ConfigError(f"{source}: {name} must be {kind.__name__}. Received: {name}={value!r}")
 
 
 def section_from_dict(kind: type, values: dict[str, Any], *, source: str) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(kind)}
-    unknown = set(values) - set(fields)
+    """A config dataclass ``kind`` from ``{field: value}``, each value coerced to its field's type; unknown keys are errors."""
+    types_of = field_types(kind)
+    unknown = set(values) - set(types_of)
     if unknown:
-        raise ConfigError(f"{source}: unknown field(s) {sorted(unknown)}. Known: {', '.join(fields)}")
-    return kind(**{k: _coerce(fields[k], v, source) for k, v in values.items()})
+        raise ConfigError(f"{source}: unknown field(s) {sorted(unknown)}. Known: {', '.join(types_of)}")
+    return kind(**{k: _coerce(k, types_of[k], v, source) for k, v in values.items()})
+
+
+def field_types(kind: type) -> dict[str, Any]:
+    """A dataclass's field name → its type, the annotations resolved (``typing.get_type_hints``)."""
+    hints = typing.get_type_hints(kind)
+    return {f.name: hints[f.name] for f in dataclasses.fields(kind)}
 
 
 def read_config_values(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -325,25 +334,9 @@ def load_config(path: str | os.PathLike[str]) -> TrainConfig:
     return TrainConfig.from_dict(read_config_values(path), source=str(path))
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-
-
 def save_config(config: TrainConfig, path: str | os.PathLike[str]) -> Path:
     """Writes TOML (or JSON for a ``.json`` path) atomically."""
     path = Path(path)
     data = config.to_dict()
-    if path.suffix.lower() == ".json":
-        text = json.dumps(data, indent=2) + "\n"
-    else:
-        lines = []
-        for section, values in data.items():
-            lines.append(f"[{section}]")
-            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
-            lines.append("")
-        text = "\n".join(lines)
+    text = json.dumps(data, indent=2) + "\n" if path.suffix.lower() == ".json" else tomli_w.dumps(data)
     return write_atomic(path, text)

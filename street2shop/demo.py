@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from street2shop.config import TrainConfig
+from street2shop.config import TrainConfig, setting
+from street2shop.contract import DEFAULT_MODEL_NAME
 from street2shop.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -37,15 +38,12 @@ DEMO_SETS = frozenset({"manifest", "val_split", "output_dir", "val_pairs"})
 class DemoConfig:
     """What the demo runs. Defaults fit in a few minutes on 2 CPU cores.
 
+    Each field with a help text is the ``street2shop demo`` flag of the same
+    name. ``by_category`` is off by default, as in ``evaluate``: a shop's
+    search ranks the whole catalogue, the harder test. The generated dataset
+    is seeded by ``train.fit.seed``.
+
     Args:
-        workdir: str. Everything goes here (data, run, exports, index, report).
-        data: str. A manifest to use instead of generating one.
-        eval_split: str. Split of the street photos used as queries (and as validation pairs).
-        products, street_per_product: the generated dataset (seeded by ``train.fit.seed``).
-        by_category: bool. Search only the query's category (the Exact
-            Street2Shop protocol). Off by default, as in ``evaluate``: a
-            shop's search ranks the whole catalogue, the harder test.
-        model_name: str. Name the stand-in server answers to.
         verbose: what is shown of training (``train``'s ``verbose``: 0 nothing,
             1 a bar, 2 a line per epoch, "auto" a bar on a terminal).
         train: TrainConfig. The brief training (:data:`DEMO_TRAINING`); its
@@ -53,13 +51,13 @@ class DemoConfig:
             set by the demo.
     """
 
-    workdir: str = "demo-output"
-    data: str = ""
-    eval_split: str = "val"
-    products: int = 30
-    street_per_product: int = 8
-    by_category: bool = False
-    model_name: str = "street2shop"
+    workdir: str = setting("demo-output", "folder for everything the demo writes (data, run, exports, indexes, report)")
+    data: str = setting("", "a manifest to use instead of the generated dataset")
+    eval_split: str = setting("val", "split of the street photos used as queries")
+    products: int = setting(30, "products in the generated dataset")
+    street_per_product: int = setting(8, "street photos per generated product")
+    by_category: bool = setting(False, "search only the query's category")
+    model_name: str = setting(DEFAULT_MODEL_NAME, "model name the stand-in server answers to")
     verbose: int | str = "auto"
     train: TrainConfig = DEMO_TRAINING
 

@@ -38,7 +38,7 @@ import numpy as np
 from street2shop import contract
 from street2shop.contract import ModelIdentity, check_same_model
 from street2shop.data.image import DEFAULT_MAX_PIXELS, Box, check_photo
-from street2shop.errors import BadRequestError, ConfigError, ImageError, ModelError, ModelMismatchError
+from street2shop.errors import BadRequestError, ConfigError, ImageError, ModelError, ModelMismatchError, check_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +94,7 @@ class Embedder:
     """
 
     def __init__(self, *, batch_size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS, decode_check: bool = False) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive int. Received: batch_size={batch_size!r}")
-        self.batch_size = batch_size
+        self.batch_size = check_positive_int("batch_size", batch_size)
         self.max_pixels = max_pixels
         self.decode_check = decode_check
 
@@ -320,7 +318,8 @@ class GrpcEmbedder(Embedder):
 
     @property
     def dimension(self) -> int:
-        return self.client.dimension
+        """D; like :meth:`identity`, asks the server once (its signature) when no answer has told it yet."""
+        return self.client.fetch_dimension()
 
     def identity(self) -> ModelIdentity:
         return self.client.identity or self.client.probe()

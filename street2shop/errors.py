@@ -7,6 +7,8 @@ and exit code 2. Anything else escaping is a bug.
 
 from __future__ import annotations
 
+import numbers
+
 
 class Street2ShopError(Exception):
     """Base class: an expected failure with a message meant for a person."""
@@ -72,3 +74,21 @@ def tf_error_text(message: str) -> str:
     useful = [line for line in lines if line and not line.startswith(noise)]
     text = useful[0] if useful else (lines[0] if lines else "")
     return text.split(" [Op:")[0].strip()
+
+
+
+def check_positive_int(name: str, value: object, *, minimum: int = 1, allow_none: bool = False,
+                       error: type[Street2ShopError] = ConfigError) -> int | None:
+    """``value`` as an int if it is a whole number (a numpy integer too; not a bool) of at least ``minimum``.
+
+    The one check of an integer argument (a batch size, a count, a version):
+    anything else raises ``error`` (ConfigError by default) naming the
+    argument and what it received. With ``allow_none``, None passes (a
+    "default" or "latest").
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise error(f"{name} must be {what}{' or None' if allow_none else ''}. Received: {name}={value!r}")
+    return int(value)

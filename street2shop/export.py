@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from street2shop import __version__, contract
-from street2shop.errors import ModelError
+from street2shop.errors import ModelError, check_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -150,8 +150,7 @@ def export_tower(
     base.mkdir(parents=True, exist_ok=True)
     if version is None:
         version = contract.next_version(base)
-    if version < 1:
-        raise ModelError(f"version must be a positive integer. Received: version={version}")
+    check_positive_int("version", version, error=ModelError)
     final = base / str(version)
     if final.exists():
         raise ModelError(f"version {version} already exists at {final}; versions are never overwritten. Pick another --version or omit it.")

@@ -4,6 +4,11 @@
 when it is made, and again on every answer) and turns photos into ranked
 products; :func:`search_photos` is ``street2shop search``. A photo that cannot
 be read or embedded gets its reason; the others are answered.
+
+A product is answered at its best reference image, which may be one of its
+customer photos when the index holds some (``embed --domains shop,street``):
+each answer says so (``SearchResult.domain``) and names the product's
+catalogue photo to show (:meth:`PhotoResults.catalogue_photo`).
 """
 
 from __future__ import annotations
@@ -17,18 +22,28 @@ from typing import Any
 from street2shop.contract import ModelIdentity
 from street2shop.data.image import Box, read_image_file
 from street2shop.errors import ConfigError, ImageError
+from street2shop.items import Item, catalogue_photos
 
 logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class PhotoResults:
-    """The answer for one photo: ranked products, or why there are none."""
+    """The answer for one photo: ranked products (:class:`~street2shop.index.SearchResult`), or why there are none.
+
+    ``catalogue`` maps each answered product to its catalogue photo (the image to show, even when the match was a
+    customer photo); a product with customer photos only in the index has none.
+    """
 
     photo: str
     results: list[Any]
     error: str | None = None
     model: ModelIdentity | None = None
+    catalogue: dict[str, Item] = dataclasses.field(default_factory=dict)
+
+    def catalogue_photo(self, result: Any) -> Item | None:
+        """The catalogue photo of a result's product (None if the index holds only customer photos of it)."""
+        return self.catalogue.get(result.product_id)
 
 
 class Searcher:
@@ -46,6 +61,13 @@ class Searcher:
         index.check_model(embedder.identity())
         self.index = index
         self.embedder = embedder
+        self._photos: dict[str, Item] | None = None
+
+    def catalogue_photos(self) -> dict[str, Item]:
+        """Each product's catalogue photo in the index (:func:`~street2shop.items.catalogue_photos`), worked out once."""
+        if self._photos is None:
+            self._photos = catalogue_photos(self.index.items, getattr(self.index, "dead", None))
+        return self._photos
 
     def search(
         self,
@@ -66,7 +88,10 @@ class Searcher:
             if error is not None:
                 out.append(PhotoResults(name, [], error))
             else:
-                out.append(PhotoResults(name, self.index.query(embedded.vectors[i], k=k, category=category), model=embedded.identity))
+                results = self.index.query(embedded.vectors[i], k=k, category=category)
+                photos = self.catalogue_photos()
+                shown = {r.product_id: photos[r.product_id] for r in results if r.product_id in photos}
+                out.append(PhotoResults(name, results, model=embedded.identity, catalogue=shown))
         return out
 
 

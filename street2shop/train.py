@@ -51,15 +51,6 @@ from street2shop.training_data import TrainingData, build_datasets, load_trainin
 logger = logging.getLogger(__name__)
 
 
-def __getattr__(name: str) -> Any:
-    """A name that moved, from where tools/bench_retrieval.py still imports it (``load_tower_weights``)."""
-    if name == "load_tower_weights":
-        from street2shop.model.siamese import load_tower_weights
-
-        return load_tower_weights
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 @dataclasses.dataclass
 class TrainResult:
     """What a training run produced."""

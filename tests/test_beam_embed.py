@@ -290,6 +290,24 @@ def test_a_batch_the_model_rejects_is_retried_image_by_image(tiny):
     assert results[0].example == (good[0], None)
 
 
+def test_customer_photos_are_references_as_embed_selects_them_and_counted(tiny, catalogue, tmp_path, caplog):
+    """--domains shop,street: the rows data.records.catalogue_records selects for `embed`, in its order, each with its domain."""
+    from street2shop.data.records import catalogue_records
+
+    result = run(catalogue, tmp_path / "out", tiny, domains="shop,street", reference_splits="catalog")
+    _, items, _ = read_embedding_sets([tmp_path / "out"])
+    chosen = catalogue_records(catalogue, "catalog", domains="shop,street", reference_splits="catalog")
+    assert [(i["image_path"], i["product_id"], i["domain"]) for i in items] == [(r.image_path, r.product_id, r.domain) for r in chosen]
+    assert [i["domain"] for i in items].count("street") == 1  # the manifest's one street photo (of split catalog)
+    assert result.references == {"shop": 11, "street": 1}
+    assert json.loads((tmp_path / "out" / SHARDS_FILE).read_text())["references"] == {"shop": 11, "street": 1}
+    # Street photos of a split there is none of: the shop photos are published, and the log says none were embedded.
+    with caplog.at_level("WARNING", logger="street2shop.beam_embed"):
+        result = run(catalogue, tmp_path / "typo", tiny, domains="shop,street", reference_splits="trian")
+    assert result.references == {"shop": 11, "street": 0}
+    assert "no street photo of split(s) ['trian']" in caplog.text and "--reference-splits 'trian'" in caplog.text
+
+
 # --------------------------------------------------------------------------- one run's output, whole
 
 

@@ -1,22 +1,31 @@
-"""The statistics and argument handling of tools/bench_retrieval.py (no training here)."""
+"""The argument handling, recipes and result files of tools/bench_retrieval.py, and bench_views.py's references (no training here).
+
+Its science (the variants, label noise, the statistics) is in the package: tests/test_experiments.py,
+tests/data/test_noise.py.
+"""
 
 import importlib.util
 import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+from tests.data.test_noise import grocery_like, untouched
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_retrieval", ROOT / "tools" / "bench_retrieval.py")
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_tool("bench_retrieval")
 
 
 def test_settings_are_parsed_and_checked(bench):
@@ -39,116 +48,12 @@ def test_reserved_fields_exist(bench):
     assert bench.RESERVED <= set(field_owners())
 
 
-def _result(variant, seed, ranks):
-    return {"variant": variant, "seed": seed, "ranks": ranks}
-
-
-def test_per_query_hits_leave_out_unanswerable_queries(bench):
-    rows = [_result("a", 0, [1, 3, None, 30]), _result("a", 1, [2, 7, None, 1])]
-    values = bench._per_query(rows)
-    np.testing.assert_array_equal(values["top-1"], [[1, 0, 0], [0, 0, 1]])
-    np.testing.assert_array_equal(values["top-5"], [[1, 1, 0], [1, 0, 1]])
-    np.testing.assert_allclose(values["MRR"], [[1, 1 / 3, 1 / 30], [1 / 2, 1 / 7, 1]])
-
-
-def test_bootstrap_mean_and_interval(bench):
-    values = np.array([[1.0, 0.0, 1.0, 1.0]])  # one seed: the interval is over queries only
-    mean, low, high = bench._bootstrap(values, samples=2000)
-    assert mean == 0.75 and 0.0 <= low < 0.75 < high <= 1.0
-    constant = np.full((3, 5), 0.4)
-    assert bench._bootstrap(constant, samples=200) == pytest.approx((0.4, 0.4, 0.4))
-
-
-def test_paired_difference_pairs_seeds_and_queries(bench):
-    results = [
-        _result("a", 0, [1, 1, 9, 9]), _result("b", 0, [1, 9, 9, 9]),  # seed 0: a − b = +1/4 at top-1
-        _result("a", 1, [9, 9, 9, 9]), _result("b", 1, [1, 9, 9, 9]),  # seed 1: −1/4
-        _result("a", 2, [1, 1, 1, 1]),  # no b for seed 2: not paired
-    ]
-    mean, low, high, per_seed = bench._paired_difference(results, "a", "b", k=1, samples=500)
-    assert per_seed == {0: 0.25, 1: -0.25} and mean == 0.0 and low < 0 < high
-    assert bench._paired_difference(results, "a", "c") is None
-
-
-def test_the_histogram_pairs_with_every_seed(bench):
-    results = [
-        _result("histogram", 0, [1, 9, 9, 9]),
-        _result("a", 0, [1, 1, 9, 9]),  # +1/4 at top-1
-        _result("a", 5, [9, 9, 9, 9]),  # -1/4
-    ]
-    mean, _, _, per_seed = bench._paired_difference(results, "a", "histogram", k=1, samples=200)
-    assert per_seed == {0: 0.25, 5: -0.25} and mean == 0.0
-
-
-# --- label noise ------------------------------------------------------------------------------------
-
-
-def _grocery_like():
-    """3 coarse classes: A (products a1, a2), B (b1 alone) in super X, C (c1 alone) in super Y; 10 train photos each."""
-    from street2shop.data.records import Record
-
-    groups = {"a1": ("A", "X"), "a2": ("A", "X"), "b1": ("B", "X"), "c1": ("C", "Y")}
-    records = []
-    for product, (coarse, super_) in groups.items():
-        meta = {"coarse_class": coarse, "supercategory": super_}
-        records.append(Record(f"/d/shop-{product}.jpg", product, "shop", "catalog", metadata=meta))
-        records += [Record(f"/d/train-{product}-{k}.jpg", product, "street", "train", metadata=meta) for k in range(10)]
-        records += [Record(f"/d/val-{product}-{k}.jpg", product, "street", "val", metadata=meta) for k in range(3)]
-    return records, groups
-
-
-def _untouched(records, noisy, bench):
-    return [(r.image_path, r.product_id, r.domain, r.split) for r in records if not (r.split == "train" and r.domain == "street")] == \
-        [(r.image_path, r.product_id, r.domain, r.split) for r in noisy if not (r.split == "train" and r.domain == "street")]
-
-
-@pytest.mark.parametrize("kind", ["uniform", "same-category"])
-def test_corruption_rate_determinism_and_untouched_queries_and_catalogue(bench, kind):
-    records, _ = _grocery_like()
-    noisy, info = bench.corrupt_labels(records, 0.25, kind, seed=3)
-    changed = [(r, n) for r, n in zip(records, noisy) if r.product_id != n.product_id]
-    assert info["corrupted"] == len(changed) == 10 and info["street_photos"] == 40  # round(0.25 · 40)
-    assert all(r.split == "train" and r.domain == "street" for r, _ in changed)
-    assert _untouched(records, noisy, bench)
-    assert all(n.metadata["true_product_id"] == r.product_id for r, n in zip(records, noisy))  # every record says its truth
-    again, info_again = bench.corrupt_labels(records, 0.25, kind, seed=3)
-    assert [r.product_id for r in again] == [r.product_id for r in noisy] and info_again == info
-    other, info_other = bench.corrupt_labels(records, 0.25, kind, seed=4)
-    assert [r.product_id for r in other] != [r.product_id for r in noisy] and info_other["digest"] != info["digest"]
-    # nested in the rate: the photos wrong at 0.25 are wrong alike at 0.5
-    more, info_more = bench.corrupt_labels(records, 0.5, kind, seed=3)
-    assert info_more["corrupted"] == 20
-    assert all(m.product_id == n.product_id for n, m in zip(noisy, more) if n.product_id != n.metadata["true_product_id"])
-    none, info_none = bench.corrupt_labels(records, 0.0, kind, seed=3)
-    assert info_none["corrupted"] == 0 and [r.product_id for r in none] == [r.product_id for r in records]
-
-
-def test_same_category_noise_stays_in_the_category_then_the_supercategory(bench):
-    records, groups = _grocery_like()
-    noisy, info = bench.corrupt_labels(records, 1.0, "same-category", seed=0)
-    for r, n in zip(records, noisy):
-        if r.split != "train" or r.domain != "street":
-            continue
-        true, wrong = r.product_id, n.product_id
-        assert wrong != true
-        if true in ("a1", "a2"):  # the category has another product
-            assert groups[wrong][0] == "A"
-        elif true == "b1":  # alone in B: another product of supercategory X
-            assert groups[wrong][1] == "X"
-        else:  # c1 alone in C and in Y: any other product
-            assert wrong in ("a1", "a2", "b1")
-    assert info["by_group"] == {"coarse_class": 20, "supercategory": 10, "any": 10}
-    uniform, _ = bench.corrupt_labels(records, 1.0, "uniform", seed=0)
-    a_wrong = [n.product_id for r, n in zip(records, uniform) if r.split == "train" and r.product_id == "a1"]
-    assert set(a_wrong) - {"a2"}  # uniform noise leaves the category
-
-
 def test_noisy_manifest_is_written_once_and_read_back(bench, tmp_path):
     import argparse
 
     from street2shop.data.records import read_manifest_csv, write_manifest
 
-    records, _ = _grocery_like()
+    records, _ = grocery_like()
     images = tmp_path / "images"
     images.mkdir()
     from street2shop.data.records import Record
@@ -161,7 +66,7 @@ def test_noisy_manifest_is_written_once_and_read_back(bench, tmp_path):
     path, info = bench.noisy_manifest(args, 7, tmp_path / "out")
     noisy = read_manifest_csv(path).records
     assert info["corrupted"] == 20 and sum(r.product_id != r.metadata["true_product_id"] for r in noisy) == 20
-    assert _untouched(local, noisy, bench)
+    assert untouched(local, noisy)
     assert json.loads((tmp_path / "out" / "noise" / "manifest-seed7.json").read_text())["digest"] == info["digest"]
     args.noise_kind = "same-category"  # another draw into the same folder is refused
     with pytest.raises(SystemExit, match="drawn differently"):
@@ -325,3 +230,17 @@ def test_noise_summary_and_the_choice_of_rule(bench, tmp_path):
     assert (tmp_path / "summary" / "noise.png").is_file()
     mechanism = bench.mechanism_table([json.loads(p.read_text()) for p in aux.glob("result-*.json")])
     assert "| robust_matched | 40 | q 0.60 | 2 | 40.0 | 60.0 | 50.0 | 0.60 → 0.80 | 0.50 / 0.90 |" in mechanism
+
+
+def test_street_refs_are_the_records_embed_indexes_and_the_ones_the_tool_used_before(synth_dataset):
+    from street2shop.data.records import read_manifest_csv
+
+    views = load_tool("bench_views")
+    records = read_manifest_csv(synth_dataset).records
+    gallery = [r for r in records if r.domain == "shop"]  # bench_retrieval's gallery
+    command = {"manifest": str(synth_dataset), "train_split": "train"}
+    # The records the tool indexed by hand before (the training street photos), in the same order.
+    assert views.customer_references(command, gallery) == [r for r in records if r.domain == "street" and r.split == "train"]
+    assert views.parse("street-refs+tta-flip") == (0, "flip", True)
+    with pytest.raises(SystemExit, match="not this run's gallery"):
+        views.customer_references(command, gallery[1:])

@@ -183,7 +183,6 @@ def test_service_settings_come_from_the_environment_and_a_flag_wins(service_env)
     "env, message",
     [
         ({}, "give the index base: --index INDEX_BASE (or STREET2SHOP_INDEX)"),
-        ({"STREET2SHOP_INDEX": "/srv/index", "STREET2SHOP_MAX_PIXELS": "lots"}, "max_pixels (STREET2SHOP_MAX_PIXELS) must be a number. Received: max_pixels='lots'"),
         ({"STREET2SHOP_INDEX": "/srv/index", "STREET2SHOP_SERVER": "tfs:8500"}, "give exactly one of --server HOST:PORT or --model EXPORT"),
     ],
 )
@@ -197,9 +196,104 @@ def test_service_settings_that_do_not_make_a_service_are_one_line_errors(env, me
     assert err.count("\n") == 1 and message in err
 
 
-def test_a_service_variable_that_is_not_a_number_names_its_flag(service_env, capsys):
+@pytest.mark.parametrize("name, value, message", [("STREET2SHOP_PORT", "http", "argument --port: invalid int value: 'http'"),
+                                                  ("STREET2SHOP_MAX_PIXELS", "lots", "argument --max-pixels: invalid int value: 'lots'")])
+def test_a_service_variable_that_is_not_a_number_names_its_flag(name, value, message, service_env, capsys):
     monkeypatch = service_env
-    monkeypatch.setenv("STREET2SHOP_PORT", "http")
+    monkeypatch.setenv(name, value)
     with pytest.raises(SystemExit) as info:
         main(["service", "--index", "/srv/index", "--model", "/srv/exports"])
-    assert info.value.code == 2 and "argument --port: invalid int value: 'http'" in capsys.readouterr().err
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_config_dataclass_field_is_a_flag_with_its_type_default_and_help():
+    import dataclasses
+
+    from street2shop.cli import add_dataclass_flags, config_of
+    from street2shop.config import setting
+
+    @dataclasses.dataclass(frozen=True)
+    class Settings:
+        where: str = dataclasses.field(metadata={"help": "a folder"})
+        rounds: int = setting(3, "how many rounds")
+        rate: float = setting(0.5, "a share")
+        check: bool = setting(True, "check first")
+        internal: str = "not a flag"  # no help: no flag
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_flags(parser, Settings)
+    args = parser.parse_args(["--where", "w", "--rounds", "7", "--no-check"])
+    assert config_of(Settings, args) == Settings("w", 7, 0.5, False)
+    assert config_of(Settings, parser.parse_args(["--where", "w"])) == Settings("w")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--rounds", "2"])  # --where is required: the field has no default
+    assert "--internal" not in parser.format_help()
+    given_only = argparse.ArgumentParser()
+    add_dataclass_flags(given_only, Settings, defaults=Settings("x", rounds=9), only_given=True)
+    assert vars(given_only.parse_args(["--where", "y", "--rate", "0.25"])) == {"where": "y", "rate": 0.25}
+    assert "how many rounds (default: 9)" in " ".join(given_only.format_help().split())
+
+
+def test_the_service_flags_are_the_service_configs_fields():
+    import dataclasses
+
+    from street2shop.service.config import ServiceConfig
+
+    parser = build_parser()
+    args = parser.parse_args(["service", "--index", "idx", "--server", "localhost:8500"])
+    assert {f.name: getattr(args, f.name) for f in dataclasses.fields(ServiceConfig)} == dataclasses.asdict(
+        ServiceConfig(index="idx", server="localhost:8500"))
+
+
+def test_customer_photos_as_references_embedded_indexed_searched_and_kept_out_of_evaluation(synth_dataset, tmp_path, capsys, monkeypatch):
+    """embed --domains shop,street indexes the training street photos beside the catalogue; a search that matches one of
+    them says so and shows the product's catalogue photo; evaluating with indexed photos is refused."""
+    import json
+
+    from street2shop.data.records import read_manifest_csv
+    from tests.test_embed import FakeEmbedder
+
+    monkeypatch.setattr("street2shop.embedders.open_embedder", lambda *args, **kwargs: FakeEmbedder())
+    records = read_manifest_csv(synth_dataset).records
+    shop = {r.product_id: r.image_path for r in records if r.domain == "shop"}
+    train = [r for r in records if r.domain == "street" and r.split == "train"]
+    assert main(["embed", str(synth_dataset), "--domains", "shop,street", "--model", "unused", "--out", str(tmp_path / "emb")]) == 0
+    assert capsys.readouterr().out.startswith(f"embedded {len(shop) + len(train)} images ({len(shop)} catalogue photos, "
+                                              f"{len(train)} customer photos) (0 skipped)")
+    assert main(["index", "build", str(tmp_path / "emb"), "--out", str(tmp_path / "index"), "--kind", "exact"]) == 0
+    capsys.readouterr()
+    # A training street photo, cropped to its box as it was indexed: its own reference is its best match (cosine 1).
+    query = train[4]
+    box = ",".join(f"{v:g}" for v in query.box.as_ltwh())
+    search = ["search", query.image_path, "--box", box, "--index", str(tmp_path / "index"), "--model", "unused", "-k", "3"]
+    assert main(search) == 0
+    first = capsys.readouterr().out.splitlines()[1].split()
+    assert first[:3] == ["1.", query.product_id, "1.000"]
+    assert first[3:] == [shop[query.product_id], "(matched", "a", "customer", "photo:", f"{query.image_path})"]
+    assert main([*search, "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)[query.image_path][0]
+    assert (answer["product_id"], answer["domain"], answer["image_path"]) == (query.product_id, "street", query.image_path)
+    assert answer["catalogue_image"] == shop[query.product_id]
+    # The indexed photos are no test of the index: refused; the held-out split is fine.
+    evaluate = ["evaluate", str(synth_dataset), "--index", str(tmp_path / "index"), "--model", "unused"]
+    assert main([*evaluate, "--split", "train", "--out", str(tmp_path / "r-train")]) == 2
+    err = capsys.readouterr().err
+    assert f"{len(train)} of the {len(train)} query photos are customer photos the index holds as references" in err
+    assert main([*evaluate, "--split", "val", "--out", str(tmp_path / "r-val"), "--json"]) == 0
+    report = json.loads((tmp_path / "r-val" / "report.json").read_text())["runs"]["model"]
+    assert report["references"] == {"shop": len(shop), "street": len(train), "products_with_customer_photos": len(shop)}
+
+
+def test_the_readme_customer_photo_commands_parse():
+    """The commands of README.md's "Customer photos as references" (not run: they need the recipe's export)."""
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("**Customer photos as references.**", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    commands = [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    assert [c[:2] for c in commands] == [["street2shop", "embed"], ["street2shop", "index"], ["street2shop", "evaluate"]]
+    embed = build_parser().parse_args(commands[0][1:])
+    assert (embed.domains, embed.reference_splits) == ("shop,street", "train")
+    for command in commands[1:]:
+        build_parser().parse_args(command[1:])

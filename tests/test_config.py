@@ -15,6 +15,14 @@ def test_toml_round_trip(tmp_path):
     assert load_config(jpath) == config
 
 
+def test_a_path_with_quotes_backslashes_and_accents_survives_toml(tmp_path):
+    awkward = 'C:\\data\\"shop" catalogue\\photos é\tø.csv'
+    config = TrainConfig().replace(manifest=awkward, learning_rate=1e-5)
+    path = save_config(config, tmp_path / "config.toml")
+    assert load_config(path).data.manifest == awkward and load_config(path).fit.learning_rate == 1e-5
+    assert path.read_text(encoding="utf-8").startswith("[data]\n")
+
+
 def test_replace_by_field_name_and_types_coerced_from_strings():
     config = TrainConfig().replace(image_size="75", learning_rate="0.01", check_images="false")
     assert config.data.image_size == 75 and config.fit.learning_rate == 0.01 and config.data.check_images is False

@@ -103,6 +103,30 @@ def test_a_flat_index_answers_what_the_exact_index_answers_ties_filters_and_labe
     assert [it.product_id for it in index.items] == [it.product_id for it in items]
 
 
+def test_customer_photos_as_references_answer_as_in_the_exact_index_and_each_product_shows_its_catalogue_photo(db, tmp_path):
+    # Products p0..p3: p0 and p1 have a catalogue photo and a customer photo; p2 only a customer photo; p3 only a catalogue photo.
+    rng = np.random.default_rng(5)
+    vectors = unit(rng.standard_normal((6, 16)))
+    items = [Item("p0", "street/0.jpg", "bags", domain="street"), Item("p0", "shop/0.jpg", "bags"),
+             Item("p1", "shop/1.jpg", "shoes"), Item("p1", "street/1.jpg", "shoes", domain="street"),
+             Item("p2", "street/2.jpg", "bags", domain="street"), Item("p3", "shop/3.jpg", "shoes")]
+    build(db, "refs", tmp_path / "emb", vectors, items, index_type="FLAT")
+    index = load_index(f"milvus:{db}#refs")
+    exact = ExactIndex(16, model_fingerprint="model-a")
+    exact.add(vectors, items)
+    for q in vectors:
+        got, want = index.query(q, 4, by_product=False), exact.query(q, 4, by_product=False)
+        same(got, want)
+        assert [r.domain for r in got] == [r.domain for r in want]
+    # By hand: the first shop photo of each product, none for p2; an image of each domain is found, an unknown one is not.
+    expected = {"p0": "shop/0.jpg", "p1": "shop/1.jpg", "p3": "shop/3.jpg"}
+    for backend in (index, exact):
+        assert {p: i.image_path for p, i in backend.catalogue_photos(["p0", "p1", "p2", "p3", "p9"]).items()} == expected
+        assert backend.catalogue_photos(["p1"])["p1"].domain == "shop" and backend.catalogue_photos([]) == {}
+        assert backend.image_item(items[4].image_id).domain == "street" and backend.image_item(items[5].image_id).domain == "shop"
+        assert backend.image_item("0" * 16) is None
+
+
 def test_hnsw_recall_at_10_against_exact_search(db, tmp_path):
     rng = np.random.default_rng(2)
     vectors = clustered(rng, 3000, 32, clusters=60)

@@ -67,7 +67,6 @@ Another dataset in the manifest format: ``--manifest M --eval-split S``.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import logging
@@ -80,33 +79,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data"
-DEFAULT_VARIANTS = ("histogram", "untrained", "plain", "robust", "robust_multitask", "robust_multitask_products")
-VARIANTS = DEFAULT_VARIANTS + ("robust_warmup", "robust_multitask_warmup", "robust_tau", "plain_multitask",
-                               "robust_products", "plain_multitask_products", "robust_matched", "robust_tau_warmup",
-                               "robust_matched_multitask_products", "robust_tau_warmup_multitask_products")
+from street2shop.data.noise import NOISE_KINDS, corrupt_labels  # noqa: E402 - after the path is set
+from street2shop.experiments import VARIANTS, bootstrap, matched_quantile, paired_difference, per_query, sister  # noqa: E402
 
-NO_SEED = ("histogram",)  # variants without randomness: run once, for the first seed
-
-# Trained variants: (loss, drop rule, auxiliary set, product softmax). Drop rules: "quantile" (the batch
-# quantile --positive-quantile), "quantile_warmup" (the same after --drop-warmup-epochs), "tau_quantile"
-# (--robust-tau and the quantile: dropped beyond both), "matched" (the batch quantile matched to the noise),
-# "tau_warmup" (a fixed τ alone, after the warm-up).
-SPECS = {
-    "plain": ("contrastive", None, False, False),
-    "robust": ("robust", "quantile", False, False),
-    "robust_multitask": ("robust", "quantile", True, False),
-    "robust_multitask_products": ("robust", "quantile", True, True),
-    "robust_warmup": ("robust", "quantile_warmup", False, False),
-    "robust_multitask_warmup": ("robust", "quantile_warmup", True, False),
-    "robust_tau": ("robust", "tau_quantile", False, False),
-    "plain_multitask": ("contrastive", None, True, False),
-    "robust_products": ("robust", "quantile", False, True),
-    "plain_multitask_products": ("contrastive", None, True, True),
-    "robust_matched": ("robust", "matched", False, False),
-    "robust_tau_warmup": ("robust", "tau_warmup", False, False),
-    "robust_matched_multitask_products": ("robust", "matched", True, True),
-    "robust_tau_warmup_multitask_products": ("robust", "tau_warmup", True, True),
-}
+DEFAULT_VARIANTS = tuple(name for name, v in VARIANTS.items() if v.default)
 
 # Config fields run_one sets itself: from a flag of this tool, or by the variant.
 RESERVED = frozenset({
@@ -116,84 +92,7 @@ RESERVED = frozenset({
     "hard_negative_fraction", "init_checkpoint",
 })
 
-NOISE_KINDS = ("same-category", "uniform")
-# Product groups for same-category noise, most specific first ("category" is the manifest's own column);
-# a photo whose product is alone in its group falls back to the next, then to any other product.
-NOISE_GROUPS = ("category", "coarse_class", "supercategory")
-
 logger = logging.getLogger("bench_retrieval")
-
-
-def _group_of(record, column):
-    value = record.category if column == "category" else record.metadata.get(column)
-    return (value or "").strip() or None
-
-
-def corrupt_labels(records, rate, kind, seed, train_splits=("train",)):
-    """A share ``rate`` of the training street photos relabelled with another product: ``(records, info)``.
-
-    Every record comes back (in order) with a ``true_product_id`` metadata
-    field: its own product, or for a corrupted photo the product it really
-    shows while ``product_id`` names the wrong one. Only street photos of
-    ``train_splits`` are touched; the new product is one with a shop photo (so
-    the wrong pair is drawn). ``kind`` "uniform": any other such product;
-    "same-category": another product of the same group (:data:`NOISE_GROUPS`,
-    most specific first), else any other one.
-
-    The draw depends on (seed, kind) only: a random order of the photos and a
-    wrong product for each, the first ``round(rate·N)`` of that order
-    corrupted. So a higher rate corrupts a superset, with the same wrong
-    labels. ``info`` has the rate, kind, seed, counts (``by_group``: how many
-    wrong labels came from which group) and a digest of the training labels.
-    """
-    import numpy as np
-
-    from street2shop.data.pairs import TRUE_PRODUCT_COLUMN
-    from street2shop.data.records import Record
-
-    if kind not in NOISE_KINDS:
-        raise ValueError(f"noise kind must be one of {', '.join(NOISE_KINDS)}. Received: {kind!r}")
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"noise rate must be in [0, 1]. Received: {rate!r}")
-    records = list(records)
-    street = [i for i, r in enumerate(records) if r.domain == "street" and r.split in train_splits]
-    targets = sorted({r.product_id for r in records if r.domain == "shop"})
-    groups = {}  # column -> product -> group
-    for column in NOISE_GROUPS:
-        for r in records:
-            g = _group_of(r, column)
-            if g is not None:
-                groups.setdefault(column, {}).setdefault(r.product_id, g)
-    rng = np.random.default_rng([int(seed), NOISE_KINDS.index(kind), 16])
-    order = rng.permutation(len(street))
-    wrong, level = {}, {}
-    for i in order:  # a wrong product for every photo, whatever the rate: the draw does not depend on it
-        product = records[street[i]].product_id
-        candidates, source = [t for t in targets if t != product], "any"
-        if kind == "same-category":
-            for column, of in groups.items():
-                if product not in of:
-                    continue
-                same = [t for t in candidates if of.get(t) == of[product]]
-                if same:
-                    candidates, source = same, column
-                    break
-        wrong[i], level[i] = candidates[rng.integers(len(candidates))], source
-    n = int(round(rate * len(street)))
-    corrupted = {street[i]: i for i in order[:n]}
-    out = []
-    for j, r in enumerate(records):
-        product = wrong[corrupted[j]] if j in corrupted else r.product_id
-        out.append(Record(r.image_path, product, r.domain, r.split, r.category, r.box,
-                          {**r.metadata, TRUE_PRODUCT_COLUMN: r.product_id}))
-    by_group = {}
-    for i in order[:n]:
-        by_group[level[i]] = by_group.get(level[i], 0) + 1
-    labels = "\n".join(f"{r.image_path}\t{r.product_id}\t{r.metadata[TRUE_PRODUCT_COLUMN]}"
-                        for r in sorted((out[j] for j in street), key=lambda r: r.image_path))
-    info = {"rate": rate, "kind": kind, "seed": int(seed), "corrupted": n, "street_photos": len(street),
-            "by_group": by_group, "digest": hashlib.sha256(labels.encode()).hexdigest()[:16]}
-    return out, info
 
 
 def noisy_manifest(args, seed, out):
@@ -204,9 +103,9 @@ def noisy_manifest(args, seed, out):
     """
     if not args.noise_rate:
         return args.manifest, None
-    from street2shop.data.records import read_manifest, write_manifest
+    from street2shop.data.records import read_manifest_csv, write_manifest
 
-    records, info = corrupt_labels(read_manifest(args.manifest).records, args.noise_rate, args.noise_kind, seed,
+    records, info = corrupt_labels(read_manifest_csv(args.manifest).records, args.noise_rate, args.noise_kind, seed,
                                    train_splits=tuple(x.strip() for x in args.train_split.split(",")))
     path = out / "noise" / f"manifest-seed{seed}.csv"
     described = path.with_suffix(".json")
@@ -221,36 +120,21 @@ def noisy_manifest(args, seed, out):
     return str(path), info
 
 
-def matched_quantile(rate, config):
-    """The batch quantile matched to noise rate ``rate``: 1 − rate × the share of product pairs among the positives.
-
-    Auxiliary positives are never corrupted; half the auxiliary pairs are
-    positive (see ``PairPlanner``).
-    """
-    f_pos, _, f_aux = config.data.pair_config(1, 0).fractions(bool(config.data.auxiliary_dir))
-    return 1.0 - rate * f_pos / (f_pos + f_aux / 2)
-
-
-def sister(variant):
-    """The plain-loss variant with the same tasks (a tau_warmup variant reads its τ from it)."""
-    loss, _, multitask, products = SPECS[variant]
-    return next(v for v, spec in SPECS.items() if spec == ("contrastive", None, multitask, products))
-
-
 def logged_quantile(log_csv, epoch, quantile):
     """The ``quantile`` of the positive distances logged for ``epoch`` (0-based) in a run's log.csv.
 
-    Linear between the logged quantiles (``street2shop.train.NOISE_QUANTILES``);
+    Linear between the logged quantiles (``street2shop.compile.NOISE_QUANTILES``);
     above the highest logged one, linear up to 2 (the largest distance).
     """
     import numpy as np
 
-    with open(log_csv, newline="") as f:
-        rows = [row for row in csv.DictReader(f) if int(row["epoch"]) == epoch]
+    from street2shop.runlog import read_run_log
+
+    rows = [row for row in read_run_log(log_csv) if row["epoch"] == epoch]
     if not rows:
         raise SystemExit(f"{log_csv} has no epoch {epoch + 1}: the plain run it needs is not finished")
-    points = sorted((int(k.rsplit("_q", 1)[1]) / 100, float(v)) for k, v in rows[-1].items()
-                    if k.rsplit("_", 1)[-1].startswith("q") and "positive_distance_q" in k and not k.startswith("val_"))
+    points = sorted((int(k.rsplit("_q", 1)[1]) / 100, v) for k, v in rows[-1].items()
+                    if k.rsplit("_", 1)[-1].startswith("q") and "positive_distance_q" in k and not k.startswith("val_") and v is not None)
     if not points:
         raise SystemExit(f"{log_csv} logs no positive-distance quantiles: its run had no corruption flags")
     qs, values = zip(*points)
@@ -258,36 +142,19 @@ def logged_quantile(log_csv, epoch, quantile):
 
 
 def variant_config(variant, seed, args, manifest, run_dir, noise_rate=0.0, init_checkpoint="", tau=None):
-    """The TrainConfig of a trained variant, and what its drop rule is (for the result)."""
+    """The TrainConfig of a trained variant (its flags and --set on the recipe), and what its drop rule is (for the result)."""
     from street2shop.config import TrainConfig
 
-    loss, rule, multitask, products = SPECS[variant]
-    config = (args.recipe or TrainConfig()).replace(
+    base = (args.recipe or TrainConfig()).replace(
         manifest=manifest, train_split=args.train_split, val_split="", backbone=args.backbone, weights=args.weights,
         image_size=args.image_size, embedding_dim=args.embedding_dim, bn_momentum=args.bn_momentum, epochs=args.epochs,
         pairs_per_epoch=args.pairs // args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=seed,
-        output_dir=str(run_dir), loss=loss, auxiliary_dir=args.aux_dir if multitask else "",
-        w_product=args.w_product if products else 0.0, street_street_fraction=args.street_street_fraction,
+        output_dir=str(run_dir), street_street_fraction=args.street_street_fraction,
         hard_negative_fraction=args.hard_negative_fraction, init_checkpoint=init_checkpoint,
         positive_quantile=args.positive_quantile, positive_threshold=0.0, drop_warmup_epochs=0,
     ).replace(**args.set)
-    drop = {}
-    if rule == "quantile_warmup":
-        drop = {"drop_warmup_epochs": args.drop_warmup_epochs}
-    elif rule == "tau_quantile":
-        drop = {"positive_threshold": args.robust_tau}
-    elif rule == "matched":
-        drop = {"positive_quantile": matched_quantile(noise_rate, config)}
-    elif rule == "tau_warmup":
-        if tau is None:
-            raise ValueError(f"{variant} needs its τ")
-        drop = {"positive_threshold": tau, "positive_quantile": 0.0, "drop_warmup_epochs": args.drop_warmup_epochs}
-    config = config.replace(**drop)
-    lc = config.loss
-    rule_record = None if loss == "contrastive" else {
-        "rule": rule, "positive_quantile": lc.positive_quantile, "positive_threshold": lc.positive_threshold,
-        "drop_warmup_epochs": lc.drop_warmup_epochs}
-    return config, rule_record
+    return VARIANTS[variant].config(base, aux_dir=args.aux_dir, w_product=args.w_product, drop_warmup_epochs=args.drop_warmup_epochs,
+                                    robust_tau=args.robust_tau, noise_rate=noise_rate, tau=tau)
 
 
 def tau_for(variant, seed, args, out, manifest, noise_rate):
@@ -377,13 +244,14 @@ def evaluate(query_vectors, queries, gallery_vectors, gallery):
 def run_one(variant, seed, args, queries, gallery, out):
     import keras
 
-    from street2shop.train import build_model, train
+    from street2shop.compile import build_model
+    from street2shop.train import train
 
     started = time.perf_counter()
     size = args.image_size
     record = {"variant": variant, "seed": seed, "image_size": size, "backbone": args.backbone, "pairs": args.pairs, "settings": args.set,
               "config": args.recipe_id}
-    if variant.endswith("_products"):
+    if VARIANTS[variant].products:
         record["w_product"] = args.w_product
     if variant == "histogram":
         from street2shop.baselines import colour_histogram_embeddings
@@ -404,15 +272,15 @@ def run_one(variant, seed, args, queries, gallery, out):
         init = record["init"]["checkpoint"]
     run_dir = out / "runs" / f"{variant}-seed{seed}"
     tau = None
-    if variant in SPECS and SPECS[variant][1] == "tau_warmup":
+    if VARIANTS[variant].rule == "tau_warmup":
         tau, record["tau"] = tau_for(variant, seed, args, out, manifest, args.noise_rate)
-    config, record["drop"] = variant_config(variant if variant in SPECS else "plain", seed, args, manifest, run_dir,
+    config, record["drop"] = variant_config(variant if VARIANTS[variant].trained else "plain", seed, args, manifest, run_dir,
                                             args.noise_rate, init, tau)
     if variant == "untrained":
         keras.utils.set_random_seed(seed)
         model = build_model(config, None)
         if init:
-            from street2shop.train import load_tower_weights
+            from street2shop.model.siamese import load_tower_weights
 
             load_tower_weights(model, init)
         tower = model.get_layer("tower")
@@ -433,44 +301,10 @@ def run_one(variant, seed, args, queries, gallery, out):
 
 
 def log_history(log_csv):
-    """A run's log.csv as ``{column: [value per epoch]}`` (training columns; Keras writes NA for absent validation ones)."""
-    with open(log_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return {k: [round(float(row[k]), 5) for row in rows] for k in (rows[0] if rows else {})
-            if k != "epoch" and not k.startswith("val_")}
+    """A run's log.csv as ``{column: [value per epoch]}``, training columns only, rounded for the result file."""
+    from street2shop.runlog import run_history
 
-
-def _per_query(rows):
-    """Per-query hits at 1/5/20 and reciprocal rank, ``[seeds, queries]`` each (unanswerable queries left out)."""
-    import numpy as np
-
-    ranks = np.array([[np.nan if x is None else x for x in r["ranks"]] for r in rows], dtype=float)
-    answerable = ~np.isnan(ranks).all(axis=0)
-    ranks = np.where(np.isnan(ranks), np.inf, ranks)[:, answerable]
-    values = {f"top-{k}": (ranks <= k).astype(float) for k in (1, 5, 20)}
-    values["MRR"] = 1.0 / ranks
-    return values
-
-
-def _bootstrap(values, samples=4000):
-    """Mean of a ``[seeds, queries]`` array and its 95% interval, resampling seeds and queries.
-
-    Both sources of variation count: which queries were asked, and which
-    training run (seed) produced the model. Runs of the same setting differ
-    by several points here, so an interval over queries alone would be too
-    narrow. With one seed it is the interval over queries.
-    """
-    import numpy as np
-
-    values = np.asarray(values, dtype=float)
-    n_seeds, n_queries = values.shape
-    rng = np.random.default_rng(0)
-    means = np.empty(samples)
-    for i in range(samples):
-        seeds = rng.integers(0, n_seeds, n_seeds)
-        queries = rng.integers(0, n_queries, n_queries)
-        means[i] = values[seeds][:, queries].mean()
-    return float(values.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+    return {k: [None if v is None else round(v, 5) for v in values] for k, values in run_history(log_csv, validation=False).items()}
 
 
 def summary(out: Path) -> str:
@@ -490,10 +324,10 @@ def summary(out: Path) -> str:
         rows = [r for r in results if r["variant"] == variant]
         if not rows:
             continue
-        per_query = _per_query(rows)
+        hits = per_query(rows)
         cells = []
         for name in metrics:
-            mean, low, high = _bootstrap(per_query[name])
+            mean, low, high = bootstrap(hits[name])
             cells.append(f"{100 * mean:.1f} [{100 * low:.1f}, {100 * high:.1f}]")
         pps = [r["pairs_per_second"] for r in rows if r.get("pairs_per_second")]
         train_s = [r["train_seconds"] for r in rows if r.get("pairs_per_second")]
@@ -513,16 +347,11 @@ def summary(out: Path) -> str:
     plot_top_k(runs, out / "topk.png", title="grocery val: street photos vs 81 catalogue photos")
     paired = ""
     # Each variant against plain, and multi-task against pairs only (the same robust loss).
-    comparisons = [(variant, "plain") for variant in VARIANTS[3:]] + [
-        ("robust_multitask", "robust"), ("robust_multitask", "plain_multitask"),
-        ("robust_products", "robust"), ("robust_multitask_products", "robust_products"),
-        ("robust_multitask_products", "robust_multitask"), ("robust_multitask_products", "plain_multitask_products"),
-        ("plain_multitask_products", "plain_multitask"), ("robust_multitask_products", "histogram"),
-        ("robust_matched_multitask_products", "plain_multitask_products"),
-        ("robust_tau_warmup_multitask_products", "plain_multitask_products")]
+    comparisons = [(name, reference) for plain_first in (True, False) for name, v in VARIANTS.items()
+                   for reference in v.compared_with if (reference == "plain") == plain_first]
     for variant, reference in comparisons:
         for k in (1, 5):
-            diff = _paired_difference(results, variant, reference, k) if results else None
+            diff = paired_difference(results, variant, reference, k) if results else None
             if diff:
                 per_seed = ", ".join(f"{100 * v:+.1f}" for v in diff[3].values())
                 paired += (
@@ -627,22 +456,22 @@ def noise_summary(dirs, out):
             key = (setting["pretrain"], setting["noise_kind"] or "-", setting["noise_rate"], r["variant"])
             groups.setdefault(key, []).append(r)
         for variant in sorted({r["variant"] for r in results} - {"plain", "untrained"}):
-            reference = sister(variant) if variant in SPECS else "plain"
-            diffs = [_paired_difference(results, variant, reference, k) for k in (1, 5)]
+            reference = sister(variant) if VARIANTS[variant].trained else "plain"
+            diffs = [paired_difference(results, variant, reference, k) for k in (1, 5)]
             if not all(diffs):
                 continue
             setting = _setting_of(next(r for r in results if r["variant"] == variant))
             paired.append(f"| {setting['pretrain']} | {setting['noise_kind'] or '-'} | {setting['noise_rate']:.1f} | "
                           f"{variant} − {reference} | {', '.join(map(str, diffs[0][3]))} | "
                           + " | ".join(f"{100 * m:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]" for m, lo, hi, _ in diffs) + " |")
-            if SPECS.get(variant, ("",))[0] == "robust":
+            if VARIANTS[variant].loss == "robust":
                 candidates.append((d, variant, reference, setting, results, set(diffs[0][3])))
     choice = _choose(candidates)
     lines = ["| regime | noise | p | variant | seeds | top-1 | top-5 |", "|---|---|---|---|---|---|---|"]
     curves = {}
     for (regime, kind, rate, variant), rows in sorted(groups.items()):
-        per_query = _per_query(rows)
-        cells = [_bootstrap(per_query[m]) for m in ("top-1", "top-5")]
+        hits = per_query(rows)
+        cells = [bootstrap(hits[m]) for m in ("top-1", "top-5")]
         lines.append(f"| {regime} | {kind} | {rate:.1f} | {variant} | {', '.join(str(r['seed']) for r in rows)} | "
                      + " | ".join(f"{100 * m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]" for m, lo, hi in cells) + " |")
         curves.setdefault((regime, variant), []).append((rate, cells, len(rows)))
@@ -667,8 +496,8 @@ def _choose(candidates):
         return None
     scored = []
     for d, variant, reference, setting, results, _ in candidates:
-        screen = [r for r in results if r.get("seed") in common or r["variant"] in NO_SEED]
-        score = 100 * sum(_paired_difference(screen, variant, reference, k)[0] for k in (1, 5))
+        screen = [r for r in results if r.get("seed") in common or not VARIANTS[r["variant"]].seeded]
+        score = 100 * sum(paired_difference(screen, variant, reference, k)[0] for k in (1, 5))
         scored.append({"dir": str(d), "pretrain": setting["pretrain"], "variant": variant, "score": round(score, 2),
                        "seeds": common})
     return max(scored, key=lambda c: c["score"])
@@ -707,26 +536,6 @@ def _plot_against_noise(curves, path):
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
-
-def _paired_difference(results, a, b, k=1, samples=4000):
-    """Top-k difference a − b over the seeds both have: mean, 95% interval (seeds and queries resampled in pairs), per seed.
-
-    The histogram baseline has no seed (it is computed once): its one result
-    pairs with every seed of ``a``.
-    """
-    by = {(r["variant"], r["seed"]): r for r in results}
-    deterministic = [r for r in results if r["variant"] == b and b in NO_SEED]
-    if deterministic:
-        by.update({(b, seed): deterministic[0] for (variant, seed) in list(by) if variant == a})
-    seeds = sorted(seed for (variant, seed) in by if variant == a and (b, seed) in by)
-    if not seeds:
-        return None
-    hit_a = _per_query([by[(a, s)] for s in seeds])[f"top-{k}"]
-    hit_b = _per_query([by[(b, s)] for s in seeds])[f"top-{k}"]
-    difference = hit_a - hit_b  # paired: the same seed and the same query
-    mean, low, high = _bootstrap(difference, samples)
-    return mean, low, high, dict(zip(seeds, difference.mean(axis=1)))
 
 
 def _parse_settings(items):
@@ -813,7 +622,7 @@ def main() -> int:
     parser.add_argument("--train-split", default="train")
     parser.add_argument("--eval-split", default="val")
     parser.add_argument("--aux-dir", default=str(SHARED / "coil100" / "images"))
-    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--backbone", default="inception_v3")
     parser.add_argument("--weights", default="none", help="'none' here (no internet); 'imagenet' where it can download")
@@ -868,7 +677,7 @@ def main() -> int:
         from street2shop.errors import ConfigError
 
         try:  # every trained variant's config, before anything runs: a bad combination of flags fails here
-            for variant in {v for v in args.variants if v in SPECS and SPECS[v][1] != "tau_warmup"}:
+            for variant in {v for v in args.variants if VARIANTS[v].trained and VARIANTS[v].rule != "tau_warmup"}:
                 variant_config(variant, 0, args, "m.csv", Path("unused"), args.noise_rate)
         except ConfigError as e:
             parser.error(str(e))
@@ -888,26 +697,26 @@ def main() -> int:
     if earlier is not None and earlier != setting:
         parser.error(f"{out} holds results of {earlier}, this command is {setting}: use another --out")
 
-    from street2shop.data.records import read_manifest
+    from street2shop.data.records import read_manifest_csv
 
-    records = read_manifest(args.manifest)
+    records = read_manifest_csv(args.manifest)
     queries = [r for r in records if r.domain == "street" and r.split == args.eval_split]
     gallery = [r for r in records if r.domain == "shop"]
     logger.info("%d queries (%s street photos) against %d shop photos", len(queries), args.eval_split, len(gallery))
     (out / "command.json").write_text(json.dumps({"argv": sys.argv, "args": {k: v for k, v in vars(args).items() if k != "recipe"}}, indent=2))
-    variants = sorted(args.variants, key=lambda v: v in SPECS and SPECS[v][1] == "tau_warmup")  # after their plain run
-    order = [(v, s) for s in args.seeds for v in variants if not (v in NO_SEED and s != args.seeds[0])]
+    variants = sorted(args.variants, key=lambda v: VARIANTS[v].rule == "tau_warmup")  # after their plain run
+    order = [(v, s) for s in args.seeds for v in variants if VARIANTS[v].seeded or s == args.seeds[0]]
     for variant, seed in order:
         path = out / f"result-{variant}-seed{seed}.json"
         if path.is_file():
             earlier = json.loads(path.read_text())
-            if variant not in NO_SEED and earlier.get("config") != args.recipe_id:
+            if VARIANTS[variant].seeded and earlier.get("config") != args.recipe_id:
                 logger.error("%s ran with --config %s, this command has %s: use another --out", path, earlier.get("config"), args.recipe_id)
                 return 2
-            if variant not in NO_SEED and earlier.get("settings", {}) != args.set:
+            if VARIANTS[variant].seeded and earlier.get("settings", {}) != args.set:
                 logger.error("%s ran with --set %s, this command has --set %s: use another --out", path, earlier.get("settings", {}), args.set)
                 return 2
-            if variant.endswith("_products") and earlier.get("w_product", args.w_product) != args.w_product:
+            if VARIANTS[variant].products and earlier.get("w_product", args.w_product) != args.w_product:
                 logger.error("%s ran with --w-product %s, this command has %s: use another --out", path, earlier["w_product"], args.w_product)
                 return 2
             logger.info("done already: %s", path.name)

@@ -18,7 +18,7 @@ import numpy as np
 
 from street2shop.data.image import IMAGE_EXTENSIONS
 from street2shop.data.records import Record
-from street2shop.errors import ConfigError, DataError
+from street2shop.errors import DataError, check_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +94,7 @@ def read_class_folders(
             folder holds an image.
         ConfigError: ``max_per_class`` is below 1.
     """
-    valid = isinstance(max_per_class, (int, np.integer)) and not isinstance(max_per_class, bool) and max_per_class >= 1
-    if max_per_class is not None and not valid:
-        raise ConfigError(f"max_per_class must be an integer >= 1 or None. Received: max_per_class={max_per_class!r}")
+    check_positive_int("max_per_class", max_per_class, allow_none=True)
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"expected a folder of class folders (root/<label>/<image>). Received: {root} is not a folder")

@@ -37,7 +37,7 @@ import numpy as np
 
 from street2shop.data.image import NO_BOX
 from street2shop.data.records import Record
-from street2shop.errors import ConfigError, DataError
+from street2shop.errors import ConfigError, DataError, check_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -163,8 +163,7 @@ class PairConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.pairs_per_epoch < 1:
-            raise ConfigError(f"pairs_per_epoch must be >= 1. Received: pairs_per_epoch={self.pairs_per_epoch}")
+        check_positive_int("pairs_per_epoch", self.pairs_per_epoch)
         for name in ("positive_fraction", "negative_fraction", "auxiliary_fraction", "street_street_fraction", "hard_negative_fraction"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:

@@ -22,7 +22,7 @@ import numpy as np
 
 from street2shop.data.image import image_size_2d, prepare_image
 from street2shop.data.pairs import PairPlan
-from street2shop.errors import ConfigError
+from street2shop.errors import ConfigError, check_positive_int
 
 if TYPE_CHECKING:  # pragma: no cover
     import tensorflow as tf
@@ -145,8 +145,7 @@ def pair_dataset(
     """
     tf = _tf()
     size = image_size_2d(image_size)
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1. Received: batch_size={batch_size}")
+    check_positive_int("batch_size", batch_size)
     w_pair, w_aux = (float(w) for w in pair_weights)
     w_product, w_cls = (float(w) for w in class_weights)
 

@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from street2shop.data.image import Box
 from street2shop.data.records import Record, RecordSet, write_manifest
-from street2shop.errors import ConfigError
+from street2shop.errors import ConfigError, check_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -188,8 +188,7 @@ def _check_args(
         "categories": (categories, 1),
     }
     for name, (value, low) in ints.items():
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ConfigError(f"{name} must be an integer >= {low}. Received: {name}={value!r}")
+        check_positive_int(name, value, minimum=low)
     if categories > len(_FAMILIES):
         raise ConfigError(
             f"categories must be at most {len(_FAMILIES)} (the silhouette families "

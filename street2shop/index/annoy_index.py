@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from street2shop.errors import ConfigError, DataError, IndexMismatchError
+from street2shop.errors import ConfigError, DataError, IndexMismatchError, check_positive_int
 from street2shop.index import ranking
-from street2shop.index.base import SearchResult, _result, check_embeddings, check_positive_int
+from street2shop.index.base import SearchResult, _result, check_embeddings
 from street2shop.index.folder import ITEMS_FILE, VECTORS_FILE, load_vectors, open_index_folder, read_index_items
 from street2shop.index.exact import ExactIndex
 from street2shop.index.local import LocalIndex
@@ -117,9 +117,7 @@ class CatalogIndex(LocalIndex):
         self.metric = metric
         self.n_trees = check_positive_int("n_trees", n_trees)
         self.search_k = _check_search_k(search_k)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ConfigError(f"seed must be an integer >= 0. Received: seed={seed!r}")
-        self.seed = int(seed)
+        self.seed = check_positive_int("seed", seed, minimum=0)
         self._annoy = _annoy().AnnoyIndex(self.dimension, self.metric)
         self._annoy.set_seed(self.seed)
         self._chunks: list[np.ndarray] = []
@@ -141,7 +139,7 @@ class CatalogIndex(LocalIndex):
             self._annoy.add_item(start + offset, vector)
         self._chunks.append(vectors)
         self._items.extend(items)
-        self._category_rows = self._image_paths = self._categories = None
+        self._forget()
         logger.debug("added %d items (rows %d..%d)", len(items), start, start + len(items) - 1)
 
     def build(self, n_jobs: int = 1) -> None:

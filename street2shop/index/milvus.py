@@ -59,7 +59,7 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -68,7 +68,7 @@ from street2shop.contract import ModelIdentity, check_same_model
 from street2shop.errors import ConfigError, DataError, ServerUnavailableError, Street2ShopError
 from street2shop.index import ranking
 from street2shop.index.base import SearchIndex, SearchResult, _result
-from street2shop.items import Item
+from street2shop.items import Item, catalogue_photos
 
 logger = logging.getLogger(__name__)
 
@@ -561,10 +561,20 @@ class MilvusIndex(SearchIndex):
         """Every item, in row order (reads the whole table from Milvus once; for evaluation, not for serving)."""
         return self._read_table()[1]
 
-    def image_path(self, image_id: str) -> str | None:
-        found = call(self.target, "look up a catalogue image", self._client.query, self.collection,
-                     filter=f"image_id == {literal(image_id)}", output_fields=["item", "product_id"], limit=1)
-        return (item_of(found[0]).image_path or None) if found else None
+    def image_item(self, image_id: str) -> Item | None:
+        found = call(self.target, "look up an image", self._client.query, self.collection,
+                     filter=f"image_id == {literal(image_id)}", output_fields=["row", "item", "product_id"], limit=16)
+        items = [item_of(e) for e in sorted(found, key=lambda e: int(e["row"]))]
+        return next((i for i in items if i.domain == "shop"), items[0] if items else None)
+
+    def catalogue_photos(self, product_ids: Iterable[str]) -> dict[str, Item]:
+        """One query for these products' entities (a search's k products, not the catalogue)."""
+        wanted = sorted(set(product_ids))
+        if not wanted:
+            return {}
+        found = call(self.target, "look up catalogue photos", self._client.query, self.collection,
+                     filter=in_list("product_id", wanted), output_fields=["row", "item", "product_id"])
+        return catalogue_photos([item_of(e) for e in sorted(found, key=lambda e: int(e["row"]))])
 
     def config(self) -> dict[str, Any]:
         return {

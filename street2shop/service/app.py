@@ -9,10 +9,13 @@ version current when the request started) and knows its health;
   "k": 20, "box": [left, top, width, height], "category": ...}`` (TF Serving's
   REST convention for bytes), each body a model of
   :mod:`~street2shop.service.models` that parses it and documents it →
-  ranked products with their labels, similarity and catalogue image URL, the
-  index and model versions, the fingerprint and timings;
+  ranked products with their labels, similarity, catalogue image URL and the
+  image matched (a catalogue photo, or a customer photo indexed as a
+  reference: the product's catalogue photo is shown either way), the index
+  and model versions, the fingerprint and timings;
 - ``GET /v1/catalogue/images/{image_id}``: a catalogue image, by the index's
-  stable image id only (never by a path taken from a request);
+  stable image id only (never by a path taken from a request; customer
+  photos are not served);
 - ``GET /healthz`` (the process lives), ``GET /readyz`` (an index is loaded, the
   embedder answers, and they are the same model; a JSON detail of why not),
   ``GET /metrics`` (Prometheus);
@@ -148,24 +151,14 @@ class Service:
                                retry_after=self.config.poll_seconds) from None
         try:
             results = index.query(embedded.vectors[0], k=k, category=category)
+            photos = index.catalogue_photos(r.product_id for r in results if r.domain != "shop")
         except Street2ShopError as e:  # an index kept elsewhere (Milvus) that does not answer
             raise ServiceError(503, f"the index does not answer: {e}", retry_after=self.config.poll_seconds) from None
         done = time.perf_counter()
         self.metrics.embed_seconds.observe(embed_done - started)
         self.metrics.search_seconds.observe(done - embed_done)
         return {
-            "results": [
-                {
-                    "rank": r.rank,
-                    "product_id": r.product_id,
-                    "similarity": round(r.similarity, 6),
-                    "category": r.category,
-                    "labels": dict(r.labels),
-                    "image_id": make_image_id(r.image_path or r.product_id),
-                    "image_url": f"/v1/catalogue/images/{make_image_id(r.image_path or r.product_id)}",
-                }
-                for r in results
-            ],
+            "results": [_hit(r, photos.get(r.product_id)) for r in results],
             "index_version": index.version,
             "model_version": identity.version if identity else None,
             "model_fingerprint": identity.fingerprint if identity else None,
@@ -190,12 +183,15 @@ class Service:
         """``(path, media type)`` of a catalogue image of the served index; ServiceError 404 otherwise."""
         index = self.watcher.current
         try:
-            path = index.image_path(image_id) if index is not None and len(image_id) == 16 else None
+            item = index.image_item(image_id) if index is not None and len(image_id) == 16 else None
         except Street2ShopError as e:  # an index kept elsewhere (Milvus) that does not answer
             raise ServiceError(503, f"the index does not answer: {e}", retry_after=self.config.poll_seconds) from None
         shown = image_id if len(image_id) <= 40 else f"{image_id[:16]}... ({len(image_id):,} characters)"
-        if path is None:
+        if item is None or not item.image_path:
             raise ServiceError(404, f"no catalogue image {shown!r} in the index being served (an image id is 16 hex digits)")
+        if item.domain != "shop":
+            raise ServiceError(404, f"image {shown!r} is a customer photo indexed as a reference; the service serves catalogue photos only")
+        path = item.image_path
         try:
             with open(path, "rb") as handle:
                 head = handle.read(16)
@@ -235,6 +231,24 @@ class Service:
         detail["ready"] = not problems
         detail["problems"] = problems
         return not problems, detail
+
+
+def _hit(result: Any, photo: Any) -> dict[str, Any]:
+    """A search result as the API answers it: the product's catalogue photo (``photo``, its first) shown when the match was a
+    customer photo, and what matched. A product with customer photos only has no image to show (``image_id`` null)."""
+    matched = make_image_id(result.image_path or result.product_id)
+    shown = result if result.domain == "shop" else photo
+    shown_id = matched if result.domain == "shop" else (photo.image_id if photo is not None else None)
+    return {
+        "rank": result.rank,
+        "product_id": result.product_id,
+        "similarity": round(result.similarity, 6),
+        "category": (shown or result).category,
+        "labels": dict((shown or result).labels),
+        "image_id": shown_id,
+        "image_url": f"/v1/catalogue/images/{shown_id}" if shown_id is not None else None,
+        "matched": {"image_id": matched, "domain": result.domain},
+    }
 
 
 def _route_label(path: str) -> str:

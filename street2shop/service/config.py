@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from street2shop.errors import ConfigError
+from street2shop.config import setting
+from street2shop.contract import DEFAULT_MODEL_NAME
+from street2shop.errors import ConfigError, check_positive_int
 
 MiB = 1024 * 1024
 
@@ -16,38 +18,25 @@ ENV_PREFIX = "STREET2SHOP_"
 
 @dataclasses.dataclass(frozen=True)
 class ServiceConfig:
-    """How the service runs (``street2shop service`` flags of the same names).
-
-    Args:
-        index: the index base (``INDEX_BASE/<n>/``); the newest complete version is served and swapped live. Or a
-            Milvus index, ``milvus:URI#NAME``: the version its alias names (the token in ``MILVUS_TOKEN``).
-        server: TF Serving's gRPC address ``HOST:PORT`` (or ``model``).
-        model: an export base or version folder, to embed in this process (or ``server``).
-        model_name: the name TF Serving serves the model under.
-        host, port: where to listen (127.0.0.1 unless told otherwise).
-        max_upload_mb: the largest photo accepted (413 beyond).
-        max_concurrency: searches worked on at once; more get 503 with Retry-After.
-        poll_seconds: how often the index base is looked at for a new version.
-        timeout: seconds TF Serving gets per request (503 beyond).
-        max_pixels: the largest image decoded (a decompression bomb is a 400).
-        readiness_seconds: how long one probe of the embedder answers ``/readyz``.
+    """How the service runs: each field is the ``street2shop service`` flag of the same name, its help in the field.
 
     Each setting can also be given as an environment variable (:func:`environment_settings`);
     a number given as text (as a variable gives it) is read as the field's type.
     """
 
-    index: str
-    server: str = ""
-    model: str = ""
-    model_name: str = "street2shop"
-    host: str = "127.0.0.1"
-    port: int = 8080
-    max_upload_mb: float = 10.0
-    max_concurrency: int = 8
-    poll_seconds: float = 2.0
-    timeout: float = 10.0
-    max_pixels: int = 50_000_000
-    readiness_seconds: float = 2.0
+    index: str = setting("", "index base: its newest complete version is served, and a newer one swapped in live; "
+                             "or a Milvus index milvus:URI#NAME: the version its alias names (its token in MILVUS_TOKEN)")
+    server: str = setting("", "TF Serving gRPC address HOST:PORT")
+    model: str = setting("", "an export base or version folder, to embed in this process instead of --server")
+    model_name: str = setting(DEFAULT_MODEL_NAME, "model name on the server")
+    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
+    port: int = setting(8080, "HTTP port")
+    max_upload_mb: float = setting(10.0, "largest photo accepted (413 beyond)")
+    max_concurrency: int = setting(8, "searches worked on at once; more are turned away with 503 and Retry-After")
+    poll_seconds: float = setting(2.0, "how often the index base is looked at for a new version")
+    timeout: float = setting(10.0, "seconds TF Serving gets per request, its retries included (503 beyond)")
+    max_pixels: int = setting(50_000_000, "largest image decoded, in pixels (a decompression bomb is a 400)")
+    readiness_seconds: float = setting(2.0, "how long one probe of the embedder answers /readyz")
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -65,8 +54,7 @@ class ServiceConfig:
         for name in ("max_upload_mb", "poll_seconds", "timeout", "readiness_seconds"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0. Received: {name}={getattr(self, name)!r}")
-        if self.max_concurrency < 1:
-            raise ConfigError(f"max_concurrency must be >= 1. Received: max_concurrency={self.max_concurrency}")
+        check_positive_int("max_concurrency", self.max_concurrency)
 
     @property
     def max_upload_bytes(self) -> int:

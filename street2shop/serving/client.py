@@ -13,120 +13,28 @@ checks both on every response, so one call never returns vectors of two
 models (TF Serving loads a new version by itself, in the middle of a job), and
 with ``expected_fingerprint`` it refuses any other model at all.
 
-Requests are built and responses decoded with plain protobuf and numpy (the
-client never calls TensorFlow). Note that the ``tensorflow_serving.apis``
-protobuf modules themselves import the ``tensorflow`` package.
+The pieces: :mod:`~street2shop.serving.transport` (the channel, gRPC's
+retries, what a failed call becomes), :mod:`~street2shop.serving.signatures`
+(the served signatures against the contract),
+:mod:`~street2shop.serving.codec` (requests, answers, how many images one
+request holds); this module puts them together. The ``tensorflow_serving.apis``
+protobuf modules import the ``tensorflow`` package, so the client does too.
 """
 
 from __future__ import annotations
 
-import logging
-import random
 import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from street2shop import contract
 from street2shop.contract import ModelIdentity
-from street2shop.errors import (
-    BadRequestError,
-    ConfigError,
-    ModelMismatchError,
-    ModelNotFoundError,
-    ServerUnavailableError,
-    ServingError,
-    SignatureMismatchError,
-)
-
-logger = logging.getLogger(__name__)
-
-MiB = 1024 * 1024
-DEFAULT_MAX_MESSAGE_BYTES = 64 * MiB
-# Bytes a request needs besides the image bytes: the model spec and map keys
-# (the header), and the length prefix of each string.
-_REQUEST_OVERHEAD = 4096
-_PER_ITEM_OVERHEAD = 16
-
-# tensorflow.DataType values (tensorflow/core/framework/types.proto).
-DT_FLOAT, DT_DOUBLE, DT_INT32, DT_STRING, DT_INT64, DT_HALF = 1, 2, 3, 7, 9, 19
-_DTYPE_NAMES = {DT_FLOAT: "float32", DT_DOUBLE: "float64", DT_INT32: "int32", DT_STRING: "string", DT_INT64: "int64", DT_HALF: "float16"}
-# dtype -> (numpy dtype of tensor_content, typed repeated field, numpy dtype of that field).
-_NUMERIC = {
-    DT_FLOAT: ("<f4", "float_val", np.float32),
-    DT_DOUBLE: ("<f8", "double_val", np.float64),
-    DT_INT32: ("<i4", "int_val", np.int32),
-    DT_INT64: ("<i8", "int64_val", np.int64),
-    DT_HALF: ("<f2", "half_val", np.uint16),
-}
-
-
-def tensor_proto_to_numpy(proto: Any) -> np.ndarray:
-    """A numeric ``tensorflow.TensorProto`` as a numpy array, without TensorFlow.
-
-    Handles both encodings: raw little-endian ``tensor_content`` (what
-    ``tf.make_tensor_proto`` writes) and the typed repeated fields such as
-    ``float_val`` (what TF Serving answers with). As in TensorFlow, a typed
-    field shorter than the shape is padded with its last value (one value
-    fills the whole tensor).
-
-    Args:
-        proto: tensorflow.TensorProto. Of dtype float, double, half, int32 or int64.
-
-    Returns:
-        np.ndarray with the proto's shape.
-
-    Raises:
-        ServingError: an unsupported dtype or a size that does not fit the shape.
-    """
-    if proto.dtype not in _NUMERIC:
-        raise ServingError(
-            f"cannot decode a TensorProto of dtype {_DTYPE_NAMES.get(proto.dtype, proto.dtype)}: expected one of "
-            f"{sorted(_DTYPE_NAMES[d] for d in _NUMERIC)}. Received: dtype={proto.dtype}"
-        )
-    shape = tuple(int(d.size) for d in proto.tensor_shape.dim)
-    size = int(np.prod(shape, dtype=np.int64))
-    raw_dtype, field, field_dtype = _NUMERIC[proto.dtype]
-    if proto.tensor_content:
-        flat = np.frombuffer(proto.tensor_content, dtype=raw_dtype).copy()
-    else:
-        values = np.asarray(getattr(proto, field), dtype=field_dtype)
-        if proto.dtype == DT_HALF:  # half_val holds the float16 bit patterns as int32
-            values = values.astype(np.uint16).view(np.float16)
-        if 0 < values.size < size:
-            values = np.concatenate([values, np.full(size - values.size, values[-1], values.dtype)])
-        elif values.size == 0:
-            values = np.zeros(size, values.dtype)
-        flat = values
-    if flat.size != size:
-        raise ServingError(f"TensorProto holds {flat.size} values but its shape {list(shape)} needs {size}. Received: shape={list(shape)}")
-    return flat.astype(np.dtype(raw_dtype).newbyteorder("="), copy=False).reshape(shape)
-
-
-def _string_tensor(values: Sequence[bytes]) -> Any:
-    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2
-
-    proto = tensor_pb2.TensorProto(dtype=DT_STRING, tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=len(values))]))
-    proto.string_val.extend(values)
-    return proto
-
-
-def _float_tensor(array: np.ndarray) -> Any:
-    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2
-
-    dims = [tensor_shape_pb2.TensorShapeProto.Dim(size=int(s)) for s in array.shape]
-    return tensor_pb2.TensorProto(
-        dtype=DT_FLOAT,
-        tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=dims),
-        tensor_content=np.ascontiguousarray(array, dtype="<f4").tobytes(),
-    )
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+from street2shop.errors import BadRequestError, ConfigError, ModelMismatchError, SignatureMismatchError, check_positive_int
+from street2shop.serving import codec
+from street2shop.serving.signatures import ServedSignatures
+from street2shop.serving.transport import Transport, call_error
 
 
 class EmbeddingClient:
@@ -135,12 +43,13 @@ class EmbeddingClient:
     Sends encoded images (and optional boxes) to the model's signatures and
     returns L2-normalised embeddings. Long lists are split into requests of at
     most ``batch_size`` images and ``max_message_bytes`` bytes. Calls that fail
-    with UNAVAILABLE or DEADLINE_EXCEEDED are retried with exponential backoff
-    and jitter; every other failure raises at once. On the first call the
-    served signature is checked against the contract with ``GetModelMetadata``.
-    Every response's model version and weights fingerprint are checked: one
-    call never mixes two models (ModelMismatchError), and :attr:`identity`
-    is the model of the last answer. Safe to use from several threads at once.
+    with UNAVAILABLE or DEADLINE_EXCEEDED are retried by gRPC with exponential
+    backoff and jitter, within the call's ``timeout``; every other failure
+    raises at once. On the first call the served signature is checked against
+    the contract with ``GetModelMetadata``. Every response's model version and
+    weights fingerprint are checked: one call never mixes two models
+    (ModelMismatchError), and :attr:`identity` is the model of the last
+    answer. Safe to use from several threads at once.
 
     Args:
         target: str. TF Serving's gRPC address, ``HOST:PORT``.
@@ -151,17 +60,15 @@ class EmbeddingClient:
         version: int or None. Model version to ask for; None = the server's latest.
         expected_dimension: int or None. Embedding size the caller needs; a
             different served size raises SignatureMismatchError.
-        batch_size: int. Most images per request.
-        timeout: float. Deadline of each gRPC call, in seconds.
-        max_retries: int. Retries after the first try (so ``max_retries + 1`` tries).
-        backoff: float. First retry delay in seconds; doubles each retry, with jitter.
-        max_message_bytes: int. Largest gRPC message sent or received.
-        tls: bool. Use TLS (``grpc.ssl_channel_credentials``).
-        root_certificates: bytes or None. PEM root certificates for TLS
-            (None = the system's).
-        check_metadata: bool. Check the served signature before the first request.
         expected_fingerprint: str or None. Refuse answers of any other model
             (the fingerprint of the index or embeddings the vectors must match).
+        batch_size: int. Most images per request.
+        check_metadata: bool. Check the served signature before the first request.
+        **channel: the channel's settings (:class:`~street2shop.serving.transport.Transport`):
+            ``timeout`` (float, 30: seconds per call, retries included),
+            ``max_retries`` (int, 3; at most 4), ``backoff`` (float, 0.2: the
+            first retry's delay), ``max_message_bytes`` (64 MiB), ``tls``
+            (bool), ``root_certificates`` (PEM bytes or None).
 
     Example:
         >>> with EmbeddingClient("localhost:8500", expected_dimension=128) as client:  # doctest: +SKIP
@@ -178,108 +85,61 @@ class EmbeddingClient:
         signature: str = contract.SERVING_DEFAULT,
         version: int | None = None,
         expected_dimension: int | None = None,
-        batch_size: int = 32,
-        timeout: float = 30.0,
-        max_retries: int = 3,
-        backoff: float = 0.2,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        tls: bool = False,
-        root_certificates: bytes | None = None,
-        check_metadata: bool = True,
         expected_fingerprint: str | None = None,
+        batch_size: int = 32,
+        check_metadata: bool = True,
+        **channel: Any,
     ) -> None:
-        if not isinstance(target, str) or ":" not in target or not target.rsplit(":", 1)[1].isdigit():
-            raise ConfigError(f"target must be a gRPC address HOST:PORT, e.g. localhost:8500. Received: target={target!r}")
+        self.transport = Transport(target, **channel)
         if not model_name:
             raise ConfigError(f"model_name must be a non-empty string. Received: model_name={model_name!r}")
-        if version is not None and (not isinstance(version, int) or version < 1):
-            raise ConfigError(f"version must be a positive int or None (latest). Received: version={version!r}")
-        if expected_dimension is not None and (not isinstance(expected_dimension, int) or expected_dimension < 1):
-            raise ConfigError(f"expected_dimension must be a positive int or None. Received: expected_dimension={expected_dimension!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive int. Received: batch_size={batch_size!r}")
-        if not timeout or timeout <= 0:
-            raise ConfigError(f"timeout must be a positive number of seconds. Received: timeout={timeout!r}")
-        if not isinstance(max_retries, int) or max_retries < 0:
-            raise ConfigError(f"max_retries must be an int >= 0. Received: max_retries={max_retries!r}")
-        if backoff < 0:
-            raise ConfigError(f"backoff must be >= 0 seconds. Received: backoff={backoff!r}")
-        if not isinstance(max_message_bytes, int) or max_message_bytes < 64 * 1024:
-            raise ConfigError(f"max_message_bytes must be an int of at least 65536. Received: max_message_bytes={max_message_bytes!r}")
-        self.target = target
         self.model_name = model_name
         self.signature = signature
-        self.version = version
-        self.expected_dimension = expected_dimension
-        self.batch_size = batch_size
-        self.timeout = float(timeout)
-        self.max_retries = max_retries
-        self.backoff = float(backoff)
-        self.max_message_bytes = max_message_bytes
-        self.tls = tls
-        self.root_certificates = root_certificates
+        self.version = check_positive_int("version", version, allow_none=True)
+        self.batch_size = check_positive_int("batch_size", batch_size)
         self.check_metadata = check_metadata
         self.expected_fingerprint = expected_fingerprint or None
+        self.served = ServedSignatures(f"{self._what(None)} at {target}",
+                                       check_positive_int("expected_dimension", expected_dimension, allow_none=True))
         # The model of the last answer (version from model_spec, fingerprint from the model_fingerprint output).
         self.identity: ModelIdentity | None = None
         self.served_version: int | None = None
-        self.attempts = 0  # gRPC calls tried, retries included
-        self.retries = 0  # of which retries
-        self._dimension: int | None = None
-        self._signature_defs: dict[str, Any] | None = None
-        self._checked: set[str] = set()
-        self._channel: Any = None
-        self._predict_stub: Any = None
-        self._model_stub: Any = None
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
+
+    @property
+    def target(self) -> str:
+        return self.transport.target
+
+    @property
+    def calls(self) -> int:
+        """RPCs this client made (each tried up to ``max_retries + 1`` times by gRPC)."""
+        return self.transport.calls
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.transport.max_message_bytes
+
+    @property
+    def expected_dimension(self) -> int | None:
+        return self.served.expected_dimension
 
     # ------------------------------------------------------------------ connection
 
-    def _make_channel(self) -> Any:
-        import grpc
-
-        options = [
-            ("grpc.max_send_message_length", self.max_message_bytes),
-            ("grpc.max_receive_message_length", self.max_message_bytes),
-            # Reconnect within seconds once a restarted server is back (gRPC's default backoff grows to 2 minutes).
-            ("grpc.initial_reconnect_backoff_ms", 500),
-            ("grpc.min_reconnect_backoff_ms", 500),
-            ("grpc.max_reconnect_backoff_ms", 5000),
-        ]
-        if self.tls:
-            credentials = grpc.ssl_channel_credentials(root_certificates=self.root_certificates)
-            return grpc.secure_channel(self.target, credentials, options=options)
-        return grpc.insecure_channel(self.target, options=options)
-
-    def _ensure_channel(self) -> None:
-        with self._lock:
-            if self._channel is not None:
-                return
-            from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
-
-            self._channel = self._make_channel()
-            self._predict_stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
-            self._model_stub = model_service_pb2_grpc.ModelServiceStub(self._channel)
-
     def connect(self) -> EmbeddingClient:
-        """Opens the channel and (with ``check_metadata``) checks the served signature.
+        """Checks the served signature (with ``check_metadata``: one ``GetModelMetadata``).
 
         Called by the first :meth:`embed`; call it yourself to fail early.
 
         Raises:
             ServerUnavailableError, ModelNotFoundError, SignatureMismatchError.
         """
-        self._ensure_channel()
         if self.check_metadata:
             self._check_signature(self.signature, contract.SIGNATURES[contract.SERVING_DEFAULT])
         return self
 
     def close(self) -> None:
         """Closes the channel; the client reconnects if used again."""
-        with self._lock:
-            if self._channel is not None:
-                self._channel.close()
-            self._channel = self._predict_stub = self._model_stub = None
+        self.transport.close()
 
     def __enter__(self) -> EmbeddingClient:
         return self
@@ -290,178 +150,59 @@ class EmbeddingClient:
     def __repr__(self) -> str:
         return f"EmbeddingClient(target={self.target!r}, model_name={self.model_name!r}, signature={self.signature!r}, version={self.version})"
 
-    # ------------------------------------------------------------------ calls and errors
-
-    def _model_spec(self, signature: str | None = None) -> Any:
-        from tensorflow_serving.apis import model_pb2
-
-        spec = model_pb2.ModelSpec(name=self.model_name)
-        if signature:
-            spec.signature_name = signature
-        if self.version is not None:
-            spec.version.value = self.version
-        return spec
-
     def _what(self, signature: str | None) -> str:
         version = "latest version" if self.version is None else f"version {self.version}"
         return f"model {self.model_name!r} ({version}" + (f", signature {signature!r})" if signature else ")")
 
     def _call(self, method: str, request: Any, signature: str | None = None) -> Any:
-        """One RPC with retries on UNAVAILABLE / DEADLINE_EXCEEDED; other failures mapped to errors."""
         import grpc
 
-        self._ensure_channel()
-        stub = self._model_stub if method == "GetModelStatus" else self._predict_stub
-        fn: Callable[..., Any] = getattr(stub, method)
-        tries = self.max_retries + 1
-        for attempt in range(tries):
-            with self._lock:
-                self.attempts += 1
-                if attempt:
-                    self.retries += 1
-            try:
-                return fn(request, timeout=self.timeout)
-            except grpc.RpcError as e:
-                code = e.code() if callable(getattr(e, "code", None)) else grpc.StatusCode.UNKNOWN
-                details = _one_line((e.details() if callable(getattr(e, "details", None)) else "") or str(code))
-                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    if attempt + 1 < tries:
-                        delay = self.backoff * (2**attempt) * random.uniform(0.5, 1.5)
-                        logger.warning("%s to %s failed with %s (try %d of %d), retrying in %.2fs: %s", method, self.target, code.name, attempt + 1, tries, delay, details)
-                        time.sleep(delay)
-                        continue
-                    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                        raise ServerUnavailableError(
-                            f"TF Serving at {self.target} did not answer {method} within timeout={self.timeout:g}s after {tries} tries; "
-                            f"raise timeout or lower batch_size (now {self.batch_size}). Received: {details}"
-                        ) from None
-                    raise ServerUnavailableError(
-                        f"cannot reach TF Serving at {self.target} after {tries} tries: {details}; "
-                        "check that the server is running and the address"
-                    ) from None
-                raise self._map_error(code, details, method, signature) from None
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _map_error(self, code: Any, details: str, method: str, signature: str | None) -> ServingError:
-        import grpc
-
-        what = self._what(signature)
-        if code == grpc.StatusCode.NOT_FOUND or (
-            code == grpc.StatusCode.FAILED_PRECONDITION and "signature" in details.lower()
-        ):  # TF Serving answers FAILED_PRECONDITION for an unknown signature key
-            return ModelNotFoundError(
-                f"TF Serving at {self.target} does not serve {what}; check the model name (--model-name), "
-                f"the version and the signature name. Received: {details}"
-            )
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
-            return BadRequestError(
-                f"TF Serving at {self.target} rejected the {method} request to {what}; check that every image is a "
-                f"readable JPEG/PNG/GIF/BMP file, boxes are [N, 4] in 0..1, and batch_size={self.batch_size} is within "
-                f"the server's batch limit. Received: {details}"
-            )
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return BadRequestError(
-                f"the {method} request to TF Serving at {self.target} is too large; lower batch_size (now "
-                f"{self.batch_size}) or max_message_bytes (now {self.max_message_bytes}), or raise the server's "
-                f"message limit. Received: {details}"
-            )
-        if code == grpc.StatusCode.UNIMPLEMENTED:
-            return ServingError(
-                f"the server at {self.target} does not implement TF Serving's {method}; check that the address is "
-                f"TF Serving's gRPC port (8500 by default, not the REST port 8501). Received: {details}"
-            )
-        return ServingError(f"{method} to TF Serving at {self.target} for {what} failed with {code.name}. Received: {details}")
+        try:
+            return self.transport.call(method, request)
+        except grpc.RpcError as e:
+            raise call_error(e, method=method, transport=self.transport, what=self._what(signature), batch_size=self.batch_size) from None
 
     # ------------------------------------------------------------------ metadata
 
-    def _signature_map(self) -> dict[str, Any]:
-        with self._lock:
-            if self._signature_defs is not None:
-                return self._signature_defs
-        from tensorflow_serving.apis import get_model_metadata_pb2
+    def _read_signatures(self) -> ServedSignatures:
+        if self.served.defs is None:
+            from tensorflow_serving.apis import get_model_metadata_pb2
 
-        request = get_model_metadata_pb2.GetModelMetadataRequest(model_spec=self._model_spec(), metadata_field=["signature_def"])
-        response = self._call("GetModelMetadata", request)
-        if "signature_def" not in response.metadata:
-            raise SignatureMismatchError(
-                f"TF Serving at {self.target} returned no signature_def metadata for {self._what(None)}. "
-                f"Received: metadata fields {sorted(response.metadata)}"
-            )
-        signature_map = get_model_metadata_pb2.SignatureDefMap()
-        response.metadata["signature_def"].Unpack(signature_map)
-        with self._lock:
-            self._signature_defs = dict(signature_map.signature_def)
-            if response.model_spec.HasField("version"):
-                self.served_version = int(response.model_spec.version.value)
-            return self._signature_defs
+            request = get_model_metadata_pb2.GetModelMetadataRequest(
+                model_spec=codec.model_spec(self.model_name, self.version), metadata_field=["signature_def"])
+            self.served.read(self._call("GetModelMetadata", request))
+            with self._lock:
+                self.served_version = self.served.version
+        return self.served
 
     def _check_signature(self, name: str, expected: contract.Signature) -> None:
-        """Checks the served signature ``name`` has the inputs and outputs of the contract's ``expected``."""
-        with self._lock:
-            if name in self._checked:
-                return
-        signatures = self._signature_map()
-        if name not in signatures:
-            served = sorted(s for s in signatures if not s.startswith("__"))
-            raise ModelNotFoundError(
-                f"{self._what(None)} at {self.target} has no signature {name!r}; use one of {served}. Received: signature={name!r}"
-            )
-        sig = signatures[name]
-        got_inputs = {k: (_DTYPE_NAMES.get(v.dtype, str(v.dtype)), [int(d.size) for d in v.tensor_shape.dim]) for k, v in sig.inputs.items()}
-        got_outputs = {k: (_DTYPE_NAMES.get(v.dtype, str(v.dtype)), [int(d.size) for d in v.tensor_shape.dim]) for k, v in sig.outputs.items()}
-        problems = expected.problems({k: (d, len(s)) for k, (d, s) in got_inputs.items()}, {k: (d, len(s)) for k, (d, s) in got_outputs.items()})
-        if problems:
-            hint = ""
-            if contract.FINGERPRINT not in got_outputs and contract.EMBEDDING in got_outputs:
-                hint = " (a model exported by street2shop before 0.2 has no model_fingerprint output: export it again)"
-            raise SignatureMismatchError(
-                f"signature {name!r} of {self._what(None)} at {self.target} does not follow the street2shop contract: "
-                f"expected {', '.join(problems)}{hint}. Received: inputs={got_inputs}, outputs={got_outputs}"
-            )
-        dimension = got_outputs[contract.EMBEDDING][1][1]
-        if dimension > 0:
-            self._set_dimension(dimension, f"signature {name!r}")
-        with self._lock:
-            self._checked.add(name)
-
-    def _set_dimension(self, dimension: int, source: str) -> None:
-        if self.expected_dimension is not None and dimension != self.expected_dimension:
-            raise SignatureMismatchError(
-                f"{self._what(None)} at {self.target} returns embeddings of dimension {dimension} ({source}) but "
-                f"expected_dimension={self.expected_dimension}; check that the server runs the model this index or "
-                f"catalogue was built with. Received: dimension={dimension}"
-            )
-        with self._lock:
-            if self._dimension is not None and self._dimension != dimension:
-                raise SignatureMismatchError(
-                    f"{self._what(None)} at {self.target} changed its embedding dimension from {self._dimension} "
-                    f"to {dimension} ({source}); a new model version was loaded. Received: dimension={dimension}"
-                )
-            self._dimension = dimension
+        self._read_signatures().check(name, expected)
 
     @property
-    def dimension(self) -> int:
-        """The embedding size D (from the served signature; fetched if not known yet)."""
-        if self._dimension is None:
-            if self.check_metadata:
-                self.connect()
-            elif self.expected_dimension is not None:
-                return self.expected_dimension
-            if self._dimension is None:  # metadata had no static D, or was not checked
-                self._ensure_channel()
-                signatures = self._signature_map()
-                sig = signatures.get(self.signature)
-                dims = [int(d.size) for d in sig.outputs[contract.EMBEDDING].tensor_shape.dim] if sig and contract.EMBEDDING in sig.outputs else []
-                if len(dims) == 2 and dims[1] > 0:
-                    self._set_dimension(dims[1], f"signature {self.signature!r}")
-                elif self.expected_dimension is not None:
-                    return self.expected_dimension
-                else:
-                    raise SignatureMismatchError(
-                        f"cannot tell the embedding dimension of {self._what(self.signature)} at {self.target}: the "
-                        f"signature's output has no static size; pass expected_dimension. Received: shape={dims}"
-                    )
-        return int(self._dimension)  # type: ignore[arg-type]
+    def dimension(self) -> int | None:
+        """The embedding size D, if known (no RPC): from the checked signature, an answer, or ``expected_dimension``.
+
+        :meth:`fetch_dimension` asks the server when it is not known yet.
+        """
+        return self.served.dimension if self.served.dimension is not None else self.served.expected_dimension
+
+    def fetch_dimension(self) -> int:
+        """The embedding size D; asks the server for the signature (``GetModelMetadata``) if no answer told it yet.
+
+        Raises:
+            SignatureMismatchError: the signature has no static size and no ``expected_dimension`` was given.
+        """
+        if self.dimension is None:
+            self.connect()
+        if self.dimension is None:  # metadata not checked, or D not static in it
+            dimension = self._read_signatures().static_dimension(self.signature)
+            if dimension is None:
+                raise SignatureMismatchError(
+                    f"cannot tell the embedding dimension of {self._what(self.signature)} at {self.target}: the "
+                    "signature's output has no static size; pass expected_dimension"
+                )
+            self.served.note_dimension(dimension, f"signature {self.signature!r}")
+        return int(self.dimension)  # type: ignore[arg-type]
 
     def probe(self) -> ModelIdentity:
         """Asks the served model for one small embedding and returns who answered.
@@ -484,7 +225,7 @@ class EmbeddingClient:
         """
         from tensorflow_serving.apis import get_model_status_pb2
 
-        request = get_model_status_pb2.GetModelStatusRequest(model_spec=self._model_spec())
+        request = get_model_status_pb2.GetModelStatusRequest(model_spec=codec.model_spec(self.model_name, self.version))
         response = self._call("GetModelStatus", request)
         state_name = get_model_status_pb2.ModelVersionStatus.State.Name
         return [
@@ -494,62 +235,20 @@ class EmbeddingClient:
 
     # ------------------------------------------------------------------ embedding
 
-    def _batches(self, sizes: Sequence[int], per_item: int) -> Iterator[tuple[int, int]]:
-        """[start, stop) ranges of at most batch_size items and max_message_bytes bytes."""
-        budget = self.max_message_bytes - _REQUEST_OVERHEAD
-        start = 0
-        while start < len(sizes):
-            stop, total = start, 0
-            while stop < len(sizes) and stop - start < self.batch_size:
-                item = sizes[stop] + per_item
-                if stop > start and total + item > budget:
-                    break
-                total += item
-                stop += 1
-            if total > budget:
-                raise BadRequestError(
-                    f"image {start} alone is {sizes[start]} bytes, more than max_message_bytes={self.max_message_bytes} "
-                    f"allows in one request; shrink the image or raise max_message_bytes (and the server's limit). "
-                    f"Received: {sizes[start]} bytes"
-                )
-            yield start, stop
-            start = stop
-
     def _predict(self, signature: str, inputs: dict[str, Any], count: int) -> tuple[np.ndarray, ModelIdentity]:
-        """One Predict: the vectors and the model that made them (checked against ``expected_fingerprint``)."""
+        """One Predict: the vectors and the model that made them (checked against ``version`` and ``expected_fingerprint``)."""
         from tensorflow_serving.apis import predict_pb2
 
-        request = predict_pb2.PredictRequest(model_spec=self._model_spec(signature))
+        request = predict_pb2.PredictRequest(model_spec=codec.model_spec(self.model_name, self.version, signature))
         for key, tensor in inputs.items():
             request.inputs[key].CopyFrom(tensor)
         request.output_filter.extend([contract.EMBEDDING, contract.FINGERPRINT])
-        response = self._call("Predict", request, signature)
-        missing = [key for key in (contract.EMBEDDING, contract.FINGERPRINT) if key not in response.outputs]
-        if missing:
-            raise SignatureMismatchError(
-                f"TF Serving's answer from {self._what(signature)} at {self.target} lacks the output(s) {missing}. "
-                f"Received: outputs {sorted(response.outputs)}"
-            )
-        vectors = tensor_proto_to_numpy(response.outputs[contract.EMBEDDING])
-        if vectors.ndim != 2 or vectors.shape[0] != count:
-            raise SignatureMismatchError(
-                f"{self._what(signature)} at {self.target} should return {contract.EMBEDDING!r} of shape [{count}, D] for "
-                f"{count} inputs. Received: shape={list(vectors.shape)}"
-            )
-        self._set_dimension(int(vectors.shape[1]), "a Predict response")
-        fingerprints = {bytes(v).decode("utf-8", "replace") for v in response.outputs[contract.FINGERPRINT].string_val}
-        if len(fingerprints) != 1:
-            raise SignatureMismatchError(
-                f"{self._what(signature)} at {self.target} should name one model fingerprint per answer. "
-                f"Received: {sorted(fingerprints)[:3]}"
-            )
-        version = int(response.model_spec.version.value) if response.model_spec.HasField("version") else None
+        where = f"{self._what(signature)} at {self.target}"
+        vectors, fingerprint, version = codec.read_answer(self._call("Predict", request, signature), count, where)
+        self.served.note_dimension(int(vectors.shape[1]), "a Predict response")
         if self.version is not None and version != self.version:
-            raise ModelMismatchError(
-                f"asked {self._what(signature)} at {self.target} for version {self.version}, and version {version} answered. "
-                f"Received: version={version}"
-            )
-        identity = ModelIdentity(fingerprints.pop(), version, int(vectors.shape[1]))
+            raise ModelMismatchError(f"asked {where} for version {self.version}, and version {version} answered. Received: version={version}")
+        identity = ModelIdentity(fingerprint, version, int(vectors.shape[1]))
         if self.expected_fingerprint is not None and identity.fingerprint != self.expected_fingerprint:
             raise ModelMismatchError(
                 f"TF Serving at {self.target} answers with {identity}, not the expected model {self.expected_fingerprint} "
@@ -558,7 +257,7 @@ class EmbeddingClient:
             )
         with self._lock:
             self.identity, self.served_version = identity, version
-        return vectors.astype(np.float32, copy=False), identity
+        return vectors, identity
 
     def _one_model(self, answers: list[tuple[np.ndarray, ModelIdentity]]) -> tuple[np.ndarray, ModelIdentity | None]:
         """Joins the answers of one call, refusing a mix of models (TF Serving may switch versions meanwhile)."""
@@ -569,8 +268,12 @@ class EmbeddingClient:
                 f"TF Serving at {self.target} switched models in the middle of one call ({seen}); nothing of it was kept. "
                 f"Received: {len(identities)} models"
             )
-        vectors = np.concatenate([v for v, _ in answers], axis=0) if answers else np.zeros((0, self.dimension), np.float32)
-        return vectors, (answers[-1][1] if answers else self.identity)
+        if not answers:
+            return np.zeros((0, self.fetch_dimension()), np.float32), self.identity
+        return np.concatenate([v for v, _ in answers], axis=0), answers[-1][1]
+
+    def _requests(self, sizes: Sequence[int], per_item: int) -> Any:
+        return codec.split_requests(sizes, per_item, self.batch_size, self.max_message_bytes)
 
     def predict(self, images: Sequence[bytes], boxes: np.ndarray | None = None) -> tuple[np.ndarray, ModelIdentity | None]:
         """Like :meth:`embed`, and also the model that answered (its fingerprint and version; None for no images)."""
@@ -588,14 +291,12 @@ class EmbeddingClient:
         if self.check_metadata:
             self.connect()
             self._check_signature(signature, expected)
-        else:
-            self._ensure_channel()
-        per_item = _PER_ITEM_OVERHEAD + (16 if boxes is not None else 0)
+        per_item = codec.PER_ITEM_OVERHEAD + (16 if boxes is not None else 0)
         answers = []
-        for start, stop in self._batches([len(image) for image in images], per_item):
-            inputs = {contract.IMAGE_BYTES: _string_tensor(images[start:stop])}
+        for start, stop in self._requests([len(image) for image in images], per_item):
+            inputs = {contract.IMAGE_BYTES: codec.string_tensor(images[start:stop])}
             if boxes is not None:
-                inputs[contract.BOXES] = _float_tensor(boxes[start:stop])
+                inputs[contract.BOXES] = codec.float_tensor(boxes[start:stop])
             answers.append(self._predict(signature, inputs, stop - start))
         return self._one_model(answers)
 
@@ -636,7 +337,7 @@ class EmbeddingClient:
             self._check_signature(contract.EMBED_PIXELS, contract.SIGNATURES[contract.EMBED_PIXELS])
         item_bytes = int(np.prod(pixels.shape[1:])) * 4
         answers = [
-            self._predict(contract.EMBED_PIXELS, {contract.PIXELS: _float_tensor(pixels[start:stop])}, stop - start)
-            for start, stop in self._batches([item_bytes] * len(pixels), 0)
+            self._predict(contract.EMBED_PIXELS, {contract.PIXELS: codec.float_tensor(pixels[start:stop])}, stop - start)
+            for start, stop in self._requests([item_bytes] * len(pixels), 0)
         ]
         return self._one_model(answers)[0]

@@ -44,11 +44,11 @@ from tensorflow_serving.apis import (
 )
 
 from street2shop import contract
-from street2shop.errors import ConfigError, ModelError, ServingError, tf_error_text
+from street2shop.errors import ConfigError, ModelError, ServingError, check_positive_int, tf_error_text
+from street2shop.serving.transport import DEFAULT_MAX_MESSAGE_BYTES
 
 logger = logging.getLogger(__name__)
 
-MiB = 1024 * 1024
 
 
 class _Status(Exception):
@@ -196,7 +196,7 @@ class StandInServer:
         host: str = "127.0.0.1",
         port: int = 0,
         max_batch_size: int = 256,
-        max_message_bytes: int = 64 * MiB,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         workers: int = 4,
         warmup: bool = True,
         interceptors: Sequence[Any] = (),
@@ -206,8 +206,7 @@ class StandInServer:
         if not isinstance(port, int) or not 0 <= port < 65536:
             raise ConfigError(f"port must be an int in 0..65535 (0 = any free port). Received: port={port!r}")
         for name, value in (("max_batch_size", max_batch_size), ("max_message_bytes", max_message_bytes), ("workers", workers)):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive int. Received: {name}={value!r}")
+            check_positive_int(name, value)
         self.export_base = Path(export_base)
         self.model_name = model_name
         self.host = host
@@ -401,7 +400,7 @@ def serve(
     host: str = "127.0.0.1",
     model_name: str = contract.DEFAULT_MODEL_NAME,
     max_batch_size: int = 256,
-    max_message_bytes: int = 64 * MiB,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     workers: int = 4,
 ) -> None:
     """Runs the stand-in server until SIGTERM or SIGINT (Ctrl-C); then stops cleanly and returns.

@@ -409,3 +409,51 @@ def test_catalogue_updates_reach_the_service_without_a_restart(client, service, 
     assert found["results"][0]["labels"] == {"product_name": "Brand new"} and found["results"][0]["similarity"] == pytest.approx(1.0, abs=1e-5)
     assert client.get(found["results"][0]["image_url"]).content == new_photo.read_bytes()
     assert removed not in top(removed_photo, 100)
+
+
+def test_a_match_at_a_customer_photo_shows_the_products_catalogue_photo_and_says_so(client, search_client, service, index_base,
+                                                                                     labelled_catalogue, tmp_path):
+    """Two customer photos added as references: one of a product with a catalogue photo, one of a product with none."""
+    from street2shop.data.records import Record, read_manifest_csv
+    from street2shop.embed import embed_catalog
+    from street2shop.errors import DataError
+    from street2shop.index.updates import update_index
+
+    shop = [r for r in read_manifest_csv(labelled_catalogue) if r.domain == "shop"][1]
+    photos = {name: tmp_path / f"{name}.jpg" for name in ("review", "orphan")}
+    for seed, path in enumerate(photos.values(), 43):
+        path.write_bytes(make_jpeg(seed, size=(90, 90)))
+    embed_catalog([Record(str(photos["review"]), shop.product_id, "street", "train", shop.category, None, {"stars": "5"}),
+                   Record(str(photos["orphan"]), "only-customers", "street", "train", None, None, {"stars": "4"})],
+                  service.embedder, tmp_path / "customer-photos")  # the service's own embedder: the export, in process
+    update_index(index_base, add=[tmp_path / "customer-photos"])
+    assert service.watcher.check() is True
+
+    def first(name):
+        answer = client.post("/v1/search", files={"image": ("p.jpg", photos[name].read_bytes(), "image/jpeg")}, data={"k": "3"})
+        assert answer.status_code == 200, answer.text
+        return answer.json()["results"][0]
+
+    review = first("review")
+    assert review["product_id"] == shop.product_id and review["similarity"] == pytest.approx(1.0, abs=1e-5)
+    customer_id = review["matched"]["image_id"]
+    assert review["matched"] == {"image_id": customer_id, "domain": "street"} and review["image_id"] != customer_id
+    # What is shown is the product's catalogue photo, with its labels, not the customer photo's.
+    assert client.get(review["image_url"]).content == open(shop.image_path, "rb").read()
+    assert review["labels"] == {"product_name": f"Product {shop.product_id}"} and review["category"] == shop.category
+    # Customer photos are not served.
+    refused = client.get(f"/v1/catalogue/images/{customer_id}")
+    assert refused.status_code == 404 and "is a customer photo" in refused.json()["detail"]
+    # A product the index holds customer photos of only: no photo to show, and the answer says so.
+    orphan = first("orphan")
+    assert orphan["product_id"] == "only-customers" and orphan["matched"]["domain"] == "street"
+    assert orphan["image_id"] is None and orphan["image_url"] is None and orphan["labels"] == {"stars": "4"}
+    # A catalogue photo's match says so too, and the typed client reads both.
+    hits = search_client.search(shop.image_path, k=1).results
+    assert hits[0].matched.domain == "shop" and hits[0].matched.image_id == hits[0].image_id
+    typed = search_client.search(photos["orphan"], k=1).results[0]
+    assert typed.image_url is None and search_client.image_url(typed) is None
+    with pytest.raises(DataError, match="has no catalogue photo in the index"):
+        search_client.image(typed)
+    schema = client.get("/openapi.json").json()["components"]["schemas"]
+    assert schema["Matched"]["properties"]["domain"]["enum"] == ["shop", "street"] and "matched" in schema["Hit"]["required"]

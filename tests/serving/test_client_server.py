@@ -6,6 +6,7 @@ import os
 import signal
 import struct
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -20,7 +21,8 @@ from street2shop.errors import (
     ServingError,
     SignatureMismatchError,
 )
-from street2shop.serving.client import EmbeddingClient, tensor_proto_to_numpy
+from street2shop.serving.client import EmbeddingClient
+from street2shop.serving.codec import decode_tensor as tensor_proto_to_numpy
 from street2shop.contract import export_versions as find_versions
 from street2shop.serving.server import StandInServer, serve
 from tests.processes import free_port
@@ -118,6 +120,15 @@ def test_newest_version_is_served_and_can_be_named(server, model_name, export_ba
             older.connect()
 
 
+def test_dimension_makes_no_rpc_and_fetch_dimension_asks_once(server, model_name, card):
+    with client_for(server, model_name) as client:
+        assert client.dimension is None and client.calls == 0  # nothing known, nothing asked
+        assert client.fetch_dimension() == card["dimension"] and client.calls == 1  # GetModelMetadata
+        assert client.dimension == card["dimension"] and client.fetch_dimension() == card["dimension"] and client.calls == 1
+    with client_for(server, model_name, expected_dimension=card["dimension"]) as client:
+        assert client.dimension == card["dimension"] and client.calls == 0
+
+
 def test_model_status(server, model_name, served_version):
     with client_for(server, model_name) as client:
         assert client.model_status() == [{"version": served_version, "state": "AVAILABLE", "error": ""}]
@@ -131,7 +142,7 @@ def test_bad_image_is_a_bad_request_and_the_server_keeps_serving(server, model_n
         with pytest.raises(BadRequestError, match="JPEG/PNG/GIF/BMP.*Received: .*image"):
             client.embed([images[0], b"this is not an image", images[1]])
         assert client.embed(images[:2]).shape == (2, client.dimension)
-        assert client.attempts == 3  # metadata, the failed Predict (not retried), the good Predict
+        assert client.calls == 3  # metadata, the failed Predict (not retried), the good Predict
 
 
 def test_batch_above_server_limit_is_rejected(server, model_name, images):
@@ -151,17 +162,17 @@ def test_message_above_server_limit_is_resource_exhausted(export_base, model_nam
         # a client told about the limit splits the batch itself and gets every answer
         with client_for(small_server, model_name, max_message_bytes=65536) as client:
             got = client.embed(big)
-            assert client.attempts == 1 + 2  # metadata, then two Predicts (2 images fit, then 1)
+            assert client.calls == 1 + 2  # metadata, then two Predicts (2 images fit, then 1)
     np.testing.assert_allclose(got, direct(loaded_model, "serving_default", [{"image_bytes": big[:2]}, {"image_bytes": big[2:]}]), atol=1e-6)
 
 
 def test_single_image_above_client_limit_is_refused_locally(server, model_name):
     with client_for(server, model_name, max_message_bytes=65536) as client:
         client.connect()
-        before = client.attempts
+        before = client.calls
         with pytest.raises(BadRequestError, match="image 0 alone is"):
             client.embed([b"x" * 70000])
-        assert client.attempts == before  # nothing was sent
+        assert client.calls == before  # nothing was sent
 
 
 def test_server_not_running_gives_unavailable_after_bounded_retries():
@@ -169,7 +180,7 @@ def test_server_not_running_gives_unavailable_after_bounded_retries():
     client = EmbeddingClient(f"127.0.0.1:{port}", max_retries=2, backoff=0.001, timeout=5)
     with pytest.raises(ServerUnavailableError, match=rf"cannot reach TF Serving at 127.0.0.1:{port} after 3 tries: .*check that the server is running"):
         client.embed([b"anything"])
-    assert (client.attempts, client.retries) == (3, 2)
+    assert client.calls == 1  # one RPC; gRPC made its tries (counted on a server in test_retries_exhausted_is_unavailable)
     client.close()
 
 
@@ -177,7 +188,7 @@ def test_tls_client_against_a_plaintext_server_is_unavailable(server, model_name
     client = client_for(server, model_name, tls=True, max_retries=1, timeout=10)
     with pytest.raises(ServerUnavailableError, match="after 2 tries"):
         client.connect()
-    assert client.attempts == 2
+    assert client.calls == 1
     client.close()
 
 
@@ -213,7 +224,8 @@ def test_unknown_model_name_is_model_not_found(server):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"target": "localhost"}, {"target": "host:port"}, {"batch_size": 0}, {"max_retries": -1}, {"timeout": 0}, {"version": 0}],
+    [{"target": "localhost"}, {"target": "host:port"}, {"batch_size": 0}, {"max_retries": -1}, {"max_retries": 5},
+     {"timeout": 0}, {"version": 0}],
 )
 def test_bad_client_arguments(kwargs):
     args = {"target": "127.0.0.1:1", **kwargs}
@@ -233,7 +245,7 @@ def test_malformed_boxes_and_non_bytes_are_refused(server, model_name):
 
 
 class FaultInjector(grpc.ServerInterceptor):
-    """Fails the next ``failures`` Predict calls with ``code`` (before the servicer runs); records batch sizes."""
+    """Fails the next ``failures`` Predict calls with ``code`` (before the servicer runs), or delays them; records batch sizes."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -241,10 +253,12 @@ class FaultInjector(grpc.ServerInterceptor):
         self.code = grpc.StatusCode.UNAVAILABLE
         self.predict_calls = 0
         self.batch_sizes: list[int] = []
+        self.delay = 0.0
 
-    def arm(self, failures: int, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+    def arm(self, failures: int, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE, delay: float = 0.0) -> None:
+        """The next ``failures`` calls fail with ``code``; with ``delay``, they answer after ``delay`` seconds instead."""
         with self.lock:
-            self.failures, self.code, self.predict_calls, self.batch_sizes = failures, code, 0, []
+            self.failures, self.code, self.predict_calls, self.batch_sizes, self.delay = failures, code, 0, [], delay
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -266,7 +280,12 @@ class FaultInjector(grpc.ServerInterceptor):
                 record, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
             )
 
+        delay = self.delay
+
         def abort(request, context):
+            if delay:
+                time.sleep(delay)
+                return handler.unary_unary(request, context)
             context.abort(code, "injected fault")
 
         return grpc.unary_unary_rpc_method_handler(
@@ -288,7 +307,7 @@ def test_retry_then_success(flaky, model_name, images, loaded_model, code):
         client.connect()
         injector.arm(2, code)
         got = client.embed(images[:2])
-    assert injector.predict_calls == 3 and client.retries == 2
+    assert injector.predict_calls == 3
     np.testing.assert_allclose(got, direct(loaded_model, "serving_default", [{"image_bytes": images[:2]}]), atol=1e-6)
 
 
@@ -328,6 +347,27 @@ def test_retries_exhausted_is_unavailable(flaky, model_name, images):
     assert injector.predict_calls == 3
 
 
+def test_a_request_larger_than_grpcs_default_retry_buffer_is_retried(flaky, model_name):
+    """gRPC retries only a request it kept a copy of (256 KiB by default); the client keeps up to max_message_bytes."""
+    server, injector = flaky
+    blobs = [make_image(4, 4, seed=i) + b"\0" * 150_000 for i in range(3)]  # 450 KB in one request
+    with client_for(server, model_name, max_retries=1) as client:
+        client.connect()
+        injector.arm(1, grpc.StatusCode.UNAVAILABLE)
+        assert client.embed(blobs).shape[0] == 3
+    assert injector.predict_calls == 2 and injector.batch_sizes == [3]
+
+
+def test_the_timeout_covers_the_retries_and_a_late_answer_is_not_asked_again(flaky, model_name, images):
+    server, injector = flaky
+    with client_for(server, model_name, max_retries=3, timeout=1.0) as client:
+        client.connect()
+        injector.arm(1, delay=2.0)
+        with pytest.raises(ServerUnavailableError, match=r"did not answer Predict within timeout=1s \(retries included\)"):
+            client.embed(images[:1])
+    assert injector.predict_calls == 1
+
+
 def test_other_codes_are_not_retried(flaky, model_name, images):
     server, injector = flaky
     with client_for(server, model_name, max_retries=3) as client:
@@ -335,7 +375,7 @@ def test_other_codes_are_not_retried(flaky, model_name, images):
         injector.arm(1, grpc.StatusCode.INTERNAL)
         with pytest.raises(ServingError, match="failed with INTERNAL. Received: injected fault"):
             client.embed(images[:1])
-    assert injector.predict_calls == 1 and client.retries == 0
+    assert injector.predict_calls == 1
 
 
 # ---------------------------------------------------------------------------- concurrency
