@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench_index import clustered_unit_vectors, percentiles, rss  # noqa: E402
+from bench_index import clustered_unit_vectors, percentiles, rss, timed_queries  # noqa: E402
 
 from street2shop.contract import ModelIdentity  # noqa: E402
 from street2shop.index import CatalogIndex, ExactIndex, Item  # noqa: E402
@@ -59,18 +59,6 @@ def load() -> list[float]:
 
 def recall(found: list[list[int]], truth: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(t.tolist())) / K for f, t in zip(found, truth)]))
-
-
-def timed_queries(index, queries: np.ndarray, warmup: np.ndarray) -> tuple[dict, list[list[int]]]:
-    for q in warmup:
-        index.query(q, K, by_product=False)
-    times, rows = [], []
-    for q in queries:
-        t = time.perf_counter()
-        answer = index.query(q, K, by_product=False)
-        times.append(time.perf_counter() - t)
-        rows.append([r.row for r in answer])
-    return percentiles(times), rows
 
 
 def bench_annoy(data, items, queries, warmup, truth, args) -> dict:
