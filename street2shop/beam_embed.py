@@ -15,6 +15,8 @@ Flink, Spark, or Beam's local runner), built from the same parts:
       → a shard per block of manifest lines → GroupByKey
       → OUT/<run>/shard-MMMMMM-BBBBBBBBB/: embeddings.npy, items.jsonl, embed.json
         (embeddings.encode_embeddings) and dead_letter.jsonl
+      → with --to-milvus: the shard's rows upserted into the run's new Milvus
+        collection, in batches, by the worker that wrote the shard
 
 A shard holds the rows of ``shard_rows`` consecutive lines of one manifest,
 in their order, and ``shards.json`` lists the shards in manifest order: the
@@ -38,6 +40,17 @@ replaces. A reader that goes through ``shards.json``
 (:func:`street2shop.embeddings.embedding_folders`, so ``index build OUT``)
 sees one whole run, the old or the new, never a mix. A failed run publishes
 nothing and leaves the previous output as it was.
+
+**Into Milvus** (``--to-milvus milvus:URI#NAME``): the launcher makes the
+index's next version (an unfinished collection, :mod:`street2shop.index.milvus_write`)
+before the pipeline starts; each shard's writer upserts its rows into it
+(an upsert, so a bundle Beam retries writes the same entities again), their
+rows ``manifest << 32 | line`` (manifest order, so the ties of ``index build``
+over the shards); when the run is published, the launcher publishes the
+version (flush, index, load, alias). A failed run drops the collection and
+the alias still names the old version. The workers connect with the token in
+their own ``MILVUS_TOKEN``. A Milvus Lite file is held by one process, so it
+takes the in-process runner only.
 
 **Runners.** ``DirectRunner`` (the default) runs Beam's FnApiRunner directly:
 Beam's own DirectRunner would first try the Prism runner, which downloads a
@@ -296,9 +309,10 @@ class WriteShard(beam.DoFn):
     refuses to publish the run.
     """
 
-    def __init__(self, run_dir: str, version: int | None) -> None:
+    def __init__(self, run_dir: str, version: int | None, milvus: tuple[str, str, str] | None = None) -> None:
         self.run_dir = run_dir
         self.version = version
+        self.milvus = milvus  # (uri, name, collection) to upsert the shard's rows into, or None
 
     def process(self, element: tuple[tuple[int, int], Iterable[tuple[str, Row, Any]]], models: list[tuple[str, int]]) -> Iterator[str]:
         shard, entries = element
@@ -311,17 +325,27 @@ class WriteShard(beam.DoFn):
         identity = ModelIdentity(models[0][0], self.version, models[0][1]) if len(models) == 1 else None
         dimension = models[0][1] if len(models) == 1 else 0
         vectors = np.stack([v for _, v in embedded]) if embedded else np.zeros((0, dimension), np.float32)
-        extra = {"manifest": shard[0], "block": shard[1], "dead_letter": len(dead),
-                 "references": domain_counts(Item.from_record(row.record) for row, _ in embedded)}
+        extra: dict[str, Any] = {"manifest": shard[0], "block": shard[1], "dead_letter": len(dead),
+                                 "references": domain_counts(Item.from_record(row.record) for row, _ in embedded)}
         if len(models) > 1:
             extra["models"] = [fingerprint for fingerprint, _ in models]
-        files = encode_embeddings(vectors, [Item.from_record(row.record) for row, _ in embedded], identity,
-                                  {row.record.image_path: reason for row, (reason, _) in dead}, **extra)
+        items = [Item.from_record(row.record) for row, _ in embedded]
+        if self.milvus is not None:
+            extra["categories"] = sorted({item.category for item in items if item.category})
+        files = encode_embeddings(vectors, items, identity, {row.record.image_path: reason for row, (reason, _) in dead}, **extra)
         letters = "".join(json.dumps({**Item.from_record(row.record).to_dict(), "reason": reason, "stage": stage}, ensure_ascii=False)
                           + "\n" for row, (reason, stage) in dead)
         folder = FileSystems.join(self.run_dir, shard_name(shard))
         for name, data in [(DEAD_LETTER_FILE, letters.encode("utf-8")), *files.items()]:  # embed.json last
             write_file(FileSystems.join(folder, name), data)
+        if self.milvus is not None and items and identity is not None:
+            from street2shop.index.base import check_embeddings
+            from street2shop.index.milvus import MilvusTarget, connect
+            from street2shop.index.milvus_write import ROW_SHIFT, write_entities
+
+            target = MilvusTarget(self.milvus[0], self.milvus[1])
+            write_entities(connect(target), target, self.milvus[2], check_embeddings(vectors, items, vectors.shape[1]), items,
+                           [row.source << ROW_SHIFT | row.line for row, _ in embedded], upsert=True)
         yield folder
 
 
@@ -339,11 +363,13 @@ class EmbedCatalogue(beam.PTransform):
         reference_splits: str. With ``street``: the street photos of these comma-separated splits.
         shard_rows: int. Manifest lines per output shard (each an embeddings folder).
         crop_to_box, max_pixels, decode_check: as for ``street2shop embed``.
+        milvus: ``(uri, name, collection)``: also upsert each shard's rows into that Milvus collection.
     """
 
     def __init__(self, run_dir: str, model_handler: SavedModelHandler, *, split: str = "", domains: str = "shop",
                  reference_splits: str = DEFAULT_REFERENCE_SPLITS, shard_rows: int = 100_000,
-                 crop_to_box: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS, decode_check: bool = False) -> None:
+                 crop_to_box: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS, decode_check: bool = False,
+                 milvus: tuple[str, str, str] | None = None) -> None:
         super().__init__()
         check_positive_int("shard_rows", shard_rows)
         self.run_dir = run_dir
@@ -353,6 +379,7 @@ class EmbedCatalogue(beam.PTransform):
         self.reference_splits = reference_splits
         self.shard_rows = shard_rows
         self.checks = {"crop_to_box": crop_to_box, "max_pixels": max_pixels, "decode_check": decode_check}
+        self.milvus = milvus
 
     def expand(self, manifests: beam.PCollection) -> beam.PCollection:
         split, domains, reference_splits, shard_rows = self.split, self.domains, self.reference_splits, self.shard_rows
@@ -381,7 +408,7 @@ class EmbedCatalogue(beam.PTransform):
             )
             | "Union" >> beam.Flatten()
             | "Shards" >> beam.GroupByKey()
-            | "Write" >> beam.ParDo(WriteShard(self.run_dir, self.model_handler.version),
+            | "Write" >> beam.ParDo(WriteShard(self.run_dir, self.model_handler.version, self.milvus),
                                     beam.pvalue.AsList(models))
         )
 
@@ -402,6 +429,7 @@ class BeamEmbedResult:
     replaced: str | None
     seconds: float
     references: dict[str, int] = dataclasses.field(default_factory=lambda: {"shop": 0, "street": 0})  # embedded, by domain
+    milvus: dict[str, Any] | None = None  # with --to-milvus: the index, version, collection and count published
 
 
 def pipeline_options(runner: str = "DirectRunner", args: Sequence[str] = ()) -> PipelineOptions:
@@ -494,10 +522,12 @@ def write_file(path: str, data: bytes) -> None:
 
 
 def publish(out: str, run: str, previous: dict[str, Any] | None, *, source: str,
-            model_path: str) -> tuple[list[str], int, int, ModelIdentity, dict[str, int]]:
+            model_path: str) -> tuple[list[str], int, int, ModelIdentity, dict[str, int], set[str]]:
     """Checks a finished run's shards and makes it the output: ``shards.json`` names them, the replaced run is deleted.
 
     ``shards.json`` also counts the images embedded, by domain (``references``: catalogue and customer photos).
+    Returns the shards, the counts embedded and in the dead letter, the model, the references by domain, and the
+    categories the shards recorded (``--to-milvus``).
 
     Raises:
         ModelMismatchError: the run's batches came from two models.
@@ -533,7 +563,44 @@ def publish(out: str, run: str, previous: dict[str, Any] | None, *, source: str,
         old = FileSystems.join(out, previous["run"])
         if FileSystems.exists(old):
             FileSystems.delete([old])
-    return relative, embedded, dead, identity, references
+    return relative, embedded, dead, identity, references, {c for r in records for c in r.get("categories", [])}
+
+
+class MilvusRun(NamedTuple):
+    """The Milvus version a run writes into (``--to-milvus``)."""
+
+    target: Any  # street2shop.index.milvus.MilvusTarget
+    version: int
+    collection: str
+    identity: ModelIdentity  # the model its properties name (the export's card)
+    client: Any
+    keep: int
+
+
+def _milvus_version(spec: str, options: PipelineOptions, model_path: str, index_type: str | None, keep: int | None) -> MilvusRun:
+    """The next version of the Milvus index ``spec`` names, made empty for the run's workers to fill."""
+    from street2shop.index.milvus import connect, parse_target
+    from street2shop.index.milvus_write import DEFAULT_INDEX_TYPE, DEFAULT_KEEP, check_keep, create_version, preflight
+
+    target = parse_target(spec)
+    index_type = index_type or DEFAULT_INDEX_TYPE
+    keep = check_keep(DEFAULT_KEEP if keep is None else keep)
+    direct = options.view_as(DirectOptions)
+    if target.is_lite and ((options.view_as(StandardOptions).runner or "DirectRunner") not in LOCAL_RUNNERS
+                           or direct.direct_running_mode == "multi_processing"):
+        raise ConfigError(f"a Milvus Lite file is held by one process, so --to-milvus {spec} takes the in-process runner only; for worker "
+                          f"processes or a cluster give a Milvus server (--to-milvus milvus:http://host:19530#{target.name}). "
+                          f"Received: --runner {options.view_as(StandardOptions).runner} --direct_running_mode {direct.direct_running_mode}")
+    if is_remote(model_path):
+        card = json.loads(read_file(FileSystems.join(model_path, contract.ASSETS_EXTRA, contract.CARD_FILE)))
+        identity = contract.card_identity(model_path.rstrip("/"), card)
+    else:
+        identity = contract.card_identity(model_path)
+    client = connect(target)
+    preflight(client, target, index_type)
+    version, collection = create_version(client, target, identity, index_type=index_type)
+    logger.info("the run goes into %s version %d (%s)", target, version, collection)
+    return MilvusRun(target, version, collection, identity, client, keep)
 
 
 def worker_error(error: BaseException) -> Street2ShopError | None:
@@ -566,6 +633,9 @@ def beam_embed(
     pipeline_args: Sequence[str] = (),
     model_handler: SavedModelHandler | None = None,
     quiet_workers: bool = True,
+    to_milvus: str | None = None,
+    index_type: str | None = None,
+    keep: int | None = None,
 ) -> BeamEmbedResult:
     """``street2shop beam-embed``: the reference photos of a manifest (or a glob of shards), embedded on Beam into ``out``.
 
@@ -583,6 +653,9 @@ def beam_embed(
         runner, pipeline_args: Beam's runner and its standard options.
         quiet_workers: keep TensorFlow's C++ start-up lines off the workers' stderr (see :class:`SavedModelHandler`).
         model_handler: another handler (tests).
+        to_milvus: ``milvus:URI#NAME``: also write the run into the next version of that Milvus index (see the module doc).
+        index_type, keep: that version's vector index, and the versions kept (None: the defaults of
+            :func:`street2shop.index.milvus_write.build_milvus`).
 
     Raises:
         ConfigError: an unknown Beam option, a bad setting.
@@ -599,8 +672,10 @@ def beam_embed(
     run = f"run-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
     run_dir = FileSystems.join(out, run)
     kinds = reference_domains(domains)
+    milvus = _milvus_version(to_milvus, options, model_path, index_type, keep) if to_milvus else None
     transform = EmbedCatalogue(run_dir, handler, split=split, domains=",".join(kinds), reference_splits=reference_splits,
-                               shard_rows=shard_rows, crop_to_box=crop_to_box, max_pixels=max_pixels, decode_check=decode_check)
+                               shard_rows=shard_rows, crop_to_box=crop_to_box, max_pixels=max_pixels, decode_check=decode_check,
+                               milvus=(milvus.target.uri, milvus.target.name, milvus.collection) if milvus else None)
     chosen = [f"{domain} photos of split(s) {sorted(catalogue_splits(splits)) or 'all'}"
               for domain, splits in (("shop", split), ("street", reference_splits)) if domain in kinds]
     logger.info("embedding %s (%d manifest file(s); %s) with %s into %s on %s", manifest, len(manifests), " and ".join(chosen),
@@ -611,10 +686,23 @@ def beam_embed(
         _ = pipeline | "Manifests" >> beam.Create(list(enumerate(manifests))) | "Embed" >> transform
         result = pipeline.run()
         result.wait_until_finish()
-        shards, embedded, dead, identity, references = publish(out, run, previous, source=manifest, model_path=model_path)
+        shards, embedded, dead, identity, references, categories = publish(out, run, previous, source=manifest, model_path=model_path)
+        if milvus is not None:
+            from street2shop.index.milvus_write import publish_version
+
+            if identity.fingerprint != milvus.identity.fingerprint:
+                raise ModelMismatchError(f"the model answered as {identity}, but its card (which named the Milvus collection's model) "
+                                         f"says {milvus.identity}; nothing was published to {milvus.target}. Received: fingerprint={identity.fingerprint!r}")
+            published = {"index": milvus.target.spec, "version": milvus.version, "collection": milvus.collection,
+                         "count": publish_version(milvus.client, milvus.target, milvus.version, milvus.collection,
+                                                  next_row=len(manifests) << 32, categories=categories, keep=milvus.keep)}
     except BaseException as e:
         if FileSystems.exists(run_dir):
             FileSystems.delete([run_dir])
+        if milvus is not None:
+            from street2shop.index.milvus_write import drop_version
+
+            drop_version(milvus.client, milvus.target, milvus.collection)
         ours = worker_error(e)
         if ours is not None:
             raise ours from e
@@ -627,4 +715,5 @@ def beam_embed(
         if domain in kinds and not references[domain]:
             logger.warning("no %s photo of split(s) %s of %s was embedded: the output holds none (%s %r)", domain,
                            sorted(catalogue_splits(splits)) or "any", manifest, flag, splits)
-    return BeamEmbedResult(out, run, shards, embedded, dead, identity, previous.get("run") if previous else None, seconds, references)
+    return BeamEmbedResult(out, run, shards, embedded, dead, identity, previous.get("run") if previous else None, seconds, references,
+                           published if milvus is not None else None)

@@ -223,19 +223,36 @@ def cmd_beam_embed(args: argparse.Namespace) -> int:
         min_batch_size=args.min_batch_size, shard_rows=args.shard_rows, crop_to_box=not args.no_crop,
         decode_check=args.decode_check, runner=args.runner, pipeline_args=args.pipeline_args,
         quiet_workers=getattr(args, "verbose", 0) < 2,  # as main() keeps this process's quiet unless -vv
+        to_milvus=args.to_milvus or None, **_milvus_settings(args),
     )
     summary = {"out": result.out, "run": result.run, "shards": len(result.shards), "embedded": result.embedded,
-               "references": result.references, "dead_letter": result.dead_letter, "replaced": result.replaced, "seconds": round(result.seconds, 1),
-               "model": result.identity.to_dict()}
+               "references": result.references, "dead_letter": result.dead_letter, "replaced": result.replaced,
+               "seconds": round(result.seconds, 1), "model": result.identity.to_dict(), "milvus": result.milvus}
     if args.json:
         _print_json(summary)
     else:
         print(f"embedded {result.embedded} images{_references(result.references)} ({result.dead_letter} in the dead letter) with {result.identity} "
               f"into {len(result.shards)} shards of {result.out}")
+        if result.milvus:
+            print(f"published Milvus index version {result.milvus['version']} ({result.milvus['collection']}, {result.milvus['count']} images); "
+                  f"search it with --index {result.milvus['index']}")
     return 0
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
+    from street2shop.errors import ConfigError
+
+    local = {"--out": args.out, "--kind": args.kind != "annoy", "--n-trees": args.n_trees is not None, "--search-k": args.search_k is not None}
+    milvus = {"--uri": args.uri, "--collection": args.collection, "--index-params": args.index_params, "--search-params": args.search_params,
+              "--index-type": args.index_type is not None, "--keep": args.keep is not None}
+    other = [flag for flag, given in (local if args.backend == "milvus" else milvus).items() if given]
+    if other:
+        raise ConfigError(f"{', '.join(other)} belong(s) to the {'local' if args.backend == 'milvus' else 'milvus'} backend, not "
+                          f"--backend {args.backend}. Received: {' '.join(other)}")
+    if args.backend == "milvus":
+        return _milvus_build(args)
+    if not args.out:
+        raise ConfigError("give the index base: --out INDEX_BASE (or --backend milvus --uri URI). Received: no --out")
     from street2shop.index.build import build_index
 
     built = build_index(args.embeddings, args.out, kind=args.kind, n_trees=args.n_trees, search_k=args.search_k)
@@ -243,7 +260,57 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_flag(name: str, text: str) -> dict[str, Any]:
+    from street2shop.errors import ConfigError
+
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--{name} must be a JSON object like '{{\"M\": 32}}'. Received: {text!r} ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"--{name} must be a JSON object like '{{\"M\": 32}}'. Received: {text!r}")
+    return value
+
+
+def _milvus_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """``--index-type`` and ``--keep`` where given (the library's defaults otherwise)."""
+    return {k: v for k, v in (("index_type", args.index_type), ("keep", args.keep)) if v is not None}
+
+
+def _milvus_build(args: argparse.Namespace) -> int:
+    from street2shop.errors import ConfigError
+    from street2shop.index.milvus_write import build_milvus
+
+    if not args.uri:
+        raise ConfigError("--backend milvus needs --uri: a Milvus Lite file (catalogue.db) or http://host:19530. Received: no --uri")
+    built = build_milvus(args.embeddings, args.uri, name=args.collection or None, **_milvus_settings(args),
+                         index_params=_json_flag("index-params", args.index_params),
+                         search_params=_json_flag("search-params", args.search_params), progress=not args.json)
+    if args.json:
+        _print_json(built)
+    else:
+        print(f"built Milvus index version {built['version']} ({built['collection']}, {built['index_type']}) of {built['count']} images "
+              f"of model {built['model_fingerprint']}; search it with --index {built['index']}")
+    return 0
+
+
 def cmd_index_update(args: argparse.Namespace) -> int:
+    from street2shop.index.milvus import is_milvus
+
+    if is_milvus(args.index_base):
+        from street2shop.index.milvus_write import update_milvus
+
+        if args.auto_compact:
+            from street2shop.errors import ConfigError
+
+            raise ConfigError("a Milvus index is updated in place and never compacted by street2shop (Milvus compacts its segments "
+                              "itself); leave out --auto-compact. Received: --auto-compact")
+        result = update_milvus(args.index_base, add=args.add or (), remove=args.remove or None)
+        _print_json(result) if args.json else print(
+            f"{result['index']} version {result['version']} ({result['collection']}) updated in place: {result['added']} images added "
+            f"({result['replaced']} replacing), {result['removed']['rows']} removed; {result['live_count']} in the catalogue. "
+            f"Every reader sees it within Milvus's Bounded staleness (5 s by default)")
+        return 0
     from street2shop.index.updates import update_index
 
     result = update_index(args.index_base, add=args.add or (), remove=args.remove or None, auto_compact=args.auto_compact)
@@ -260,6 +327,13 @@ def cmd_index_update(args: argparse.Namespace) -> int:
 
 
 def cmd_index_compact(args: argparse.Namespace) -> int:
+    from street2shop.index.milvus import is_milvus
+
+    if is_milvus(args.index_base):
+        from street2shop.errors import ConfigError
+
+        raise ConfigError("a Milvus index needs no compaction: updates are applied in place and Milvus compacts its segments "
+                          f"itself. Received: {args.index_base}")
     from street2shop.index.updates import compact_index
 
     result = compact_index(args.index_base, n_trees=args.n_trees, search_k=args.search_k)
@@ -345,6 +419,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+def _add_milvus_build_flags(p: argparse.ArgumentParser, *, beam: bool = False) -> None:
+    """The flags of a build into Milvus (``index build --backend milvus``; ``beam-embed --to-milvus``). The token: MILVUS_TOKEN, never a flag.
+
+    Their defaults are the library's (``index.milvus_write``, which checks the values), so parsing imports no index code.
+    """
+    group = p.add_argument_group("Milvus (the token of a server comes from the MILVUS_TOKEN environment variable)")
+    if not beam:
+        group.add_argument("--backend", choices=("local", "milvus"), default="local",
+                           help="local: an index base (--out, --kind); milvus: a new version of a Milvus index (--uri, --collection)")
+        group.add_argument("--uri", default="", help="Milvus: a Milvus Lite file (catalogue.db: embedded, nothing to start) or http(s)://host:19530")
+        group.add_argument("--collection", default="", help="Milvus: the index's name, the alias of its live version (default: street2shop)")
+        group.add_argument("--index-params", default="", help="Milvus: the vector index's build parameters as JSON, e.g. '{\"M\": 32}'")
+        group.add_argument("--search-params", default="", help="Milvus: its search parameters as JSON, e.g. '{\"ef\": 256}'")
+    group.add_argument("--index-type", default=None, metavar="TYPE",
+                       help="Milvus: the vector index, HNSW (the default), FLAT, IVF_FLAT, IVF_SQ8 or IVF_PQ (not on Milvus Lite)")
+    group.add_argument("--keep", type=int, default=None, help="Milvus: versions kept, the live one included (at least 2; default 2)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="street2shop",
@@ -428,19 +520,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-check", action="store_true", help="decode each image before the model (catches truncated files earlier)")
     p.add_argument("--runner", default="DirectRunner",
                    help="Beam runner; DirectRunner runs Beam's FnApiRunner (never Prism, which downloads a binary)")
+    p.add_argument("--to-milvus", default="", help="also write the catalogue from the workers into the next version of the Milvus "
+                                                   "index milvus:URI#NAME (published when the run is)")
+    _add_milvus_build_flags(p, beam=True)
     p.set_defaults(pipeline_args=[])
 
     index = sub.add_parser("index", help="build Annoy indexes", formatter_class=_Formatter)
     index_sub = index.add_subparsers(dest="index_command", metavar="INDEX_COMMAND", required=True)
     p = command(index_sub, "build", cmd_index_build, "build an index from embed output folders (all of one model)")
     p.add_argument("embeddings", nargs="+", help="output folder(s) of `street2shop embed`")
-    p.add_argument("--out", required=True, help="index base: the index becomes its next numbered version (OUT/1/, OUT/2/, ...), written atomically")
+    p.add_argument("--out", default="", help="index base: the index becomes its next numbered version (OUT/1/, OUT/2/, ...), written atomically")
     p.add_argument("--kind", choices=("annoy", "exact"), default="annoy", help="Annoy (approximate, fast at scale) or exact search")
     p.add_argument("--n-trees", type=int, default=None, help="Annoy trees (default: the index's)")
     p.add_argument("--search-k", type=int, default=None, help="Annoy search_k (default: the index's)")
+    _add_milvus_build_flags(p)
 
     p = command(index_sub, "update", cmd_index_update, "add and remove catalogue images without a rebuild: the next version is the base, a delta and tombstones")
-    p.add_argument("index_base", help="index base to update (its newest version is the starting point)")
+    p.add_argument("index_base", help="index base to update (its newest version is the starting point), or a Milvus index "
+                                      "milvus:URI#NAME (updated in place)")
     p.add_argument("--add", action="append", help="embeddings folder of new or changed images (same model as the index); repeatable")
     p.add_argument("--remove", default="", help="file of product ids, image ids or image paths to remove, one per line")
     p.add_argument("--auto-compact", action="store_true", help="also rebuild one Annoy version when that pays (the update says when)")
@@ -452,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(sub, "search", cmd_search, "find the products in customer photos")
     p.add_argument("photos", nargs="+", help="photo files")
-    p.add_argument("--index", required=True, help="index base (its newest version is used) or index folder")
+    p.add_argument("--index", required=True, help="index base (its newest version is used), index folder, or Milvus index milvus:URI#NAME")
     _add_embedder_flags(p)
     p.add_argument("--box", action="append", help="LEFT,TOP,WIDTH,HEIGHT in pixels, once per photo")
     p.add_argument("-k", type=int, default=20, help="number of products")
@@ -467,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(sub, "evaluate", cmd_evaluate, "top-k accuracy, recall@k, mAP, MRR of street photos against the indexed catalogue")
     p.add_argument("manifest", help="manifest CSV with the street photos")
-    p.add_argument("--index", required=True, help="index base (its newest version is used) or index folder of the catalogue")
+    p.add_argument("--index", required=True, help="index base (its newest version is used), index folder, or Milvus index milvus:URI#NAME of the catalogue")
     _add_embedder_flags(p)
     p.add_argument("--split", default="val", help="split of the street photos used as queries (Exact Street2Shop: test)")
     p.add_argument("--exact", action="store_true", help="exact search over the index's vectors instead of Annoy")

@@ -164,6 +164,50 @@ def test_index_build_over_beam_output_gives_embeds_top_k(both_outputs, tmp_path)
         assert ranked_a == ranked_b
 
 
+def test_beam_embed_into_milvus_gives_the_shards_answers_and_a_failed_run_keeps_the_old_version(tiny, catalogue, tmp_path, capsys):
+    """--to-milvus: the workers upsert each shard into a new collection, published with the run; searched like the shards' index."""
+    pytest.importorskip("milvus_lite")
+    from street2shop.index import load_index, milvus
+
+    spec = f"milvus:{tmp_path / 'catalogue.db'}#beam"
+    try:
+        result = run(catalogue, tmp_path / "out", tiny, to_milvus=spec, index_type="FLAT")
+        assert result.milvus == {"index": spec, "version": 1, "collection": "beam_v1", "count": 11}
+        index = load_index(spec)
+        assert main(["index", "build", str(tmp_path / "out"), "--out", str(tmp_path / "exact"), "--kind", "exact", "--json"]) == 0
+        exact = load_index(tmp_path / "exact")
+        assert index.identity == exact.identity and index.categories() == ["c", "d"]
+        # Rows are manifest << 32 | line, in the shards' order: the same answers and ties, rows renumbered.
+        assert [it.image_path for it in index.items] == [it.image_path for it in exact.items]
+        queries = np.random.default_rng(0).normal(size=(6, 16)).astype(np.float32)
+        for q in queries:
+            for by_product in (True, False):
+                a, b = index.query(q, k=6, by_product=by_product), exact.query(q, k=6, by_product=by_product)
+                assert [(h.product_id, h.image_path, h.labels) for h in a] == [(h.product_id, h.image_path, h.labels) for h in b]
+                np.testing.assert_allclose([h.similarity for h in a], [h.similarity for h in b], atol=1e-5)
+        # `search` opens it with the same --index form as an index base.
+        photo = str(catalogue.parent / "img/04.png")
+        searched = []
+        for where in (spec, str(tmp_path / "exact")):
+            capsys.readouterr()
+            assert main(["search", photo, "--index", where, "--model", str(tiny), "-k", "3", "--json"]) == 0
+            searched.append([(h["product_id"], round(h["similarity"], 5)) for h in json.loads(capsys.readouterr().out)[photo]])
+        assert searched[0] == searched[1] and len(searched[0]) == 3
+        # A run that embeds nothing drops its collection; the alias still names version 1.
+        empty = write_manifest_text(tmp_path / "bad" / "manifest.csv", [("nothing.png", "p", "shop", "catalog", "c", None, "x")])
+        (tmp_path / "bad" / "nothing.png").write_bytes(b"")
+        with pytest.raises(DataError, match="nothing embedded"):
+            run(empty, tmp_path / "out", tiny, to_milvus=spec, index_type="FLAT")
+        client = milvus.connect(milvus.parse_target(spec))
+        assert client.describe_alias("beam")["collection_name"] == "beam_v1" and "beam_v2" not in client.list_collections()
+        # A Milvus Lite file is one process's: worker processes are refused before anything runs.
+        with pytest.raises(ConfigError, match="held by one process"):
+            run(catalogue, tmp_path / "out", tiny, to_milvus=spec,
+                pipeline_args=["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"])
+    finally:
+        milvus.release(milvus.parse_target(spec))
+
+
 # --------------------------------------------------------------------------- bad images
 
 

@@ -156,9 +156,10 @@ class SearchIndex:
 
     A backend checks nothing itself: the arguments arrive checked (a unit
     float32 query of the index's dimension, ``k`` >= 1, excluded product ids
-    as a set). It provides ``__len__``, ``items``, ``image_path``, and the
+    as a set). It provides ``__len__``, ``items``, ``image_item``, ``catalogue_photos``, and the
     searches ``_search`` (the whole catalogue) and ``_search_category``; it
-    may answer several queries at once in ``_search_many``.
+    may answer several queries at once in ``_search_many``, and list its
+    ``categories`` without reading every item.
     """
 
     kind = "base"
@@ -184,9 +185,23 @@ class SearchIndex:
         """The item of every row, in row order."""
         raise NotImplementedError
 
-    def image_path(self, image_id: str) -> str | None:
-        """The path of the catalogue image with this :attr:`Item.image_id`, or None if the index has none."""
+    def image_item(self, image_id: str) -> Item | None:
+        """The item of the image with this :attr:`Item.image_id` (its catalogue photo's if it is both), or None if the index has none."""
         raise NotImplementedError
+
+    def image_path(self, image_id: str) -> str | None:
+        """The path of the image with this :attr:`Item.image_id`, or None if the index has none."""
+        item = self.image_item(image_id)
+        return (item.image_path or None) if item is not None else None
+
+    def catalogue_photos(self, product_ids: Iterable[str]) -> dict[str, Item]:
+        """The catalogue photo of each of these products that has one (:func:`street2shop.items.catalogue_photos`: the image a
+        person is shown, even when a search matched a customer photo); a backend looks up only these products."""
+        raise NotImplementedError
+
+    def categories(self) -> list[str]:
+        """The categories of the catalogue's items, sorted (what a category filter can ask for; a backend may know them without reading every item)."""
+        return sorted({item.category for item in self.items if item.category})
 
     def _search(self, query: np.ndarray, k: int, by_product: bool, excluded: frozenset[str], search_k: int | None, rerank: bool) -> list[SearchResult]:
         """The k best answers over the whole catalogue."""

@@ -26,8 +26,9 @@ version current when the request started) and knows its health;
 Errors are JSON ``{"detail": ...}``: 400 an image that cannot be used, 413 too
 large, 415 neither multipart nor JSON, 422 bad parameters (and anything the
 service would otherwise have to ignore or change: see :func:`read_search`), 404 unknown image,
-503 (with ``Retry-After``) when TF Serving is down or slow, the index and the
-served model disagree, or the service is at its concurrency limit (it turns
+503 (with ``Retry-After``) when TF Serving is down or slow, the index kept
+elsewhere (Milvus) does not answer, the index and the served model disagree,
+or the service is at its concurrency limit (it turns
 work away at once rather than queueing it without bound).
 """
 
@@ -59,7 +60,6 @@ from street2shop.errors import (
     Street2ShopError,
 )
 from street2shop.index.base import image_id as make_image_id
-from street2shop.items import catalogue_photos
 from street2shop.service import models
 from street2shop.service.config import ServiceConfig
 from street2shop.service.models import ServiceError
@@ -94,7 +94,6 @@ class Service:
         self.in_flight = 0  # changed only on the event loop's thread
         self._probe: tuple[float, dict[str, Any]] | None = None
         self._probe_lock = threading.Lock()
-        self._facts: tuple[Any, _IndexFacts] | None = None  # (index, what it holds), for the last index asked about
 
     def start(self) -> None:
         """Warms the embedder up (the first call traces the model's graph) and starts watching the index base."""
@@ -150,8 +149,11 @@ class Service:
         except ModelMismatchError as e:
             raise ServiceError(503, f"the served model and the index disagree; waiting for an index of the served model: {e}",
                                retry_after=self.config.poll_seconds) from None
-        results = index.query(embedded.vectors[0], k=k, category=category)
-        photos = self.facts(index).photos
+        try:
+            results = index.query(embedded.vectors[0], k=k, category=category)
+            photos = index.catalogue_photos(r.product_id for r in results if r.domain != "shop")
+        except Street2ShopError as e:  # an index kept elsewhere (Milvus) that does not answer
+            raise ServiceError(503, f"the index does not answer: {e}", retry_after=self.config.poll_seconds) from None
         done = time.perf_counter()
         self.metrics.embed_seconds.observe(embed_done - started)
         self.metrics.search_seconds.observe(done - embed_done)
@@ -167,16 +169,9 @@ class Service:
             },
         }
 
-    def facts(self, index: Any) -> _IndexFacts:
-        """What ``index`` holds besides its vectors (worked out once per index version)."""
-        cached = self._facts
-        if cached is None or cached[0] is not index:
-            cached = self._facts = (index, _IndexFacts(index))
-        return cached[1]
-
     def check_category(self, index: Any, category: str) -> None:
         """ServiceError 422 unless ``index`` holds items of ``category`` (the refusal lists the categories it has)."""
-        known = self.facts(index).categories
+        known = index.categories()
         if category in known:
             return
         if not known:
@@ -187,12 +182,16 @@ class Service:
     def catalogue_image(self, image_id: str) -> tuple[str, str]:
         """``(path, media type)`` of a catalogue image of the served index; ServiceError 404 otherwise."""
         index = self.watcher.current
-        path = index.image_path(image_id) if index is not None and len(image_id) == 16 else None
+        try:
+            item = index.image_item(image_id) if index is not None and len(image_id) == 16 else None
+        except Street2ShopError as e:  # an index kept elsewhere (Milvus) that does not answer
+            raise ServiceError(503, f"the index does not answer: {e}", retry_after=self.config.poll_seconds) from None
         shown = image_id if len(image_id) <= 40 else f"{image_id[:16]}... ({len(image_id):,} characters)"
-        if path is None:
+        if item is None or not item.image_path:
             raise ServiceError(404, f"no catalogue image {shown!r} in the index being served (an image id is 16 hex digits)")
-        if image_id in self.facts(index).customer_photos:
+        if item.domain != "shop":
             raise ServiceError(404, f"image {shown!r} is a customer photo indexed as a reference; the service serves catalogue photos only")
+        path = item.image_path
         try:
             with open(path, "rb") as handle:
                 head = handle.read(16)
@@ -232,21 +231,6 @@ class Service:
         detail["ready"] = not problems
         detail["problems"] = problems
         return not problems, detail
-
-
-class _IndexFacts:
-    """What the service asks of an index version besides searches, worked out once per version (one pass over its items).
-
-    ``categories``: those of its live items; ``photos``: each product's catalogue photo
-    (:func:`~street2shop.items.catalogue_photos`); ``customer_photos``: the image ids of its customer photos (not served).
-    """
-
-    def __init__(self, index: Any) -> None:
-        items, dead = index.items, getattr(index, "dead", None)
-        self.categories = sorted({item.category for row, item in enumerate(items) if item.category and (dead is None or not dead[row])})
-        self.photos = catalogue_photos(items, dead)
-        shop = {item.image_id for item in items if item.domain == "shop"}
-        self.customer_photos = {item.image_id for item in items if item.domain == "street"} - shop
 
 
 def _hit(result: Any, photo: Any) -> dict[str, Any]:

@@ -6,12 +6,11 @@ import base64
 import io
 import re
 import threading
-import time
 
 import numpy as np
 import pytest
 
-from tests.service.conftest import make_jpeg
+from tests.service.conftest import make_jpeg, swap_under_load
 
 pytest.importorskip("fastapi")
 
@@ -350,31 +349,8 @@ def test_at_the_concurrency_limit_more_work_is_turned_away_with_retry_after(expo
 def test_a_new_index_version_is_swapped_in_with_no_request_failing(client, service, embeddings_dir, index_base):
     from street2shop.index.build import build_index
 
-    answers, stop = [], threading.Event()  # (sent, answered, status, index version)
-
-    def hammer():
-        while not stop.is_set():
-            sent = time.monotonic()
-            r = client.post("/v1/search", files={"image": ("p.jpg", make_jpeg(0), "image/jpeg")}, data={"k": "2"})
-            answers.append((sent, time.monotonic(), r.status_code, r.json().get("index_version")))
-
-    threads = [threading.Thread(target=hammer) for _ in range(3)]
-    for t in threads:
-        t.start()
-    while len(answers) < 3:
-        time.sleep(0.05)
-    build_index([embeddings_dir], index_base, kind="annoy")  # version 2, while requests run
-    swap_started = time.monotonic()
-    assert service.watcher.check() is True
-    swapped = time.monotonic()
-    while sum(1 for a in answers if a[0] > swapped) < 3:
-        time.sleep(0.05)
-    stop.set()
-    for t in threads:
-        t.join(30)
-    assert {status for _, _, status, _ in answers} == {200}  # none failed
-    assert {v for _, done, _, v in answers if done < swap_started} == {1}
-    assert {v for sent, _, _, v in answers if sent > swapped} == {2}
+    swap_under_load(service, lambda: build_index([embeddings_dir], index_base, kind="annoy"),
+                    lambda: client.post("/v1/search", files={"image": ("p.jpg", make_jpeg(0), "image/jpeg")}, data={"k": "2"}))
     assert client.get("/readyz").json()["index"]["version"] == 2
 
 
