@@ -577,6 +577,29 @@ class MilvusRun(NamedTuple):
     keep: int
 
 
+def _publish_milvus(milvus: MilvusRun, identity: ModelIdentity, categories: set[str], manifests: int, out: str) -> dict[str, Any]:
+    """Makes the run's Milvus version live (``--to-milvus``), once its embeddings are published in ``out``.
+
+    On any failure (another model, Milvus down, an interrupted wait for its index) the version is dropped, the alias keeps
+    naming the live one, and the log says how to build the index from the embeddings, which stay as published.
+    """
+    from street2shop.index.milvus_write import drop_version, publish_version
+
+    try:
+        if identity.fingerprint != milvus.identity.fingerprint:
+            raise ModelMismatchError(f"the model answered as {identity}, but its card (which named the Milvus collection's model) "
+                                     f"says {milvus.identity}; nothing was published to {milvus.target}. Received: fingerprint={identity.fingerprint!r}")
+        count = publish_version(milvus.client, milvus.target, milvus.version, milvus.collection,
+                                next_row=manifests << 32, categories=categories, keep=milvus.keep)
+    except BaseException:
+        drop_version(milvus.client, milvus.target, milvus.collection)
+        logger.error("the embeddings in %s are published and intact, but not the Milvus version %s: build it from them with "
+                     "`street2shop index build %s --backend milvus --uri %s --collection %s`", out, milvus.collection, out,
+                     milvus.target.uri, milvus.target.name)
+        raise
+    return {"index": milvus.target.spec, "version": milvus.version, "collection": milvus.collection, "count": count}
+
+
 def _milvus_version(spec: str, options: PipelineOptions, model_path: str, index_type: str | None, keep: int | None) -> MilvusRun:
     """The next version of the Milvus index ``spec`` names, made empty for the run's workers to fill."""
     from street2shop.index.milvus import connect, parse_target
@@ -673,29 +696,20 @@ def beam_embed(
     run_dir = FileSystems.join(out, run)
     kinds = reference_domains(domains)
     milvus = _milvus_version(to_milvus, options, model_path, index_type, keep) if to_milvus else None
-    transform = EmbedCatalogue(run_dir, handler, split=split, domains=",".join(kinds), reference_splits=reference_splits,
-                               shard_rows=shard_rows, crop_to_box=crop_to_box, max_pixels=max_pixels, decode_check=decode_check,
-                               milvus=(milvus.target.uri, milvus.target.name, milvus.collection) if milvus else None)
-    chosen = [f"{domain} photos of split(s) {sorted(catalogue_splits(splits)) or 'all'}"
-              for domain, splits in (("shop", split), ("street", reference_splits)) if domain in kinds]
-    logger.info("embedding %s (%d manifest file(s); %s) with %s into %s on %s", manifest, len(manifests), " and ".join(chosen),
-                model_path, run_dir, options.view_as(StandardOptions).runner)
     start = time.perf_counter()
     try:
+        transform = EmbedCatalogue(run_dir, handler, split=split, domains=",".join(kinds), reference_splits=reference_splits,
+                                   shard_rows=shard_rows, crop_to_box=crop_to_box, max_pixels=max_pixels, decode_check=decode_check,
+                                   milvus=(milvus.target.uri, milvus.target.name, milvus.collection) if milvus else None)
+        chosen = [f"{domain} photos of split(s) {sorted(catalogue_splits(splits)) or 'all'}"
+                  for domain, splits in (("shop", split), ("street", reference_splits)) if domain in kinds]
+        logger.info("embedding %s (%d manifest file(s); %s) with %s into %s on %s", manifest, len(manifests), " and ".join(chosen),
+                    model_path, run_dir, options.view_as(StandardOptions).runner)
         pipeline = beam.Pipeline(runner=make_runner(options), options=options)
         _ = pipeline | "Manifests" >> beam.Create(list(enumerate(manifests))) | "Embed" >> transform
         result = pipeline.run()
         result.wait_until_finish()
         shards, embedded, dead, identity, references, categories = publish(out, run, previous, source=manifest, model_path=model_path)
-        if milvus is not None:
-            from street2shop.index.milvus_write import publish_version
-
-            if identity.fingerprint != milvus.identity.fingerprint:
-                raise ModelMismatchError(f"the model answered as {identity}, but its card (which named the Milvus collection's model) "
-                                         f"says {milvus.identity}; nothing was published to {milvus.target}. Received: fingerprint={identity.fingerprint!r}")
-            published = {"index": milvus.target.spec, "version": milvus.version, "collection": milvus.collection,
-                         "count": publish_version(milvus.client, milvus.target, milvus.version, milvus.collection,
-                                                  next_row=len(manifests) << 32, categories=categories, keep=milvus.keep)}
     except BaseException as e:
         if FileSystems.exists(run_dir):
             FileSystems.delete([run_dir])
@@ -707,6 +721,8 @@ def beam_embed(
         if ours is not None:
             raise ours from e
         raise
+    # The embeddings are published from here on: a failure of the Milvus step drops its version and keeps them.
+    published = _publish_milvus(milvus, identity, categories, len(manifests), out) if milvus is not None else None
     seconds = time.perf_counter() - start
     log = logger.warning if dead else logger.info
     log("embedded %d images into %d shards of %s (%s); %d in the dead letter (%s)", embedded, len(shards), out, identity,
@@ -716,4 +732,4 @@ def beam_embed(
             logger.warning("no %s photo of split(s) %s of %s was embedded: the output holds none (%s %r)", domain,
                            sorted(catalogue_splits(splits)) or "any", manifest, flag, splits)
     return BeamEmbedResult(out, run, shards, embedded, dead, identity, previous.get("run") if previous else None, seconds, references,
-                           published if milvus is not None else None)
+                           published)

@@ -216,6 +216,11 @@ def cmd_beam_embed(args: argparse.Namespace) -> int:
         from street2shop.errors import ConfigError
 
         raise ConfigError("beam-embed needs Apache Beam: pip install 'street2shop[beam]'. Received: no module apache_beam") from None
+    stray = [flag for flag, value in (("--index-type", args.index_type), ("--keep", args.keep)) if value is not None]
+    if stray and not args.to_milvus:
+        from street2shop.errors import ConfigError
+
+        raise ConfigError(f"{', '.join(stray)} belong(s) to --to-milvus, which was not given. Received: {' '.join(stray)}")
 
     result = beam_embed(
         args.manifest, args.out, model=args.model, split=args.split, domains=args.domains, reference_splits=args.reference_splits,

@@ -22,7 +22,7 @@ from typing import Any
 from street2shop.contract import ModelIdentity
 from street2shop.data.image import Box, read_image_file
 from street2shop.errors import ConfigError, ImageError
-from street2shop.items import Item, catalogue_photos
+from street2shop.items import Item
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +61,6 @@ class Searcher:
         index.check_model(embedder.identity())
         self.index = index
         self.embedder = embedder
-        self._photos: dict[str, Item] | None = None
-
-    def catalogue_photos(self) -> dict[str, Item]:
-        """Each product's catalogue photo in the index (:func:`~street2shop.items.catalogue_photos`), worked out once."""
-        if self._photos is None:
-            self._photos = catalogue_photos(self.index.items, getattr(self.index, "dead", None))
-        return self._photos
 
     def search(
         self,
@@ -89,8 +82,7 @@ class Searcher:
                 out.append(PhotoResults(name, [], error))
             else:
                 results = self.index.query(embedded.vectors[i], k=k, category=category)
-                photos = self.catalogue_photos()
-                shown = {r.product_id: photos[r.product_id] for r in results if r.product_id in photos}
+                shown = self.index.catalogue_photos(r.product_id for r in results)  # the answer's products only
                 out.append(PhotoResults(name, results, model=embedded.identity, catalogue=shown))
         return out
 

@@ -164,7 +164,7 @@ def test_index_build_over_beam_output_gives_embeds_top_k(both_outputs, tmp_path)
         assert ranked_a == ranked_b
 
 
-def test_beam_embed_into_milvus_gives_the_shards_answers_and_a_failed_run_keeps_the_old_version(tiny, catalogue, tmp_path, capsys):
+def test_beam_embed_into_milvus_gives_the_shards_answers_and_a_failed_run_keeps_the_old_version(tiny, catalogue, tmp_path, capsys, monkeypatch):
     """--to-milvus: the workers upsert each shard into a new collection, published with the run; searched like the shards' index."""
     pytest.importorskip("milvus_lite")
     from street2shop.index import load_index, milvus
@@ -200,6 +200,21 @@ def test_beam_embed_into_milvus_gives_the_shards_answers_and_a_failed_run_keeps_
             run(empty, tmp_path / "out", tiny, to_milvus=spec, index_type="FLAT")
         client = milvus.connect(milvus.parse_target(spec))
         assert client.describe_alias("beam")["collection_name"] == "beam_v1" and "beam_v2" not in client.list_collections()
+        # A run interrupted while Milvus publishes (the wait for its index takes hours at 10^8) keeps its published embeddings:
+        # the index can be built from them; the alias still names version 1.
+        from street2shop.embeddings import read_embedding_sets
+        from street2shop.index import milvus_write
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        with monkeypatch.context() as patched:
+            patched.setattr(milvus_write, "publish_version", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                run(catalogue, tmp_path / "out", tiny, to_milvus=spec, index_type="FLAT")
+        assert len(read_embedding_sets([tmp_path / "out"])[1]) == 11
+        assert client.describe_alias("beam")["collection_name"] == "beam_v1"
+        assert sorted(c for c in client.list_collections() if c.startswith("beam_")) == ["beam_v1"]
         # A Milvus Lite file is one process's: worker processes are refused before anything runs.
         with pytest.raises(ConfigError, match="held by one process"):
             run(catalogue, tmp_path / "out", tiny, to_milvus=spec,

@@ -127,6 +127,24 @@ def test_customer_photos_as_references_answer_as_in_the_exact_index_and_each_pro
         assert backend.image_item("0" * 16) is None
 
 
+def test_a_product_with_more_photos_near_the_query_than_milvus_answers_at_once_leaves_the_answer_complete(db, tmp_path, monkeypatch):
+    # Milvus answers at most MAX_LIMIT candidates a call (16384; 64 here): one product's 100 photos fill them all.
+    monkeypatch.setattr(mv, "MAX_LIMIT", 64)
+    rng = np.random.default_rng(11)
+    centre = unit(rng.standard_normal((1, 16)))
+    crowd = unit(centre + 0.05 * rng.standard_normal((100, 16)))
+    others = unit(rng.standard_normal((20, 16)))
+    vectors = np.concatenate([crowd, others])
+    items = [Item("crowd", f"shop/c{i}.jpg") for i in range(100)] + [Item(f"p{i}", f"shop/p{i}.jpg") for i in range(20)]
+    build(db, "crowd", tmp_path / "emb", vectors, items, index_type="FLAT")
+    index = load_index(f"milvus:{db}#crowd")
+    exact = ExactIndex(16, model_fingerprint="model-a")
+    exact.add(vectors, items)
+    got = index.query(centre[0], 10)
+    assert len(got) == 10 and [r.rank for r in got] == list(range(1, 11))
+    same(got, exact.query(centre[0], 10))
+
+
 def test_hnsw_recall_at_10_against_exact_search(db, tmp_path):
     rng = np.random.default_rng(2)
     vectors = clustered(rng, 3000, 32, clusters=60)
@@ -231,16 +249,46 @@ def test_an_interrupted_build_leaves_the_old_version_serving(db, tmp_path, monke
     assert client.describe_alias("interrupted")["collection_name"] == "interrupted_v1"
     assert "interrupted_v2" not in client.list_collections()  # its collection is dropped
     assert [r.product_id for r in load_index(f"milvus:{db}#interrupted").query(vectors[0], 5)] == expected
-    # A build killed outright leaves an unfinished collection: never aliased, refused by name, dropped by the next publish.
+    # A build killed outright leaves an unfinished collection: never aliased, refused by name. The next publish leaves it while
+    # it may be another build under way (younger than the grace period), and drops it after.
     version, collection = mw.create_version(client, mv.parse_target(f"milvus:{db}#interrupted"), MODEL, index_type="FLAT")
     with pytest.raises(DataError, match="unfinished build"):
         load_index(f"milvus:{db}#{collection}")
     assert load_index(f"milvus:{db}#interrupted").version == 1
     mw.build_milvus([folder], f"milvus:{db}#interrupted", index_type="FLAT")
-    assert collection not in client.list_collections() and load_index(f"milvus:{db}#interrupted").version == version + 1
+    assert collection in client.list_collections() and load_index(f"milvus:{db}#interrupted").version == version + 1
+    monkeypatch.setattr(mw, "UNFINISHED_GRACE_HOURS", 0.0)
+    mw.build_milvus([folder], f"milvus:{db}#interrupted", index_type="FLAT")
+    assert collection not in client.list_collections() and load_index(f"milvus:{db}#interrupted").version == version + 2
+
+
+def test_a_build_after_a_rollback_keeps_the_version_that_was_live(db, tmp_path):
+    vectors, items = catalogue(30, seed=9)
+    folder = embeddings(tmp_path / "emb", vectors, items)
+    for _ in range(2):
+        mw.build_milvus([folder], f"milvus:{db}#rollback", index_type="FLAT")
+    client = mv.connect(mv.parse_target(db))
+    client.alter_alias("rollback_v1", "rollback")  # the README's rollback: the alias back to version 1
+    serving = load_index(f"milvus:{db}#rollback")
+    assert serving.version == 1
+    mw.build_milvus([folder], f"milvus:{db}#rollback", index_type="FLAT")  # keep 2: v3 and v2, and v1, live until now
+    assert sorted(c for c in client.list_collections() if c.startswith("rollback_")) == ["rollback_v1", "rollback_v2", "rollback_v3"]
+    assert [r.product_id for r in serving.query(vectors[0], 3)] == [r.product_id for r in load_index(f"milvus:{db}#rollback").query(vectors[0], 3)]
 
 
 # ----------------------------------------------------------------------------- updates in place
+
+
+def test_a_refused_update_changes_nothing(db, tmp_path):
+    vectors, items = catalogue(30, seed=12)
+    build(db, "refused", tmp_path / "emb", vectors, items, index_type="FLAT")
+    spec = f"milvus:{db}#refused"
+    (tmp_path / "remove.txt").write_text(f"{items[0].product_id}\n")
+    too_long = [Item("x" * 5000, "shop/long.jpg")]
+    with pytest.raises(DataError, match="longer than 4096 bytes"):
+        mw.update_milvus(spec, add=[embeddings(tmp_path / "added", vectors[:1], too_long)], remove=tmp_path / "remove.txt")
+    index = load_index(spec)
+    assert len(index) == 30 and index.query(vectors[0], 1)[0].product_id == items[0].product_id
 
 
 def test_updates_upsert_and_delete_in_the_live_collection(db, tmp_path):
@@ -306,6 +354,8 @@ def test_errors_are_one_line_and_say_what_to_do(db, tmp_path, capsys):
         load_index("milvus:catalogue.sqlite#x")
     with pytest.raises(ConfigError, match="credentials do not go in the URI.*MILVUS_TOKEN"):
         load_index("milvus:http://root:secret@host:19530#x")
+    with pytest.raises(ConfigError, match="no query string.*MILVUS_TOKEN"):
+        load_index("milvus:http://host:19530?token=root:secret#x")
     with pytest.raises(ConfigError, match="letters, digits and _"):
         load_index(f"milvus:{db}#bad-name")
     with pytest.raises(ConfigError, match="Milvus Lite builds"):
@@ -348,6 +398,10 @@ def test_the_command_line_builds_updates_and_names_the_index_to_search(db, tmp_p
     assert main(["index", "build", str(folder), "--out", str(tmp_path / "base"), "--collection", "cli"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert "--kind belong(s) to the local backend" in err[0] and "--collection belong(s) to the milvus backend" in err[1]
+    # beam-embed's Milvus flags without --to-milvus are refused too (before Beam or any model is touched).
+    assert main(["beam-embed", str(folder / "manifest.csv"), "--out", str(tmp_path / "b"), "--model", str(tmp_path / "m"),
+                 "--keep", "3"]) == 2
+    assert "--keep belong(s) to --to-milvus, which was not given" in capsys.readouterr().err
 
 
 def test_importing_pymilvus_closes_no_handler_of_the_process(tmp_path):

@@ -82,6 +82,8 @@ SEARCH_CONSISTENCY = "Bounded"
 MAX_LIMIT = 16384  # Milvus's largest topk (and nq x topk per call is kept under it)
 MAX_TEXT = 4096  # longest product id or category stored
 CONNECT_SECONDS = 10.0
+#: Seconds a search or a look-up may take before it fails (a hung server must not hold a request, or the service's slot, for minutes).
+REQUEST_SECONDS = 30.0
 SCORE_TOLERANCE = 1e-5  # Milvus's float32 cosine vs the float64 one: no unseen item can be closer than this to the answers
 FIELDS = ("key", "row", "product_id", "category", "image_id", "item", "vector")
 OUTPUT = ["row", "product_id", "category", "image_id", "item"]
@@ -144,6 +146,9 @@ def parse_target(text: str | MilvusTarget, *, name: str | None = None) -> Milvus
         if "@" in uri.split("://", 1)[1].split("/", 1)[0]:
             raise ConfigError(f"credentials do not go in the URI (it is logged and shown): put them in the {TOKEN_ENV} environment "
                               f"variable ('user:password' or an API key). Received: a URI with a user part")
+        if "?" in uri:
+            raise ConfigError(f"a Milvus URI takes no query string (a token there would be logged and shown): put a token in the "
+                              f"{TOKEN_ENV} environment variable. Received: a URI with a query string")
     elif not uri.endswith(".db"):
         raise ConfigError(f"a Milvus Lite file must end in .db (or give http://host:19530 for a server). Received: uri={uri!r}")
     if not _NAME.fullmatch(name):
@@ -336,11 +341,17 @@ def entity_key(item: Item) -> str:
     return hashlib.sha256(f"{item.product_id}\x00{item.image_id}".encode("utf-8")).hexdigest()[:32]
 
 
-def entity(item: Item, vector: np.ndarray, row: int) -> dict[str, Any]:
-    """An item, its unit vector and its row as a Milvus entity (the fields of the module doc)."""
+def check_storable(item: Item) -> Item:
+    """``item``, if Milvus can store it (its product id and category fit the text fields); DataError otherwise."""
     for name, value in (("product_id", item.product_id), ("category", item.category or "")):
         if len(value.encode("utf-8")) > MAX_TEXT:
             raise DataError(f"a {name} longer than {MAX_TEXT} bytes cannot be stored in Milvus. Received: {value[:60]!r}... ({len(value)} characters)")
+    return item
+
+
+def entity(item: Item, vector: np.ndarray, row: int) -> dict[str, Any]:
+    """An item, its unit vector and its row as a Milvus entity (the fields of the module doc)."""
+    check_storable(item)
     return {
         "key": entity_key(item),
         "row": int(row),
@@ -368,6 +379,7 @@ class Properties:
     search_params: dict[str, Any]
     index_type: str
     complete: bool
+    created_at: str = ""  # when the build began, UTC ("2026-12-07T07:00:00Z")
 
     @classmethod
     def read(cls, client: Any, target: MilvusTarget, collection: str) -> Properties:
@@ -396,6 +408,7 @@ class Properties:
                 dict(json.loads(ours.get("search_params") or "{}")),
                 ours.get("index_type", ""),
                 ours.get("complete") == "1",
+                ours.get("created_at", ""),
             )
         except (KeyError, ValueError, TypeError) as e:
             raise DataError(f"the street2shop properties of the collection {collection} at {target.uri} are incomplete or malformed. "
@@ -563,7 +576,8 @@ class MilvusIndex(SearchIndex):
 
     def image_item(self, image_id: str) -> Item | None:
         found = call(self.target, "look up an image", self._client.query, self.collection,
-                     filter=f"image_id == {literal(image_id)}", output_fields=["row", "item", "product_id"], limit=16)
+                     filter=f"image_id == {literal(image_id)}", output_fields=["row", "item", "product_id"], limit=16,
+                     timeout=REQUEST_SECONDS)
         items = [item_of(e) for e in sorted(found, key=lambda e: int(e["row"]))]
         return next((i for i in items if i.domain == "shop"), items[0] if items else None)
 
@@ -573,7 +587,7 @@ class MilvusIndex(SearchIndex):
         if not wanted:
             return {}
         found = call(self.target, "look up catalogue photos", self._client.query, self.collection,
-                     filter=in_list("product_id", wanted), output_fields=["row", "item", "product_id"])
+                     filter=in_list("product_id", wanted), output_fields=["row", "item", "product_id"], timeout=REQUEST_SECONDS)
         return catalogue_photos([item_of(e) for e in sorted(found, key=lambda e: int(e["row"]))])
 
     def config(self) -> dict[str, Any]:
@@ -608,7 +622,7 @@ class MilvusIndex(SearchIndex):
             self.target, f"search {self.collection}", self._client.search, self.collection,
             data=[q.tolist() for q in queries], limit=limit, filter=expr, anns_field="vector",
             output_fields=OUTPUT + (["vector"] if vectors else []),
-            search_params={"metric_type": METRIC, "params": self._params(limit)},
+            search_params={"metric_type": METRIC, "params": self._params(limit)}, timeout=REQUEST_SECONDS,
         )
         return [[{**hit["entity"], "score": float(hit["distance"])} for hit in hits] for hits in answers]
 
@@ -640,12 +654,23 @@ class MilvusIndex(SearchIndex):
                 chunk = pending[start : start + per_call]
                 for i, hits in zip(chunk, self._hits(queries[chunk], limit, expr, rerank)):
                     answers = self._ranked(hits, queries[i], k, by_product, rerank)
-                    if len(hits) < limit or limit >= MAX_LIMIT or self._settled(hits, answers, k):
+                    if limit >= MAX_LIMIT and by_product and len(hits) >= limit and len(answers) < k:
+                        out[i] = self._beyond_the_cap(queries[i], answers, k, excluded, category, rerank)
+                    elif len(hits) < limit or limit >= MAX_LIMIT or self._settled(hits, answers, k):
                         out[i] = answers
                     else:
                         still.append(i)
             pending, limit = still, min(MAX_LIMIT, limit * 4)
         return [answers or [] for answers in out]
+
+    def _beyond_the_cap(self, query: np.ndarray, answers: list[SearchResult], k: int, excluded: frozenset[str], category: str | None,
+                        rerank: bool) -> list[SearchResult]:
+        """Fewer than k products among Milvus's most candidates (a few products with thousands of photos near the query): each
+        product seen has its best photo among them, and every product not seen scores lower, so the rest of the answer is the
+        search again without the products seen."""
+        seen = frozenset(a.product_id for a in answers)
+        more = self._answers(query[None, :], k - len(answers), True, excluded | seen, category, rerank)[0]
+        return answers + [dataclasses.replace(r, rank=len(answers) + j) for j, r in enumerate(more, start=1)]
 
     @staticmethod
     def _settled(hits: list[dict[str, Any]], answers: list[SearchResult], k: int) -> bool:

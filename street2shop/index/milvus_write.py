@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import calendar
 import json
 import logging
 import math
@@ -38,7 +39,7 @@ from street2shop.errors import ConfigError, DataError
 from street2shop.index.base import check_embeddings, check_positive_int
 from street2shop.index.milvus import (
     METRIC, PREFIX, SEARCH_CONSISTENCY, FORMAT, MAX_TEXT, MilvusIndex, MilvusTarget, Properties, call, collection_name, connect, count,
-    ensure_loaded, entity, entity_key, failure, in_list, index_versions, item_of, iterate, literal, live_collection, parse_target, pymilvus,
+    check_storable, ensure_loaded, entity, entity_key, failure, in_list, index_versions, item_of, iterate, literal, live_collection, parse_target, pymilvus,
 )
 from street2shop.items import Item, image_id
 
@@ -162,6 +163,11 @@ def _wait_indexed(client: Any, target: MilvusTarget, collection: str) -> None:
     waited, said = 0.0, 0.0
     while True:
         described = call(target, f"describe the vector index of {collection}", client.describe_index, collection, "vector")
+        state = str(described.get("state", "") or "")
+        if state.lower().endswith("failed"):
+            raise DataError(f"Milvus could not build the vector index of {collection} at {target.uri}: "
+                            f"{described.get('index_state_fail_reason') or 'no reason given'}; the alias still names the live version. "
+                            f"Received: state={state}")
         pending = int(described.get("pending_index_rows", 0) or 0)
         if not pending:
             return
@@ -208,7 +214,7 @@ def publish_version(client: Any, target: MilvusTarget, version: int, collection:
     else:
         call(target, f"move the alias {target.name} from {live} to {collection}", client.alter_alias, collection, target.name)
     logger.info("published %s version %d (%s, %d items) at %s; it was %s", target.name, version, collection, total, target.uri, live or "new")
-    prune(client, target, version, keep)
+    prune(client, target, version, keep, previous=live)
     return total
 
 
@@ -222,10 +228,24 @@ def drop_version(client: Any, target: MilvusTarget, collection: str) -> None:
         logger.warning("could not drop the unfinished collection %s at %s (the next build drops it): %s", collection, target.uri, e)
 
 
-def prune(client: Any, target: MilvusTarget, published: int, keep: int) -> list[str]:
-    """Drops the index's versions up to ``published`` beyond the ``keep`` newest finished ones, and the unfinished ones before it.
+#: An unfinished collection younger than this may be another build under way (a Beam run takes hours), so no build drops it.
+UNFINISHED_GRACE_HOURS = 24.0
 
-    Never the live one, never a newer one (a build under way), never a collection that is not street2shop's. Returns what was dropped.
+
+def _age_hours(created_at: str) -> float:
+    """Hours since ``created_at`` (``%Y-%m-%dT%H:%M:%SZ``); unknown or unreadable counts as old."""
+    try:
+        return (time.time() - calendar.timegm(time.strptime(created_at, "%Y-%m-%dT%H:%M:%SZ"))) / 3600
+    except ValueError:
+        return float("inf")
+
+
+def prune(client: Any, target: MilvusTarget, published: int, keep: int, *, previous: str | None = None) -> list[str]:
+    """Drops the index's versions up to ``published`` beyond the ``keep`` newest finished ones, and the unfinished ones before it
+    begun more than :data:`UNFINISHED_GRACE_HOURS` ago (a build killed on the way; a younger one may be another build under way).
+
+    Never the live one, nor ``previous`` (the one live until a moment ago: requests may still be on it), never a newer one (a
+    build under way), never a collection that is not street2shop's. Returns what was dropped.
     """
     live = live_collection(client, target)
     kept, dropped = 0, []
@@ -233,12 +253,17 @@ def prune(client: Any, target: MilvusTarget, published: int, keep: int) -> list[
         if version > published:
             continue
         try:
-            complete = Properties.read(client, target, collection).complete
+            properties = Properties.read(client, target, collection)
         except DataError:
             logger.warning("leaving %s at %s alone: it is named like a version of %s but is not a street2shop index", collection, target.uri, target.name)
             continue
-        if collection == live or (complete and kept < keep):
+        complete = properties.complete
+        if collection in (live, previous) or (complete and kept < keep):
             kept += complete
+            continue
+        if not complete and _age_hours(properties.created_at) < UNFINISHED_GRACE_HOURS:
+            logger.info("leaving the unfinished %s at %s alone: begun %s, it may be another build under way", collection, target.uri,
+                        properties.created_at or "at an unknown time")
             continue
         try:
             call(target, f"drop {collection}", client.drop_collection, collection)
@@ -405,6 +430,11 @@ def update_milvus(
     if live <= 0:
         raise DataError("the update would leave the catalogue empty; nothing was written. Received: every item removed")
 
+    for item in items:  # every refusal before the first write: a refused update changes nothing
+        check_storable(item)
+    if rows:  # the rows are taken before they are written: an update that fails on the way never hands them out twice
+        call(target, f"update the properties of {collection}", client.alter_collection_properties, collection,
+             properties={PREFIX + "next_row": str(rows[-1] + 1)})
     keys_gone = sorted(gone)
     for chunk in _chunks(keys_gone):
         call(target, f"delete from {collection}", client.delete, collection, ids=chunk)

@@ -224,6 +224,8 @@ class Service:
         problems = []
         if index is None:
             problems.append("no index is loaded")
+        elif self.watcher.unreachable:
+            problems.append(f"the index does not answer: {self.watcher.last_error}")
         if not embedder["ok"]:
             problems.append("the embedder does not answer")
         elif index is not None and index.identity is not None and embedder["model"]["fingerprint"] != index.identity.fingerprint:

@@ -66,6 +66,7 @@ class IndexWatcher:
         self.current: Any = None  # the SearchIndex requests use (read once per request)
         self.refused: dict[int, Refusal] = {}
         self.last_error: str = ""
+        self.unreachable = False  # the last look found the index's store (Milvus) not answering: searches fail too
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -82,8 +83,9 @@ class IndexWatcher:
                 self.last_error = f"cannot list {self.base}: {e}"
                 return False
             except Street2ShopError as e:  # Milvus does not answer, or has no such index
-                self.last_error = str(e)
+                self.last_error, self.unreachable = str(e), True
                 return False
+            self.unreachable = False
             if not newer:
                 self.last_error = "" if self.current is not None else self.source.waiting()
                 return False

@@ -122,3 +122,29 @@ def test_a_milvus_that_does_not_answer_is_503_and_readyz_says_why(shop):
         assert ready.status_code == 503 and "cannot reach Milvus at http://127.0.0.1:1" in ready.json()["index"]["error"]
         answer = post(client, shop["photos"][0])
         assert answer.status_code == 503 and "no index is loaded yet: cannot reach Milvus" in answer.json()["detail"]
+
+
+def test_readyz_turns_503_while_a_loaded_milvus_index_stops_answering_and_ready_again_after(shop, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from street2shop.errors import ServerUnavailableError
+    from street2shop.index.milvus_write import build_milvus
+    from street2shop.service.app import create_app
+
+    spec = f"milvus:{shop['db']}#goes_away"
+    build_milvus([shop["emb"]], spec, index_type="FLAT")
+    service, _ = service_for(spec, shop)
+    with TestClient(create_app(service)) as client:
+        assert client.get("/readyz").status_code == 200
+
+        def down(current):
+            raise ServerUnavailableError("cannot reach Milvus at http://milvus:19530 (stand-in)")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(service.watcher.source, "candidates", down)
+            service.watcher.check()
+            ready = client.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["problems"] == [
+                "the index does not answer: cannot reach Milvus at http://milvus:19530 (stand-in)"]
+        service.watcher.check()
+        assert client.get("/readyz").status_code == 200
