@@ -3,7 +3,9 @@
 # Runs for hours; every step is resumable (bench_retrieval skips finished results and resumes a killed
 # training), so run it again after an interruption and it goes on where it stopped. Stages:
 #   0. budgets: each candidate's pairs for MINUTES of training, from its measured pairs/s
-#      (tools/bench_train.py --candidates, written to $OUT/pairs-per-s.json), fixed once in $OUT/budgets.json;
+#      (tools/bench_train.py --candidates, written to $OUT/pairs-per-s.json), fixed once per budget in
+#      $OUT/budgets-<MINUTES>min.json (else $OUT/budgets.json), so a later, better measurement of the rates
+#      sets the next stage's budgets without changing what an earlier stage ran;
 #   1. screen: every candidate at a 10-minute budget, seed 0, the recipe's variant (robust + COIL-100 + product softmax);
 #   2. full: the screen's best FINALISTS (by top-1 + top-5) and the recipe's own backbone at the 28-minute budget, seeds 0 1 2.
 # The table of every candidate and budget: tools/round5_table.py $OUT.
@@ -15,10 +17,15 @@ RECIPE=${RECIPE:-configs/grocery-30min-v1.toml}
 OUT=${OUT:-bench-output/round5}
 CANDIDATES=${CANDIDATES:-"inception_v3@96 inception_v3@128 resnet50@96 resnet50@128 mobilenet_v3_large@128 mobilenet_v3_large@160 mobilenet_v3_large@192 efficientnet_b0@128 densenet121@96"}
 FINALISTS=${FINALISTS:-2}
+WITH_BASE=${WITH_BASE:-1}   # 0: the full stage leaves out the recipe's own backbone (its 28-minute seeds measured elsewhere)
 PAIRS_PER_EPOCH=2048
 
+budgets_file() {  # minutes -> the budgets that stage uses
+  if [ -f "$OUT/budgets-${1}min.json" ]; then echo "$OUT/budgets-${1}min.json"; else echo "$OUT/budgets.json"; fi
+}
+
 budget() {  # candidate minutes -> "pairs epochs"
-  "$PY" - "$OUT/budgets.json" "$1" "$2" "$PAIRS_PER_EPOCH" <<'EOF'
+  "$PY" - "$(budgets_file "$2")" "$1" "$2" "$PAIRS_PER_EPOCH" <<'EOF'
 import json, sys
 budgets, candidate, minutes, per_epoch = json.load(open(sys.argv[1])), sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
 pairs = budgets["pairs_per_s"][candidate] * 60 * minutes
@@ -38,7 +45,7 @@ run() {  # candidate minutes seeds... ; one --out per candidate and budget
 
 case ${1:-} in
   screen)
-    [ -f "$OUT/budgets.json" ] || cp "$OUT/pairs-per-s.json" "$OUT/budgets.json"
+    [ -f "$(budgets_file 10)" ] || cp "$OUT/pairs-per-s.json" "$OUT/budgets-10min.json"
     for c in $CANDIDATES; do run "$c" 10 0; done ;;
   full)
     ranked=$("$PY" - "$OUT/10min" <<'EOF'
@@ -54,6 +61,8 @@ EOF
     echo "== screen ranking (top-1 + top-5): $ranked"
     base="$(grep -E '^backbone' "$RECIPE" | cut -d'"' -f2)@$(grep -E '^image_size' "$RECIPE" | tr -dc 0-9)"
     finalists=$(echo "$ranked" | tr ' ' '\n' | head -n "$FINALISTS" | tr '\n' ' ')
+    [ -f "$(budgets_file 28)" ] || cp "$OUT/pairs-per-s.json" "$OUT/budgets-28min.json"
+    [ "$WITH_BASE" = 1 ] || base=""
     for c in $finalists $base; do run "$c" 28 0 1 2; done ;;
   summary)
     for d in "$OUT"/*min/*; do "$PY" tools/bench_retrieval.py --summary --out "$d" > /dev/null; done ;;

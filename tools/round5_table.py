@@ -42,15 +42,20 @@ def rows_of(budget: Path, rates: dict[str, float]) -> list[tuple[float, str]]:
     return sorted(rows, reverse=True)
 
 
+def budget_rates(out: Path, budget: str) -> dict[str, float]:
+    """The pairs/s a stage's budgets were set from: ``budgets-<N>min.json``, else ``budgets.json`` (as bench_round5.sh reads them)."""
+    path = out / f"budgets-{budget}.json"
+    return json.loads((path if path.is_file() else out / "budgets.json").read_text())["pairs_per_s"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="the folder bench_round5.sh wrote (OUT)")
     args = parser.parse_args()
-    rates = json.loads((args.out / "budgets.json").read_text())["pairs_per_s"]
     print("| budget | candidate | pairs/s | pairs | seeds | top-1 | top-5 | top-20 | train min (each seed) | load at start |")
     print("|---|---|---:|---:|---|---|---|---|---|---|")
     for budget in sorted(args.out.glob("*min"), key=lambda d: int(d.name[:-3])):
-        for _, row in rows_of(budget, rates):
+        for _, row in rows_of(budget, budget_rates(args.out, budget.name)):
             print(row)
     print("\nBrackets: 95 % bootstrap interval resampling the seeds and the queries (the queries alone for one seed). "
           "Training minutes are wall time on shared cores: the budgets are pairs, fixed from each candidate's pairs/s.")
