@@ -79,13 +79,13 @@ def precision_scope(precision: str) -> Iterator[None]:
         keras.config.set_dtype_policy(previous)
 
 
-def _leaf_layers(model: Any) -> Iterator[Any]:
+def leaf_layers(model: Any) -> Iterator[Any]:
     """The layers that compute: those of ``model`` and of its nested models, not the models nor their inputs."""
     import keras
 
     for layer in model.layers:
         if isinstance(layer, keras.Model):
-            yield from _leaf_layers(layer)
+            yield from leaf_layers(layer)
         elif not isinstance(layer, keras.layers.InputLayer):
             yield layer
 
@@ -96,7 +96,7 @@ def model_precision(model: Any) -> str:
     Raises:
         ModelError: layers of two mixed policies, or of a policy outside :data:`PRECISIONS`.
     """
-    names = {layer.dtype_policy.name for layer in _leaf_layers(model)}
+    names = {layer.dtype_policy.name for layer in leaf_layers(model)}
     mixed = sorted(names & {"mixed_float16", "mixed_bfloat16"})
     unknown = sorted(names - set(PRECISIONS))
     if len(mixed) > 1 or unknown:
