@@ -12,7 +12,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(STAMP): $(BIN)/python setup.cfg pyproject.toml
-	$(BIN)/python -m pip install --quiet -e '.[dev,report,service,client,beam]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,report,service,client,beam,milvus]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -6,7 +6,7 @@ Flink, Spark, or Beam's local runner), built from the same parts:
 ::
 
     manifest shards (a CSV or a glob; FileSystems, so gs:// and s3:// too)
-      → rows (data.records.manifest_rows) → shop photos (data.records.is_catalogue) → Reshuffle
+      → rows (data.records.manifest_rows) → references (data.records.is_catalogue) → Reshuffle
       → image bytes (FileSystems) → checks (data.image.check_photo) ──────────────► dead letter
       → RunInference(KeyedModelHandler(SavedModelHandler)).with_exception_handling()
             model rejects an image: its batch is retried image by image
@@ -15,6 +15,8 @@ Flink, Spark, or Beam's local runner), built from the same parts:
       → a shard per block of manifest lines → GroupByKey
       → OUT/<run>/shard-MMMMMM-BBBBBBBBB/: embeddings.npy, items.jsonl, embed.json
         (embeddings.encode_embeddings) and dead_letter.jsonl
+      → with --to-milvus: the shard's rows upserted into the run's new Milvus
+        collection, in batches, by the worker that wrote the shard
 
 A shard holds the rows of ``shard_rows`` consecutive lines of one manifest,
 in their order, and ``shards.json`` lists the shards in manifest order: the
@@ -38,6 +40,17 @@ replaces. A reader that goes through ``shards.json``
 (:func:`street2shop.embeddings.embedding_folders`, so ``index build OUT``)
 sees one whole run, the old or the new, never a mix. A failed run publishes
 nothing and leaves the previous output as it was.
+
+**Into Milvus** (``--to-milvus milvus:URI#NAME``): the launcher makes the
+index's next version (an unfinished collection, :mod:`street2shop.index.milvus_write`)
+before the pipeline starts; each shard's writer upserts its rows into it
+(an upsert, so a bundle Beam retries writes the same entities again), their
+rows ``manifest << 32 | line`` (manifest order, so the ties of ``index build``
+over the shards); when the run is published, the launcher publishes the
+version (flush, index, load, alias). A failed run drops the collection and
+the alias still names the old version. The workers connect with the token in
+their own ``MILVUS_TOKEN``. A Milvus Lite file is held by one process, so it
+takes the in-process runner only.
 
 **Runners.** ``DirectRunner`` (the default) runs Beam's FnApiRunner directly:
 Beam's own DirectRunner would first try the Prism runner, which downloads a
@@ -86,12 +99,20 @@ finally:
 from street2shop import contract, errors
 from street2shop.contract import ModelIdentity
 from street2shop.data.image import DEFAULT_MAX_PIXELS, check_photo
-from street2shop.data.records import Record, catalogue_splits, is_catalogue, manifest_root, manifest_rows
+from street2shop.data.records import (
+    DEFAULT_REFERENCE_SPLITS,
+    Record,
+    catalogue_splits,
+    is_catalogue,
+    manifest_root,
+    manifest_rows,
+    reference_domains,
+)
 from street2shop.embedders import call_savedmodel, embed_isolating, load_savedmodel
 from street2shop.embeddings import SHARDS_FILE, SUMMARY_FILE, decode_shards, encode_embeddings, encode_shards
 from street2shop.errors import ConfigError, DataError, ImageError, ModelError, ModelMismatchError, Street2ShopError, check_positive_int
 from street2shop.fileio import write_atomic
-from street2shop.items import Item
+from street2shop.items import Item, domain_counts
 
 logger = logging.getLogger(__name__)
 
@@ -288,9 +309,10 @@ class WriteShard(beam.DoFn):
     refuses to publish the run.
     """
 
-    def __init__(self, run_dir: str, version: int | None) -> None:
+    def __init__(self, run_dir: str, version: int | None, milvus: tuple[str, str, str] | None = None) -> None:
         self.run_dir = run_dir
         self.version = version
+        self.milvus = milvus  # (uri, name, collection) to upsert the shard's rows into, or None
 
     def process(self, element: tuple[tuple[int, int], Iterable[tuple[str, Row, Any]]], models: list[tuple[str, int]]) -> Iterator[str]:
         shard, entries = element
@@ -303,16 +325,27 @@ class WriteShard(beam.DoFn):
         identity = ModelIdentity(models[0][0], self.version, models[0][1]) if len(models) == 1 else None
         dimension = models[0][1] if len(models) == 1 else 0
         vectors = np.stack([v for _, v in embedded]) if embedded else np.zeros((0, dimension), np.float32)
-        extra = {"manifest": shard[0], "block": shard[1], "dead_letter": len(dead)}
+        extra: dict[str, Any] = {"manifest": shard[0], "block": shard[1], "dead_letter": len(dead),
+                                 "references": domain_counts(Item.from_record(row.record) for row, _ in embedded)}
         if len(models) > 1:
             extra["models"] = [fingerprint for fingerprint, _ in models]
-        files = encode_embeddings(vectors, [Item.from_record(row.record) for row, _ in embedded], identity,
-                                  {row.record.image_path: reason for row, (reason, _) in dead}, **extra)
+        items = [Item.from_record(row.record) for row, _ in embedded]
+        if self.milvus is not None:
+            extra["categories"] = sorted({item.category for item in items if item.category})
+        files = encode_embeddings(vectors, items, identity, {row.record.image_path: reason for row, (reason, _) in dead}, **extra)
         letters = "".join(json.dumps({**Item.from_record(row.record).to_dict(), "reason": reason, "stage": stage}, ensure_ascii=False)
                           + "\n" for row, (reason, stage) in dead)
         folder = FileSystems.join(self.run_dir, shard_name(shard))
         for name, data in [(DEAD_LETTER_FILE, letters.encode("utf-8")), *files.items()]:  # embed.json last
             write_file(FileSystems.join(folder, name), data)
+        if self.milvus is not None and items and identity is not None:
+            from street2shop.index.base import check_embeddings
+            from street2shop.index.milvus import MilvusTarget, connect
+            from street2shop.index.milvus_write import ROW_SHIFT, write_entities
+
+            target = MilvusTarget(self.milvus[0], self.milvus[1])
+            write_entities(connect(target), target, self.milvus[2], check_embeddings(vectors, items, vectors.shape[1]), items,
+                           [row.source << ROW_SHIFT | row.line for row, _ in embedded], upsert=True)
         yield folder
 
 
@@ -326,26 +359,34 @@ class EmbedCatalogue(beam.PTransform):
         run_dir: str. The run's folder (``OUT/run-...``); shards go under it.
         model_handler: the :class:`SavedModelHandler` (or one like it).
         split: str. Only shop photos of these comma-separated splits (all if empty).
+        domains: str. The photos to embed as references: ``shop``, ``street`` or ``shop,street``.
+        reference_splits: str. With ``street``: the street photos of these comma-separated splits.
         shard_rows: int. Manifest lines per output shard (each an embeddings folder).
         crop_to_box, max_pixels, decode_check: as for ``street2shop embed``.
+        milvus: ``(uri, name, collection)``: also upsert each shard's rows into that Milvus collection.
     """
 
-    def __init__(self, run_dir: str, model_handler: SavedModelHandler, *, split: str = "", shard_rows: int = 100_000,
-                 crop_to_box: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS, decode_check: bool = False) -> None:
+    def __init__(self, run_dir: str, model_handler: SavedModelHandler, *, split: str = "", domains: str = "shop",
+                 reference_splits: str = DEFAULT_REFERENCE_SPLITS, shard_rows: int = 100_000,
+                 crop_to_box: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS, decode_check: bool = False,
+                 milvus: tuple[str, str, str] | None = None) -> None:
         super().__init__()
         check_positive_int("shard_rows", shard_rows)
         self.run_dir = run_dir
         self.model_handler = model_handler
         self.split = split
+        self.domains = reference_domains(domains)
+        self.reference_splits = reference_splits
         self.shard_rows = shard_rows
         self.checks = {"crop_to_box": crop_to_box, "max_pixels": max_pixels, "decode_check": decode_check}
+        self.milvus = milvus
 
     def expand(self, manifests: beam.PCollection) -> beam.PCollection:
-        split, shard_rows = self.split, self.shard_rows
+        split, domains, reference_splits, shard_rows = self.split, self.domains, self.reference_splits, self.shard_rows
         rows = (
             manifests
             | "Rows" >> beam.FlatMap(read_manifest_file)
-            | "Catalogue" >> beam.Filter(lambda row: is_catalogue(row.record, split))
+            | "Catalogue" >> beam.Filter(lambda row: is_catalogue(row.record, split, domains=domains, reference_splits=reference_splits))
             | "Spread" >> beam.Reshuffle()
         )
         read = rows | "ReadAndCheck" >> beam.ParDo(ReadAndCheck(**self.checks)).with_outputs(DEAD, main="images")
@@ -367,7 +408,7 @@ class EmbedCatalogue(beam.PTransform):
             )
             | "Union" >> beam.Flatten()
             | "Shards" >> beam.GroupByKey()
-            | "Write" >> beam.ParDo(WriteShard(self.run_dir, self.model_handler.version),
+            | "Write" >> beam.ParDo(WriteShard(self.run_dir, self.model_handler.version, self.milvus),
                                     beam.pvalue.AsList(models))
         )
 
@@ -387,6 +428,8 @@ class BeamEmbedResult:
     identity: ModelIdentity
     replaced: str | None
     seconds: float
+    references: dict[str, int] = dataclasses.field(default_factory=lambda: {"shop": 0, "street": 0})  # embedded, by domain
+    milvus: dict[str, Any] | None = None  # with --to-milvus: the index, version, collection and count published
 
 
 def pipeline_options(runner: str = "DirectRunner", args: Sequence[str] = ()) -> PipelineOptions:
@@ -478,8 +521,13 @@ def write_file(path: str, data: bytes) -> None:
         write_atomic(path, data)
 
 
-def publish(out: str, run: str, previous: dict[str, Any] | None, *, source: str, model_path: str) -> tuple[list[str], int, int, ModelIdentity]:
+def publish(out: str, run: str, previous: dict[str, Any] | None, *, source: str,
+            model_path: str) -> tuple[list[str], int, int, ModelIdentity, dict[str, int], set[str]]:
     """Checks a finished run's shards and makes it the output: ``shards.json`` names them, the replaced run is deleted.
+
+    ``shards.json`` also counts the images embedded, by domain (``references``: catalogue and customer photos).
+    Returns the shards, the counts embedded and in the dead letter, the model, the references by domain, and the
+    categories the shards recorded (``--to-milvus``).
 
     Raises:
         ModelMismatchError: the run's batches came from two models.
@@ -499,14 +547,15 @@ def publish(out: str, run: str, previous: dict[str, Any] | None, *, source: str,
     if embedded == 0:
         reasons = [f"{p}: {why}" for r in records for p, why in list(r.get("skipped", {}).items())[:2]][:3]
         raise DataError(
-            f"nothing embedded from {source}: {dead} catalogue images all landed in the dead letter"
-            + (f" ({'; '.join(reasons)})" if reasons else " (no shop photo of the split(s) asked for?)")
+            f"nothing embedded from {source}: {dead} reference images all landed in the dead letter"
+            + (f" ({'; '.join(reasons)})" if reasons else " (no photo of the domain(s) and split(s) asked for?)")
             + f"; nothing was published{' and the previous output is kept' if previous else ''}. Received: 0 images embedded"
         )
     identity = ModelIdentity.from_dict(next(r for r in records if r.get("fingerprint")))
     assert identity is not None
     relative = [f"{run}/{s}" for s in shards]
-    data = encode_shards(run, relative, identity, embedded, dead, source=source, model_path=model_path,
+    references = {domain: sum(int(r.get("references", {}).get(domain, 0)) for r in records) for domain in ("shop", "street")}
+    data = encode_shards(run, relative, identity, embedded, dead, source=source, model_path=model_path, references=references,
                          dead_letter=f"{run}/shard-*/{DEAD_LETTER_FILE}",
                          created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     write_file(FileSystems.join(out, SHARDS_FILE), data)
@@ -514,7 +563,67 @@ def publish(out: str, run: str, previous: dict[str, Any] | None, *, source: str,
         old = FileSystems.join(out, previous["run"])
         if FileSystems.exists(old):
             FileSystems.delete([old])
-    return relative, embedded, dead, identity
+    return relative, embedded, dead, identity, references, {c for r in records for c in r.get("categories", [])}
+
+
+class MilvusRun(NamedTuple):
+    """The Milvus version a run writes into (``--to-milvus``)."""
+
+    target: Any  # street2shop.index.milvus.MilvusTarget
+    version: int
+    collection: str
+    identity: ModelIdentity  # the model its properties name (the export's card)
+    client: Any
+    keep: int
+
+
+def _publish_milvus(milvus: MilvusRun, identity: ModelIdentity, categories: set[str], manifests: int, out: str) -> dict[str, Any]:
+    """Makes the run's Milvus version live (``--to-milvus``), once its embeddings are published in ``out``.
+
+    On any failure (another model, Milvus down, an interrupted wait for its index) the version is dropped, the alias keeps
+    naming the live one, and the log says how to build the index from the embeddings, which stay as published.
+    """
+    from street2shop.index.milvus_write import drop_version, publish_version
+
+    try:
+        if identity.fingerprint != milvus.identity.fingerprint:
+            raise ModelMismatchError(f"the model answered as {identity}, but its card (which named the Milvus collection's model) "
+                                     f"says {milvus.identity}; nothing was published to {milvus.target}. Received: fingerprint={identity.fingerprint!r}")
+        count = publish_version(milvus.client, milvus.target, milvus.version, milvus.collection,
+                                next_row=manifests << 32, categories=categories, keep=milvus.keep)
+    except BaseException:
+        drop_version(milvus.client, milvus.target, milvus.collection)
+        logger.error("the embeddings in %s are published and intact, but not the Milvus version %s: build it from them with "
+                     "`street2shop index build %s --backend milvus --uri %s --collection %s`", out, milvus.collection, out,
+                     milvus.target.uri, milvus.target.name)
+        raise
+    return {"index": milvus.target.spec, "version": milvus.version, "collection": milvus.collection, "count": count}
+
+
+def _milvus_version(spec: str, options: PipelineOptions, model_path: str, index_type: str | None, keep: int | None) -> MilvusRun:
+    """The next version of the Milvus index ``spec`` names, made empty for the run's workers to fill."""
+    from street2shop.index.milvus import connect, parse_target
+    from street2shop.index.milvus_write import DEFAULT_INDEX_TYPE, DEFAULT_KEEP, check_keep, create_version, preflight
+
+    target = parse_target(spec)
+    index_type = index_type or DEFAULT_INDEX_TYPE
+    keep = check_keep(DEFAULT_KEEP if keep is None else keep)
+    direct = options.view_as(DirectOptions)
+    if target.is_lite and ((options.view_as(StandardOptions).runner or "DirectRunner") not in LOCAL_RUNNERS
+                           or direct.direct_running_mode == "multi_processing"):
+        raise ConfigError(f"a Milvus Lite file is held by one process, so --to-milvus {spec} takes the in-process runner only; for worker "
+                          f"processes or a cluster give a Milvus server (--to-milvus milvus:http://host:19530#{target.name}). "
+                          f"Received: --runner {options.view_as(StandardOptions).runner} --direct_running_mode {direct.direct_running_mode}")
+    if is_remote(model_path):
+        card = json.loads(read_file(FileSystems.join(model_path, contract.ASSETS_EXTRA, contract.CARD_FILE)))
+        identity = contract.card_identity(model_path.rstrip("/"), card)
+    else:
+        identity = contract.card_identity(model_path)
+    client = connect(target)
+    preflight(client, target, index_type)
+    version, collection = create_version(client, target, identity, index_type=index_type)
+    logger.info("the run goes into %s version %d (%s)", target, version, collection)
+    return MilvusRun(target, version, collection, identity, client, keep)
 
 
 def worker_error(error: BaseException) -> Street2ShopError | None:
@@ -535,6 +644,8 @@ def beam_embed(
     *,
     model: str,
     split: str = "",
+    domains: str = "shop",
+    reference_splits: str = DEFAULT_REFERENCE_SPLITS,
     batch_size: int = 32,
     min_batch_size: int | None = None,
     shard_rows: int = 100_000,
@@ -545,19 +656,29 @@ def beam_embed(
     pipeline_args: Sequence[str] = (),
     model_handler: SavedModelHandler | None = None,
     quiet_workers: bool = True,
+    to_milvus: str | None = None,
+    index_type: str | None = None,
+    keep: int | None = None,
 ) -> BeamEmbedResult:
-    """``street2shop beam-embed``: the shop photos of a manifest (or a glob of shards), embedded on Beam into ``out``.
+    """``street2shop beam-embed``: the reference photos of a manifest (or a glob of shards), embedded on Beam into ``out``.
 
     Args:
         manifest: a manifest CSV or a glob of shards (local, ``gs://``, ``s3://``...).
         out: the output folder: ``shards.json`` and the run's shards.
         model: an export base (local: its newest version) or a version folder.
-        split, crop_to_box, max_pixels, decode_check: which images, and their checks, as ``street2shop embed``.
+        split, domains, reference_splits, crop_to_box, max_pixels, decode_check: which images (by default the shop
+            photos; ``domains="shop,street"`` adds the street photos of ``reference_splits`` as references of their
+            products: :func:`~street2shop.data.records.is_catalogue`), and their checks, as ``street2shop embed``.
+            A domain asked for of which nothing was embedded is not an error here (the run learns it only at its
+            end, and its other references are good): the log warns, and ``shards.json`` counts the references by domain.
         batch_size, min_batch_size: images per model call (see :class:`SavedModelHandler`).
         shard_rows: manifest lines per output shard (an embeddings folder of up to that many vectors).
         runner, pipeline_args: Beam's runner and its standard options.
         quiet_workers: keep TensorFlow's C++ start-up lines off the workers' stderr (see :class:`SavedModelHandler`).
         model_handler: another handler (tests).
+        to_milvus: ``milvus:URI#NAME``: also write the run into the next version of that Milvus index (see the module doc).
+        index_type, keep: that version's vector index, and the versions kept (None: the defaults of
+            :func:`street2shop.index.milvus_write.build_milvus`).
 
     Raises:
         ConfigError: an unknown Beam option, a bad setting.
@@ -573,26 +694,42 @@ def beam_embed(
     handler = model_handler or SavedModelHandler(model_path, batch_size=batch_size, min_batch_size=min_batch_size, quiet=quiet_workers)
     run = f"run-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
     run_dir = FileSystems.join(out, run)
-    transform = EmbedCatalogue(run_dir, handler, split=split, shard_rows=shard_rows, crop_to_box=crop_to_box,
-                               max_pixels=max_pixels, decode_check=decode_check)
-    logger.info("embedding %s (%d manifest file(s), split %s) with %s into %s on %s", manifest, len(manifests),
-                sorted(catalogue_splits(split)) or "all", model_path, run_dir, options.view_as(StandardOptions).runner)
+    kinds = reference_domains(domains)
+    milvus = _milvus_version(to_milvus, options, model_path, index_type, keep) if to_milvus else None
     start = time.perf_counter()
     try:
+        transform = EmbedCatalogue(run_dir, handler, split=split, domains=",".join(kinds), reference_splits=reference_splits,
+                                   shard_rows=shard_rows, crop_to_box=crop_to_box, max_pixels=max_pixels, decode_check=decode_check,
+                                   milvus=(milvus.target.uri, milvus.target.name, milvus.collection) if milvus else None)
+        chosen = [f"{domain} photos of split(s) {sorted(catalogue_splits(splits)) or 'all'}"
+                  for domain, splits in (("shop", split), ("street", reference_splits)) if domain in kinds]
+        logger.info("embedding %s (%d manifest file(s); %s) with %s into %s on %s", manifest, len(manifests), " and ".join(chosen),
+                    model_path, run_dir, options.view_as(StandardOptions).runner)
         pipeline = beam.Pipeline(runner=make_runner(options), options=options)
         _ = pipeline | "Manifests" >> beam.Create(list(enumerate(manifests))) | "Embed" >> transform
         result = pipeline.run()
         result.wait_until_finish()
-        shards, embedded, dead, identity = publish(out, run, previous, source=manifest, model_path=model_path)
+        shards, embedded, dead, identity, references, categories = publish(out, run, previous, source=manifest, model_path=model_path)
     except BaseException as e:
         if FileSystems.exists(run_dir):
             FileSystems.delete([run_dir])
+        if milvus is not None:
+            from street2shop.index.milvus_write import drop_version
+
+            drop_version(milvus.client, milvus.target, milvus.collection)
         ours = worker_error(e)
         if ours is not None:
             raise ours from e
         raise
+    # The embeddings are published from here on: a failure of the Milvus step drops its version and keeps them.
+    published = _publish_milvus(milvus, identity, categories, len(manifests), out) if milvus is not None else None
     seconds = time.perf_counter() - start
     log = logger.warning if dead else logger.info
     log("embedded %d images into %d shards of %s (%s); %d in the dead letter (%s)", embedded, len(shards), out, identity,
         dead, FileSystems.join(run_dir, "shard-*", DEAD_LETTER_FILE))
-    return BeamEmbedResult(out, run, shards, embedded, dead, identity, previous.get("run") if previous else None, seconds)
+    for domain, splits, flag in (("shop", split, "--split"), ("street", reference_splits, "--reference-splits")):
+        if domain in kinds and not references[domain]:
+            logger.warning("no %s photo of split(s) %s of %s was embedded: the output holds none (%s %r)", domain,
+                           sorted(catalogue_splits(splits)) or "any", manifest, flag, splits)
+    return BeamEmbedResult(out, run, shards, embedded, dead, identity, previous.get("run") if previous else None, seconds, references,
+                           published)

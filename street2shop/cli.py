@@ -177,20 +177,37 @@ def _add_embedder_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per request")
 
 
+def _add_reference_flags(p: argparse.ArgumentParser) -> None:
+    """Which photos of the manifest become references (embed, beam-embed): data.records.is_catalogue's settings."""
+    p.add_argument("--split", default="", help="only shop images of these comma-separated splits (default: all shop images)")
+    p.add_argument("--domains", default="shop", help="the photos to index as references: shop (the catalogue), or shop,street to add "
+                   "labelled customer photos as references of their products (street alone: customer photos only, e.g. for index update)")
+    p.add_argument("--reference-splits", default="train", help="with --domains ...street: only street photos of these comma-separated "
+                   "splits (keep the photos you evaluate with out of the index)")
+
+
+def _references(counts: dict[str, int]) -> str:
+    """`` (81 catalogue photos, 2640 customer photos)`` when there are customer photos, else nothing."""
+    return f" ({counts['shop']} catalogue photos, {counts['street']} customer photos)" if counts.get("street") else ""
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     from street2shop.embed import embed_source
+    from street2shop.items import domain_counts
 
     result = embed_source(
-        args.manifest, args.out, split=args.split, model=args.model or None, server=args.server or None,
+        args.manifest, args.out, split=args.split, domains=args.domains, reference_splits=args.reference_splits,
+        model=args.model or None, server=args.server or None,
         model_name=args.model_name, batch_size=args.batch_size, chunk_size=args.chunk_size, in_flight=args.in_flight,
         crop_to_box=not args.no_crop, progress=not args.json,
     )
-    summary = {"out": args.out, "embedded": len(result.items), "skipped": len(result.skipped), "resumed_chunks": result.resumed_chunks,
-               "model": result.identity.to_dict()}
+    summary = {"out": args.out, "embedded": len(result.items), "references": domain_counts(result.items), "skipped": len(result.skipped),
+               "resumed_chunks": result.resumed_chunks, "model": result.identity.to_dict()}
     if args.json:
         _print_json(summary)
     else:
-        print(f"embedded {summary['embedded']} images ({summary['skipped']} skipped) with {result.identity} into {args.out}")
+        print(f"embedded {summary['embedded']} images{_references(summary['references'])} ({summary['skipped']} skipped) "
+              f"with {result.identity} into {args.out}")
     return 0
 
 
@@ -203,25 +220,48 @@ def cmd_beam_embed(args: argparse.Namespace) -> int:
         from street2shop.errors import ConfigError
 
         raise ConfigError("beam-embed needs Apache Beam: pip install 'street2shop[beam]'. Received: no module apache_beam") from None
+    stray = [flag for flag, value in (("--index-type", args.index_type), ("--keep", args.keep)) if value is not None]
+    if stray and not args.to_milvus:
+        from street2shop.errors import ConfigError
+
+        raise ConfigError(f"{', '.join(stray)} belong(s) to --to-milvus, which was not given. Received: {' '.join(stray)}")
 
     result = beam_embed(
-        args.manifest, args.out, model=args.model, split=args.split, batch_size=args.batch_size,
+        args.manifest, args.out, model=args.model, split=args.split, domains=args.domains, reference_splits=args.reference_splits,
+        batch_size=args.batch_size,
         min_batch_size=args.min_batch_size, shard_rows=args.shard_rows, crop_to_box=not args.no_crop,
         decode_check=args.decode_check, runner=args.runner, pipeline_args=args.pipeline_args,
         quiet_workers=getattr(args, "verbose", 0) < 2,  # as main() keeps this process's quiet unless -vv
+        to_milvus=args.to_milvus or None, **_milvus_settings(args),
     )
     summary = {"out": result.out, "run": result.run, "shards": len(result.shards), "embedded": result.embedded,
-               "dead_letter": result.dead_letter, "replaced": result.replaced, "seconds": round(result.seconds, 1),
-               "model": result.identity.to_dict()}
+               "references": result.references, "dead_letter": result.dead_letter, "replaced": result.replaced,
+               "seconds": round(result.seconds, 1), "model": result.identity.to_dict(), "milvus": result.milvus}
     if args.json:
         _print_json(summary)
     else:
-        print(f"embedded {result.embedded} images ({result.dead_letter} in the dead letter) with {result.identity} "
+        print(f"embedded {result.embedded} images{_references(result.references)} ({result.dead_letter} in the dead letter) with {result.identity} "
               f"into {len(result.shards)} shards of {result.out}")
+        if result.milvus:
+            print(f"published Milvus index version {result.milvus['version']} ({result.milvus['collection']}, {result.milvus['count']} images); "
+                  f"search it with --index {result.milvus['index']}")
     return 0
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
+    from street2shop.errors import ConfigError
+
+    local = {"--out": args.out, "--kind": args.kind != "annoy", "--n-trees": args.n_trees is not None, "--search-k": args.search_k is not None}
+    milvus = {"--uri": args.uri, "--collection": args.collection, "--index-params": args.index_params, "--search-params": args.search_params,
+              "--index-type": args.index_type is not None, "--keep": args.keep is not None}
+    other = [flag for flag, given in (local if args.backend == "milvus" else milvus).items() if given]
+    if other:
+        raise ConfigError(f"{', '.join(other)} belong(s) to the {'local' if args.backend == 'milvus' else 'milvus'} backend, not "
+                          f"--backend {args.backend}. Received: {' '.join(other)}")
+    if args.backend == "milvus":
+        return _milvus_build(args)
+    if not args.out:
+        raise ConfigError("give the index base: --out INDEX_BASE (or --backend milvus --uri URI). Received: no --out")
     from street2shop.index.build import build_index
 
     built = build_index(args.embeddings, args.out, kind=args.kind, n_trees=args.n_trees, search_k=args.search_k)
@@ -229,7 +269,57 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_flag(name: str, text: str) -> dict[str, Any]:
+    from street2shop.errors import ConfigError
+
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--{name} must be a JSON object like '{{\"M\": 32}}'. Received: {text!r} ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"--{name} must be a JSON object like '{{\"M\": 32}}'. Received: {text!r}")
+    return value
+
+
+def _milvus_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """``--index-type`` and ``--keep`` where given (the library's defaults otherwise)."""
+    return {k: v for k, v in (("index_type", args.index_type), ("keep", args.keep)) if v is not None}
+
+
+def _milvus_build(args: argparse.Namespace) -> int:
+    from street2shop.errors import ConfigError
+    from street2shop.index.milvus_write import build_milvus
+
+    if not args.uri:
+        raise ConfigError("--backend milvus needs --uri: a Milvus Lite file (catalogue.db) or http://host:19530. Received: no --uri")
+    built = build_milvus(args.embeddings, args.uri, name=args.collection or None, **_milvus_settings(args),
+                         index_params=_json_flag("index-params", args.index_params),
+                         search_params=_json_flag("search-params", args.search_params), progress=not args.json)
+    if args.json:
+        _print_json(built)
+    else:
+        print(f"built Milvus index version {built['version']} ({built['collection']}, {built['index_type']}) of {built['count']} images "
+              f"of model {built['model_fingerprint']}; search it with --index {built['index']}")
+    return 0
+
+
 def cmd_index_update(args: argparse.Namespace) -> int:
+    from street2shop.index.milvus import is_milvus
+
+    if is_milvus(args.index_base):
+        from street2shop.index.milvus_write import update_milvus
+
+        if args.auto_compact:
+            from street2shop.errors import ConfigError
+
+            raise ConfigError("a Milvus index is updated in place and never compacted by street2shop (Milvus compacts its segments "
+                              "itself); leave out --auto-compact. Received: --auto-compact")
+        result = update_milvus(args.index_base, add=args.add or (), remove=args.remove or None)
+        _print_json(result) if args.json else print(
+            f"{result['index']} version {result['version']} ({result['collection']}) updated in place: {result['added']} images added "
+            f"({result['replaced']} replacing), {result['removed']['rows']} removed; {result['live_count']} in the catalogue. "
+            f"Every reader sees it within Milvus's Bounded staleness (5 s by default)")
+        return 0
     from street2shop.index.updates import update_index
 
     result = update_index(args.index_base, add=args.add or (), remove=args.remove or None, auto_compact=args.auto_compact)
@@ -246,6 +336,13 @@ def cmd_index_update(args: argparse.Namespace) -> int:
 
 
 def cmd_index_compact(args: argparse.Namespace) -> int:
+    from street2shop.index.milvus import is_milvus
+
+    if is_milvus(args.index_base):
+        from street2shop.errors import ConfigError
+
+        raise ConfigError("a Milvus index needs no compaction: updates are applied in place and Milvus compacts its segments "
+                          f"itself. Received: {args.index_base}")
     from street2shop.index.updates import compact_index
 
     result = compact_index(args.index_base, n_trees=args.n_trees, search_k=args.search_k)
@@ -261,15 +358,21 @@ def cmd_search(args: argparse.Namespace) -> int:
         args.photos, index=args.index, model=args.model or None, server=args.server or None, model_name=args.model_name,
         boxes=args.box, k=args.k, category=args.category or None, batch_size=args.batch_size,
     )
+    def shown(answer: Any, r: Any) -> str | None:  # the product's catalogue photo, whatever image matched
+        photo = answer.catalogue_photo(r)
+        return photo.image_path if photo is not None else None
+
     if args.json:
-        _print_json({a.photo: ([dataclasses.asdict(r) for r in a.results] if a.error is None else {"error": a.error}) for a in answers})
+        _print_json({a.photo: ([{**dataclasses.asdict(r), "catalogue_image": shown(a, r)} for r in a.results] if a.error is None
+                               else {"error": a.error}) for a in answers})
     else:
         for answer in answers:
             print(answer.photo)
             if answer.error is not None:
                 print(f"  error: {answer.error}")
             for r in answer.results:
-                print(f"  {r.rank:>3}. {r.product_id:<24} {r.similarity:6.3f}  {r.image_path}")
+                matched = f"  (matched a customer photo: {r.image_path})" if r.domain == "street" else ""
+                print(f"  {r.rank:>3}. {r.product_id:<24} {r.similarity:6.3f}  {shown(answer, r) or '(no catalogue photo)'}{matched}")
     return 0 if all(a.error is None for a in answers) else 1
 
 
@@ -323,6 +426,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- parser
+
+
+def _add_milvus_build_flags(p: argparse.ArgumentParser, *, beam: bool = False) -> None:
+    """The flags of a build into Milvus (``index build --backend milvus``; ``beam-embed --to-milvus``). The token: MILVUS_TOKEN, never a flag.
+
+    Their defaults are the library's (``index.milvus_write``, which checks the values), so parsing imports no index code.
+    """
+    group = p.add_argument_group("Milvus (the token of a server comes from the MILVUS_TOKEN environment variable)")
+    if not beam:
+        group.add_argument("--backend", choices=("local", "milvus"), default="local",
+                           help="local: an index base (--out, --kind); milvus: a new version of a Milvus index (--uri, --collection)")
+        group.add_argument("--uri", default="", help="Milvus: a Milvus Lite file (catalogue.db: embedded, nothing to start) or http(s)://host:19530")
+        group.add_argument("--collection", default="", help="Milvus: the index's name, the alias of its live version (default: street2shop)")
+        group.add_argument("--index-params", default="", help="Milvus: the vector index's build parameters as JSON, e.g. '{\"M\": 32}'")
+        group.add_argument("--search-params", default="", help="Milvus: its search parameters as JSON, e.g. '{\"ef\": 256}'")
+    group.add_argument("--index-type", default=None, metavar="TYPE",
+                       help="Milvus: the vector index, HNSW (the default), FLAT, IVF_FLAT, IVF_SQ8 or IVF_PQ (not on Milvus Lite)")
+    group.add_argument("--keep", type=int, default=None, help="Milvus: versions kept, the live one included (at least 2; default 2)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -387,14 +508,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help="model name to answer to")
     p.add_argument("--max-batch-size", type=int, default=256, help="largest batch accepted")
 
-    p = command(sub, "embed", cmd_embed, "embed the shop images of a manifest (resumable), locally or over gRPC")
+    p = command(sub, "embed", cmd_embed, "embed the shop images of a manifest (and, if asked, labelled customer photos) as references (resumable), locally or over gRPC")
     p.add_argument("manifest", help="manifest CSV, or a folder of catalogue images (product id = file name)")
     p.add_argument("--out", required=True, help="output folder (embeddings.npy, items.jsonl; chunks for resuming)")
-    p.add_argument("--split", default="", help="only shop images of these comma-separated splits (default: all shop images)")
+    _add_reference_flags(p)
     _add_embedder_flags(p)
     p.add_argument("--in-flight", type=int, default=2, help="requests in flight at once")
     p.add_argument("--chunk-size", type=int, default=256, help="images per saved chunk (the unit of resuming)")
-    p.add_argument("--no-crop", action="store_true", help="ignore boxes of shop images")
+    p.add_argument("--no-crop", action="store_true", help="ignore the images' boxes")
 
     p = command(sub, "beam-embed", cmd_beam_embed, "embed the shop images of a manifest (or a glob of shards) on Apache Beam "
                 "(RunInference) into sharded embeddings; needs street2shop[beam]")
@@ -404,27 +525,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest", help="manifest CSV, or a glob of manifest shards (local, gs://, s3://)")
     p.add_argument("--out", required=True, help="output folder: shards.json and the run's shards (a re-run replaces it whole)")
     p.add_argument("--model", required=True, help="an export base (its newest version) or version folder; remote: the version folder")
-    p.add_argument("--split", default="", help="only shop images of these comma-separated splits (default: all shop images)")
+    _add_reference_flags(p)
     p.add_argument("--batch-size", type=int, default=32, help="most images per model call")
     p.add_argument("--min-batch-size", type=int, default=None, help="fewest images per model call (default: --batch-size)")
     p.add_argument("--shard-rows", type=int, default=100_000, help="manifest lines per output shard (an embeddings folder)")
-    p.add_argument("--no-crop", action="store_true", help="ignore boxes of shop images")
+    p.add_argument("--no-crop", action="store_true", help="ignore the images' boxes")
     p.add_argument("--decode-check", action="store_true", help="decode each image before the model (catches truncated files earlier)")
     p.add_argument("--runner", default="DirectRunner",
                    help="Beam runner; DirectRunner runs Beam's FnApiRunner (never Prism, which downloads a binary)")
+    p.add_argument("--to-milvus", default="", help="also write the catalogue from the workers into the next version of the Milvus "
+                                                   "index milvus:URI#NAME (published when the run is)")
+    _add_milvus_build_flags(p, beam=True)
     p.set_defaults(pipeline_args=[])
 
     index = sub.add_parser("index", help="build Annoy indexes", formatter_class=_Formatter)
     index_sub = index.add_subparsers(dest="index_command", metavar="INDEX_COMMAND", required=True)
     p = command(index_sub, "build", cmd_index_build, "build an index from embed output folders (all of one model)")
     p.add_argument("embeddings", nargs="+", help="output folder(s) of `street2shop embed`")
-    p.add_argument("--out", required=True, help="index base: the index becomes its next numbered version (OUT/1/, OUT/2/, ...), written atomically")
+    p.add_argument("--out", default="", help="index base: the index becomes its next numbered version (OUT/1/, OUT/2/, ...), written atomically")
     p.add_argument("--kind", choices=("annoy", "exact"), default="annoy", help="Annoy (approximate, fast at scale) or exact search")
     p.add_argument("--n-trees", type=int, default=None, help="Annoy trees (default: the index's)")
     p.add_argument("--search-k", type=int, default=None, help="Annoy search_k (default: the index's)")
+    _add_milvus_build_flags(p)
 
     p = command(index_sub, "update", cmd_index_update, "add and remove catalogue images without a rebuild: the next version is the base, a delta and tombstones")
-    p.add_argument("index_base", help="index base to update (its newest version is the starting point)")
+    p.add_argument("index_base", help="index base to update (its newest version is the starting point), or a Milvus index "
+                                      "milvus:URI#NAME (updated in place)")
     p.add_argument("--add", action="append", help="embeddings folder of new or changed images (same model as the index); repeatable")
     p.add_argument("--remove", default="", help="file of product ids, image ids or image paths to remove, one per line")
     p.add_argument("--auto-compact", action="store_true", help="also rebuild one Annoy version when that pays (the update says when)")
@@ -436,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(sub, "search", cmd_search, "find the products in customer photos")
     p.add_argument("photos", nargs="+", help="photo files")
-    p.add_argument("--index", required=True, help="index base (its newest version is used) or index folder")
+    p.add_argument("--index", required=True, help="index base (its newest version is used), index folder, or Milvus index milvus:URI#NAME")
     _add_embedder_flags(p)
     p.add_argument("--box", action="append", help="LEFT,TOP,WIDTH,HEIGHT in pixels, once per photo")
     p.add_argument("-k", type=int, default=20, help="number of products")
@@ -451,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(sub, "evaluate", cmd_evaluate, "top-k accuracy, recall@k, mAP, MRR of street photos against the indexed catalogue")
     p.add_argument("manifest", help="manifest CSV with the street photos")
-    p.add_argument("--index", required=True, help="index base (its newest version is used) or index folder of the catalogue")
+    p.add_argument("--index", required=True, help="index base (its newest version is used), index folder, or Milvus index milvus:URI#NAME of the catalogue")
     _add_embedder_flags(p)
     p.add_argument("--split", default="val", help="split of the street photos used as queries (Exact Street2Shop: test)")
     p.add_argument("--exact", action="store_true", help="exact search over the index's vectors instead of Annoy")

@@ -6,8 +6,8 @@
   a killed run started again continues after the last finished chunk and
   never re-embeds what is done;
 - ``embeddings.npy`` (float32 ``[N, D]``) and ``items.jsonl`` (one line per
-  row: product_id, image_path, category, and the record's other columns), the
-  item table the index uses;
+  row: product_id, image_path, category, domain, and the record's other
+  columns), the item table the index uses;
 - ``embed.json``: the model (fingerprint, version, dimension), counts, and
   the images skipped with the reason.
 
@@ -37,11 +37,11 @@ import numpy as np
 from street2shop.console import Progress
 from street2shop.contract import ModelIdentity, check_same_model
 from street2shop.data.image import read_image_file
-from street2shop.data.records import Record
+from street2shop.data.records import DEFAULT_REFERENCE_SPLITS, Record
 from street2shop.embeddings import write_embeddings
 from street2shop.errors import DataError, ImageError, ModelMismatchError
 from street2shop.fileio import atomic_file, write_atomic
-from street2shop.items import Item
+from street2shop.items import Item, domain_counts
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +215,8 @@ def embed_source(
     out: str | os.PathLike[str],
     *,
     split: str = "",
+    domains: str | Sequence[str] = "shop",
+    reference_splits: str = DEFAULT_REFERENCE_SPLITS,
     model: str | None = None,
     server: str | None = None,
     model_name: str = "street2shop",
@@ -224,7 +226,14 @@ def embed_source(
     crop_to_box: bool = True,
     progress: bool | str = False,
 ) -> EmbedResult:
-    """``street2shop embed``: the shop photos of a manifest (or a folder of images), embedded into ``out``.
+    """``street2shop embed``: the reference photos of a manifest (or a folder of images), embedded into ``out``.
+
+    By default the shop photos (of the comma-separated ``split`` s, or all).
+    With ``domains="shop,street"``, the labelled street photos of
+    ``reference_splits`` (``train`` by default: evaluation photos stay out)
+    too, as references of their products; each row's ``domain`` is in the
+    item table. The rows come in manifest order; see
+    :func:`~street2shop.data.records.is_catalogue` for the rule.
 
     Embeds in process with an export (``model``) or through TF Serving
     (``server``); see :func:`embed_catalog` for resuming and the one-model rule.
@@ -232,7 +241,7 @@ def embed_source(
     from street2shop.data.records import catalogue_records
     from street2shop.embedders import open_embedder
 
-    records = catalogue_records(source, split)
+    records = catalogue_records(source, split, domains=domains, reference_splits=reference_splits)
     with open_embedder(model, server, model_name=model_name, batch_size=batch_size) as embedder:
         return embed_catalog(records, embedder, out, chunk_size=chunk_size, batch_size=batch_size, in_flight=in_flight,
                              crop_to_box=crop_to_box, progress=progress)
@@ -254,6 +263,10 @@ def _assemble(records: Sequence[Record], out: Path, n_chunks: int, identity: Mod
         logger.warning("embedded %d images, skipped %d (%s%s)", len(items), len(skipped), shown, " ..." if len(skipped) > 3 else "")
     else:
         logger.info("embedded %d images into %s", len(items), out)
+    counts = domain_counts(items)
+    if counts["street"]:
+        logger.info("of them %d catalogue photos and %d customer photos (references of %d products)", counts["shop"], counts["street"],
+                    len({item["product_id"] for item in items if item.get("domain") == "street"}))
     return EmbedResult(embeddings, items, skipped, out, resumed, identity)
 
 

@@ -21,6 +21,12 @@ Metrics, per category and overall:
 
 Queries whose product has no image in their gallery cannot be answered: they
 are left out of every metric and counted in ``unanswerable``.
+
+The gallery is whatever the index holds as references: with labelled customer
+photos indexed beside the catalogue (``embed --domains shop,street``), a
+product ranks at its best image of either kind, and its customer photos count
+as relevant images (recall@k, mAP). A query that is itself one of the
+index's customer photos would find itself, so it is refused.
 """
 
 from __future__ import annotations
@@ -173,6 +179,7 @@ class Evaluation:
     query_boxes: list[tuple[float, float, float, float] | None] = dataclasses.field(default_factory=list)
     by_category: bool = False  # each query searched only its category (else the whole catalogue)
     gallery_labels: list[dict[str, str]] = dataclasses.field(default_factory=list)  # the manifest's other columns per row
+    gallery_domains: list[str] = dataclasses.field(default_factory=list)  # per row: shop, or street (a customer photo); empty: all shop
 
     @property
     def searched(self) -> str:
@@ -191,6 +198,7 @@ def evaluate_embeddings(
     query_paths: Sequence[str] = (),
     gallery_paths: Sequence[str] = (),
     gallery_labels: Sequence[dict[str, str]] = (),
+    gallery_domains: Sequence[str] = (),
     index: Any = None,
     ks: Sequence[int] = DEFAULT_KS,
     bootstrap_samples: int = 2000,
@@ -227,7 +235,8 @@ def evaluate_embeddings(
         intervals[f"top_{k}"] = bootstrap_interval([1.0 if r is not None and r <= k else 0.0 for r in answerable], samples=bootstrap_samples)
     intervals["mrr"] = bootstrap_interval([1.0 / r if r else 0.0 for r in answerable], samples=bootstrap_samples)
     return Evaluation(metrics, intervals, ranks, results, list(query_paths), list(gallery_products), list(gallery_paths),
-                      by_category=use_categories, gallery_labels=[dict(labels) for labels in gallery_labels])
+                      by_category=use_categories, gallery_labels=[dict(labels) for labels in gallery_labels],
+                      gallery_domains=list(gallery_domains))
 
 
 def _gallery_index(query_embeddings: np.ndarray, gallery_embeddings: np.ndarray | None, gallery_products: Sequence[str],
@@ -265,9 +274,22 @@ def evaluate_queries(
     instead of Annoy. The embedder's model must be the index's
     (ModelMismatchError otherwise, checked before any query is embedded and
     again on the answers).
+
+    Raises:
+        DataError: a query photo is one of the index's customer photos (it would find itself).
     """
     from street2shop.embed import embed_records
+    from street2shop.errors import DataError
 
+    dead = getattr(index, "dead", None)  # removed rows (a layered index's tombstones) are never answered
+    indexed = {item.image_path for row, item in enumerate(index.items) if item.domain == "street" and not (dead is not None and dead[row])}
+    inside = [r.image_path for r in queries if r.image_path in indexed]
+    if inside:
+        raise DataError(
+            f"{len(inside)} of the {len(queries)} query photos are customer photos the index holds as references "
+            f"({', '.join(inside[:3])}{' ...' if len(inside) > 3 else ''}): each would find itself. Evaluate with photos kept out of "
+            f"the index (embed --reference-splits names the splits it indexes). Received: {len(inside)} query photos in the index"
+        )
     index.check_model(embedder.identity())
     embedded = embed_records(list(queries), embedder, batch_size=batch_size, progress=progress)
     index.check_model(embedded.identity, "the answers of the embedder")
@@ -283,6 +305,7 @@ def evaluate_queries(
     evaluation.skipped = embedded.skipped
     evaluation.query_boxes = [r.box.as_ltwh() if r.box is not None else None for r in kept]
     evaluation.gallery_labels = [dict(it.labels) for it in items]
+    evaluation.gallery_domains = [it.domain for it in items]
     return evaluation
 
 

@@ -5,8 +5,10 @@ category only). The HTML page names products by a label column
 (``product_name`` when the catalogue has one), lists the products missed
 most often, and shows a sample of queries: what the model saw, the products
 found with their similarities, the right one framed in green (and shown
-after them when it ranks lower). Images are embedded, so the page is one
-self-contained file.
+after them when it ranks lower). A product that matched at one of its
+customer photos (indexed as a reference) is shown by its catalogue photo,
+marked "matched a customer photo" with that photo small beside the mark.
+Images are embedded, so the page is one self-contained file.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 from street2shop.data.image import Box
 from street2shop.fileio import write_atomic
 from street2shop.index import ranking
-from street2shop.items import label_column_of
+from street2shop.items import Item, catalogue_photos, label_column_of
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +132,28 @@ def product_labels(evaluation: Any, label_column: str) -> dict[str, str]:
     return labels
 
 
+def domains_of(evaluation: Any) -> list[str]:
+    """Each gallery row's domain: ``shop``, or ``street`` for a customer photo (all ``shop`` for an evaluation that does not say)."""
+    return list(getattr(evaluation, "gallery_domains", None) or ["shop"] * len(evaluation.gallery_products))
+
+
+def customer_photo_matches(evaluation: Any) -> dict[str, Any]:
+    """What the gallery's customer photos did: how many references of each kind, and how often a query's first product
+    matched at a customer photo (``first``), and was then the right product (``right_first``)."""
+    domains = domains_of(evaluation)
+    products = evaluation.gallery_products
+    first = right_first = 0
+    for result in evaluation.results:
+        if len(result.ranking) and domains[int(result.ranking[0])] == "street":
+            first += 1
+            right_first += products[int(result.ranking[0])] == result.product_id
+    return {
+        "references": {"shop": domains.count("shop"), "street": domains.count("street"),
+                       "products_with_customer_photos": len({p for p, d in zip(products, domains) if d == "street"})},
+        "first_matched_customer_photo": first, "right_first_at_customer_photo": right_first, "queries": len(evaluation.results),
+    }
+
+
 def hardest_products(evaluation: Any, labels: Mapping[str, str] | None = None, most: int = 10) -> list[dict[str, Any]]:
     """The products whose queries miss the first place most often, over all queries.
 
@@ -190,8 +214,12 @@ td.query { border-right: 3px solid #333; width: 240px; }
 td.query img.crop { width: 224px; height: 224px; }
 td.query img.context { width: 112px; height: 112px; }
 td.result img { width: 160px; height: 160px; border: 5px solid #e4e4e4; }
-td.hit img, td.truth img { border-color: #1a9e3a; }
+td.hit img, td.truth img, td.hit div.nophoto, td.truth div.nophoto { border-color: #1a9e3a; }
 td.truth { border-left: 3px dashed #1a9e3a; }
+td.result img.matched { width: 40px; height: 40px; border: 1px solid #c9a25e; display: inline-block; vertical-align: middle; margin: 0 4px 0 0; }
+span.matched { display: block; color: #8a5300; font-size: 11px; margin-bottom: 2px; }
+div.nophoto { width: 160px; height: 160px; margin: 0 auto 4px; border: 5px solid #e4e4e4; background: #eee; color: #777; display: flex;
+              align-items: center; justify-content: center; }
 span.name { display: block; font-weight: bold; overflow-wrap: anywhere; }
 span.id { display: block; color: #777; font-size: 11px; overflow-wrap: anywhere; }
 span.score { display: block; color: #444; }
@@ -218,12 +246,22 @@ def html_page(evaluation: Any, path: str | os.PathLike[str], *, title: str, samp
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(len(results), size=min(sample, len(results)), replace=False)) if results else []
     boxes = getattr(evaluation, "query_boxes", None) or []
-    first_row: dict[str, int] = {}
-    for row, product in enumerate(gallery_products):
+    domains = domains_of(evaluation)
+    paths = evaluation.gallery_paths or [""] * len(gallery_products)
+    photos = catalogue_photos([Item(p, path, domain=d) for p, path, d in zip(gallery_products, paths, domains)])
+    first_row: dict[str, int] = {}  # a product's picture when its queries' rankings lack it: a catalogue photo if it has one
+    for row, product in sorted(enumerate(gallery_products), key=lambda pair: domains[pair[0]] != "shop"):
         first_row.setdefault(product, row)
 
-    def picture(row: int) -> str:
-        return _thumbnail(evaluation.gallery_paths[row]) if evaluation.gallery_paths else ""
+    def picture(row: int | None, product: str) -> str:
+        """The product's picture: the image at ``row`` if a catalogue photo, else its catalogue photo, marked (and the
+        customer photo it matched, small)."""
+        alt = html.escape(product)
+        if row is None or domains[row] == "shop" or not evaluation.gallery_paths:
+            return f'<img src="{_thumbnail(paths[row]) if row is not None and paths[row] else ""}" alt="{alt}">'
+        photo = photos.get(product)
+        shown = f'<img src="{_thumbnail(photo.image_path)}" alt="{alt}">' if photo is not None else '<div class="nophoto">no catalogue photo</div>'
+        return shown + f'<span class="matched"><img class="matched" src="{_thumbnail(paths[row], 80)}" alt="the customer photo">matched a customer photo</span>'
 
     def score(similarities: dict[int, float], row: int | None) -> str:
         return f'<span class="score">similarity {similarities[row]:.3f}</span>' if row in similarities else ""
@@ -237,12 +275,12 @@ def html_page(evaluation: Any, path: str | os.PathLike[str], *, title: str, samp
         cells = []
         for position, (r, product) in enumerate(shown, 1):
             kind = "hit" if product == result.product_id else "miss"
-            cells.append(f'<td class="result {kind}"><img src="{picture(r)}" alt="{html.escape(product)}">'
+            cells.append(f'<td class="result {kind}">{picture(r, product)}'
                          f"{position}. {_name(product, labels)}{score(sims, r)}</td>")
         if rank is None or rank > top:
             truth = next((int(r) for r in result.ranking if gallery_products[int(r)] == result.product_id), first_row.get(result.product_id))
             where = f"rank {rank}" if rank else f"not in the first {len(result.ranking)} images" if truth is not None else "not in the catalogue"
-            image = f'<img src="{picture(truth)}" alt="{html.escape(result.product_id)}">' if truth is not None else ""
+            image = picture(truth, result.product_id) if truth is not None else ""
             cells.append(f'<td class="result truth">{image}the right product, {where}{_name(result.product_id, labels)}{score(sims, truth)}</td>')
         box = boxes[i] if i < len(boxes) else None
         query_path = evaluation.query_paths[i] if evaluation.query_paths else ""
@@ -265,6 +303,13 @@ def html_page(evaluation: Any, path: str | os.PathLike[str], *, title: str, samp
     overall = evaluation.metrics["overall"]
     summary = ", ".join(f"top-{k} {100 * v:.1f}%" for k, v in overall["top_k"].items())
     named = f"by their <code>{html.escape(column)}</code> (id below)" if column else "by id (no <code>product_name</code> column; --label-column names one)"
+    customer = customer_photo_matches(evaluation)
+    references = customer["references"]
+    customer_note = (f"<p>The index holds {references['shop']} catalogue photos and {references['street']} customer photos (of "
+                     f"{references['products_with_customer_photos']} products) as references; for {customer['first_matched_customer_photo']} "
+                     f"of the {customer['queries']} queries the first product matched at a customer photo ({customer['right_first_at_customer_photo']} "
+                     f"of them the right product). Such a product is shown by its catalogue photo, marked <i>matched a customer photo</i>.</p>"
+                     if references["street"] else "")
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{_STYLE}</style></head><body>
@@ -272,6 +317,7 @@ def html_page(evaluation: Any, path: str | os.PathLike[str], *, title: str, samp
 <p>{overall['queries']} quer{'y' if overall['queries'] == 1 else 'ies'}, each searched against <b>{html.escape(evaluation.searched)}</b>
 ({len(set(gallery_products))} products): {summary}; mAP {100 * overall['map']:.1f}%, MRR {100 * overall['mrr']:.1f}%.
 Products are named {named}.</p>
+{customer_note}
 {hard_table}
 <h2>Examples</h2>
 <p>A sample of {len(chosen)} of them: what the model saw (the street photo cut to its box; below it, the whole photo with the box
@@ -314,7 +360,7 @@ def write_report(
     runs = {
         run: {"metrics": ev.metrics, "intervals": {k: list(v) for k, v in ev.intervals.items()},
               "by_category": bool(ev.by_category), "searched": ev.searched,
-              "hardest_products": hardest_products(ev, product_labels(ev, column))}
+              "hardest_products": hardest_products(ev, product_labels(ev, column)), **customer_photo_matches(ev)}
         for run, ev in evaluations.items()
     }
     document = {"title": title, "runs": runs, "config": dict(config or {})}

@@ -4,6 +4,11 @@
 when it is made, and again on every answer) and turns photos into ranked
 products; :func:`search_photos` is ``street2shop search``. A photo that cannot
 be read or embedded gets its reason; the others are answered.
+
+A product is answered at its best reference image, which may be one of its
+customer photos when the index holds some (``embed --domains shop,street``):
+each answer says so (``SearchResult.domain``) and names the product's
+catalogue photo to show (:meth:`PhotoResults.catalogue_photo`).
 """
 
 from __future__ import annotations
@@ -17,18 +22,28 @@ from typing import Any
 from street2shop.contract import ModelIdentity
 from street2shop.data.image import Box, read_image_file
 from street2shop.errors import ConfigError, ImageError
+from street2shop.items import Item
 
 logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class PhotoResults:
-    """The answer for one photo: ranked products, or why there are none."""
+    """The answer for one photo: ranked products (:class:`~street2shop.index.SearchResult`), or why there are none.
+
+    ``catalogue`` maps each answered product to its catalogue photo (the image to show, even when the match was a
+    customer photo); a product with customer photos only in the index has none.
+    """
 
     photo: str
     results: list[Any]
     error: str | None = None
     model: ModelIdentity | None = None
+    catalogue: dict[str, Item] = dataclasses.field(default_factory=dict)
+
+    def catalogue_photo(self, result: Any) -> Item | None:
+        """The catalogue photo of a result's product (None if the index holds only customer photos of it)."""
+        return self.catalogue.get(result.product_id)
 
 
 class Searcher:
@@ -66,7 +81,9 @@ class Searcher:
             if error is not None:
                 out.append(PhotoResults(name, [], error))
             else:
-                out.append(PhotoResults(name, self.index.query(embedded.vectors[i], k=k, category=category), model=embedded.identity))
+                results = self.index.query(embedded.vectors[i], k=k, category=category)
+                shown = self.index.catalogue_photos(r.product_id for r in results)  # the answer's products only
+                out.append(PhotoResults(name, results, model=embedded.identity, catalogue=shown))
         return out
 
 

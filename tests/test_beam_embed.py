@@ -164,6 +164,65 @@ def test_index_build_over_beam_output_gives_embeds_top_k(both_outputs, tmp_path)
         assert ranked_a == ranked_b
 
 
+def test_beam_embed_into_milvus_gives_the_shards_answers_and_a_failed_run_keeps_the_old_version(tiny, catalogue, tmp_path, capsys, monkeypatch):
+    """--to-milvus: the workers upsert each shard into a new collection, published with the run; searched like the shards' index."""
+    pytest.importorskip("milvus_lite")
+    from street2shop.index import load_index, milvus
+
+    spec = f"milvus:{tmp_path / 'catalogue.db'}#beam"
+    try:
+        result = run(catalogue, tmp_path / "out", tiny, to_milvus=spec, index_type="FLAT")
+        assert result.milvus == {"index": spec, "version": 1, "collection": "beam_v1", "count": 11}
+        index = load_index(spec)
+        assert main(["index", "build", str(tmp_path / "out"), "--out", str(tmp_path / "exact"), "--kind", "exact", "--json"]) == 0
+        exact = load_index(tmp_path / "exact")
+        assert index.identity == exact.identity and index.categories() == ["c", "d"]
+        # Rows are manifest << 32 | line, in the shards' order: the same answers and ties, rows renumbered.
+        assert [it.image_path for it in index.items] == [it.image_path for it in exact.items]
+        queries = np.random.default_rng(0).normal(size=(6, 16)).astype(np.float32)
+        for q in queries:
+            for by_product in (True, False):
+                a, b = index.query(q, k=6, by_product=by_product), exact.query(q, k=6, by_product=by_product)
+                assert [(h.product_id, h.image_path, h.labels) for h in a] == [(h.product_id, h.image_path, h.labels) for h in b]
+                np.testing.assert_allclose([h.similarity for h in a], [h.similarity for h in b], atol=1e-5)
+        # `search` opens it with the same --index form as an index base.
+        photo = str(catalogue.parent / "img/04.png")
+        searched = []
+        for where in (spec, str(tmp_path / "exact")):
+            capsys.readouterr()
+            assert main(["search", photo, "--index", where, "--model", str(tiny), "-k", "3", "--json"]) == 0
+            searched.append([(h["product_id"], round(h["similarity"], 5)) for h in json.loads(capsys.readouterr().out)[photo]])
+        assert searched[0] == searched[1] and len(searched[0]) == 3
+        # A run that embeds nothing drops its collection; the alias still names version 1.
+        empty = write_manifest_text(tmp_path / "bad" / "manifest.csv", [("nothing.png", "p", "shop", "catalog", "c", None, "x")])
+        (tmp_path / "bad" / "nothing.png").write_bytes(b"")
+        with pytest.raises(DataError, match="nothing embedded"):
+            run(empty, tmp_path / "out", tiny, to_milvus=spec, index_type="FLAT")
+        client = milvus.connect(milvus.parse_target(spec))
+        assert client.describe_alias("beam")["collection_name"] == "beam_v1" and "beam_v2" not in client.list_collections()
+        # A run interrupted while Milvus publishes (the wait for its index takes hours at 10^8) keeps its published embeddings:
+        # the index can be built from them; the alias still names version 1.
+        from street2shop.embeddings import read_embedding_sets
+        from street2shop.index import milvus_write
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        with monkeypatch.context() as patched:
+            patched.setattr(milvus_write, "publish_version", interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                run(catalogue, tmp_path / "out", tiny, to_milvus=spec, index_type="FLAT")
+        assert len(read_embedding_sets([tmp_path / "out"])[1]) == 11
+        assert client.describe_alias("beam")["collection_name"] == "beam_v1"
+        assert sorted(c for c in client.list_collections() if c.startswith("beam_")) == ["beam_v1"]
+        # A Milvus Lite file is one process's: worker processes are refused before anything runs.
+        with pytest.raises(ConfigError, match="held by one process"):
+            run(catalogue, tmp_path / "out", tiny, to_milvus=spec,
+                pipeline_args=["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"])
+    finally:
+        milvus.release(milvus.parse_target(spec))
+
+
 # --------------------------------------------------------------------------- bad images
 
 
@@ -244,6 +303,24 @@ def test_a_batch_the_model_rejects_is_retried_image_by_image(tiny):
         np.testing.assert_allclose(got.inference, want.inference, atol=1e-6)
         assert got.model_id == "tiny-seed-0"
     assert results[0].example == (good[0], None)
+
+
+def test_customer_photos_are_references_as_embed_selects_them_and_counted(tiny, catalogue, tmp_path, caplog):
+    """--domains shop,street: the rows data.records.catalogue_records selects for `embed`, in its order, each with its domain."""
+    from street2shop.data.records import catalogue_records
+
+    result = run(catalogue, tmp_path / "out", tiny, domains="shop,street", reference_splits="catalog")
+    _, items, _ = read_embedding_sets([tmp_path / "out"])
+    chosen = catalogue_records(catalogue, "catalog", domains="shop,street", reference_splits="catalog")
+    assert [(i["image_path"], i["product_id"], i["domain"]) for i in items] == [(r.image_path, r.product_id, r.domain) for r in chosen]
+    assert [i["domain"] for i in items].count("street") == 1  # the manifest's one street photo (of split catalog)
+    assert result.references == {"shop": 11, "street": 1}
+    assert json.loads((tmp_path / "out" / SHARDS_FILE).read_text())["references"] == {"shop": 11, "street": 1}
+    # Street photos of a split there is none of: the shop photos are published, and the log says none were embedded.
+    with caplog.at_level("WARNING", logger="street2shop.beam_embed"):
+        result = run(catalogue, tmp_path / "typo", tiny, domains="shop,street", reference_splits="trian")
+    assert result.references == {"shop": 11, "street": 0}
+    assert "no street photo of split(s) ['trian']" in caplog.text and "--reference-splits 'trian'" in caplog.text
 
 
 # --------------------------------------------------------------------------- one run's output, whole

@@ -1,4 +1,4 @@
-"""The argument handling, recipes and result files of tools/bench_retrieval.py (no training here).
+"""The argument handling, recipes and result files of tools/bench_retrieval.py, and bench_views.py's references (no training here).
 
 Its science (the variants, label noise, the statistics) is in the package: tests/test_experiments.py,
 tests/data/test_noise.py.
@@ -16,12 +16,16 @@ from tests.data.test_noise import grocery_like, untouched
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_retrieval", ROOT / "tools" / "bench_retrieval.py")
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_tool("bench_retrieval")
 
 
 def test_settings_are_parsed_and_checked(bench):
@@ -226,3 +230,17 @@ def test_noise_summary_and_the_choice_of_rule(bench, tmp_path):
     assert (tmp_path / "summary" / "noise.png").is_file()
     mechanism = bench.mechanism_table([json.loads(p.read_text()) for p in aux.glob("result-*.json")])
     assert "| robust_matched | 40 | q 0.60 | 2 | 40.0 | 60.0 | 50.0 | 0.60 → 0.80 | 0.50 / 0.90 |" in mechanism
+
+
+def test_street_refs_are_the_records_embed_indexes_and_the_ones_the_tool_used_before(synth_dataset):
+    from street2shop.data.records import read_manifest_csv
+
+    views = load_tool("bench_views")
+    records = read_manifest_csv(synth_dataset).records
+    gallery = [r for r in records if r.domain == "shop"]  # bench_retrieval's gallery
+    command = {"manifest": str(synth_dataset), "train_split": "train"}
+    # The records the tool indexed by hand before (the training street photos), in the same order.
+    assert views.customer_references(command, gallery) == [r for r in records if r.domain == "street" and r.split == "train"]
+    assert views.parse("street-refs+tta-flip") == (0, "flip", True)
+    with pytest.raises(SystemExit, match="not this run's gallery"):
+        views.customer_references(command, gallery[1:])

@@ -243,3 +243,57 @@ def test_the_service_flags_are_the_service_configs_fields():
     args = parser.parse_args(["service", "--index", "idx", "--server", "localhost:8500"])
     assert {f.name: getattr(args, f.name) for f in dataclasses.fields(ServiceConfig)} == dataclasses.asdict(
         ServiceConfig(index="idx", server="localhost:8500"))
+
+
+def test_customer_photos_as_references_embedded_indexed_searched_and_kept_out_of_evaluation(synth_dataset, tmp_path, capsys, monkeypatch):
+    """embed --domains shop,street indexes the training street photos beside the catalogue; a search that matches one of
+    them says so and shows the product's catalogue photo; evaluating with indexed photos is refused."""
+    import json
+
+    from street2shop.data.records import read_manifest_csv
+    from tests.test_embed import FakeEmbedder
+
+    monkeypatch.setattr("street2shop.embedders.open_embedder", lambda *args, **kwargs: FakeEmbedder())
+    records = read_manifest_csv(synth_dataset).records
+    shop = {r.product_id: r.image_path for r in records if r.domain == "shop"}
+    train = [r for r in records if r.domain == "street" and r.split == "train"]
+    assert main(["embed", str(synth_dataset), "--domains", "shop,street", "--model", "unused", "--out", str(tmp_path / "emb")]) == 0
+    assert capsys.readouterr().out.startswith(f"embedded {len(shop) + len(train)} images ({len(shop)} catalogue photos, "
+                                              f"{len(train)} customer photos) (0 skipped)")
+    assert main(["index", "build", str(tmp_path / "emb"), "--out", str(tmp_path / "index"), "--kind", "exact"]) == 0
+    capsys.readouterr()
+    # A training street photo, cropped to its box as it was indexed: its own reference is its best match (cosine 1).
+    query = train[4]
+    box = ",".join(f"{v:g}" for v in query.box.as_ltwh())
+    search = ["search", query.image_path, "--box", box, "--index", str(tmp_path / "index"), "--model", "unused", "-k", "3"]
+    assert main(search) == 0
+    first = capsys.readouterr().out.splitlines()[1].split()
+    assert first[:3] == ["1.", query.product_id, "1.000"]
+    assert first[3:] == [shop[query.product_id], "(matched", "a", "customer", "photo:", f"{query.image_path})"]
+    assert main([*search, "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)[query.image_path][0]
+    assert (answer["product_id"], answer["domain"], answer["image_path"]) == (query.product_id, "street", query.image_path)
+    assert answer["catalogue_image"] == shop[query.product_id]
+    # The indexed photos are no test of the index: refused; the held-out split is fine.
+    evaluate = ["evaluate", str(synth_dataset), "--index", str(tmp_path / "index"), "--model", "unused"]
+    assert main([*evaluate, "--split", "train", "--out", str(tmp_path / "r-train")]) == 2
+    err = capsys.readouterr().err
+    assert f"{len(train)} of the {len(train)} query photos are customer photos the index holds as references" in err
+    assert main([*evaluate, "--split", "val", "--out", str(tmp_path / "r-val"), "--json"]) == 0
+    report = json.loads((tmp_path / "r-val" / "report.json").read_text())["runs"]["model"]
+    assert report["references"] == {"shop": len(shop), "street": len(train), "products_with_customer_photos": len(shop)}
+
+
+def test_the_readme_customer_photo_commands_parse():
+    """The commands of README.md's "Customer photos as references" (not run: they need the recipe's export)."""
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("**Customer photos as references.**", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    commands = [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    assert [c[:2] for c in commands] == [["street2shop", "embed"], ["street2shop", "index"], ["street2shop", "evaluate"]]
+    embed = build_parser().parse_args(commands[0][1:])
+    assert (embed.domains, embed.reference_splits) == ("shop,street", "train")
+    for command in commands[1:]:
+        build_parser().parse_args(command[1:])

@@ -431,7 +431,7 @@ def test_the_search_interface_needs_no_folder_and_checks_before_a_backend_answer
     assert [[r.row for r in rs] for rs in index.query_batch(np.stack([at(0), at(180)]), k=2)] == [[5, 3], [2, 0]]
     assert [rows.tolist() for rows in index.rank_images(np.stack([at(90)]), depth=2)] == [[0, 4]]  # 10 and 30 degrees away
     assert index.image_path(ANGLE_ITEMS[4].image_id) == "img4.jpg"
-    with pytest.raises(ConfigError, match="k must be an integer >= 1"):
+    with pytest.raises(ConfigError, match="k must be a positive int"):
         index.query(at(0), k=0)
     with pytest.raises(IndexMismatchError, match="dimension 2"):
         index.query(np.ones(3, np.float32))
@@ -440,3 +440,45 @@ def test_the_search_interface_needs_no_folder_and_checks_before_a_backend_answer
     with pytest.raises(ModelMismatchError):
         index.check_model(street2shop.contract.ModelIdentity("other"))
     assert len(index.asked) == 4  # the query, the two of the batch, the ranking: nothing after a refusal
+
+
+def test_a_product_ranks_at_its_best_image_of_either_kind_a_customer_photo_included(tmp_path):
+    """Hand-placed: A's catalogue photo at 40 degrees, its customer photo at 2; B's catalogue photo at 10; C (customer photos
+    only) at 25. A query at 0: A first at its customer photo (cos 2), then B (cos 10), then C (cos 25)."""
+    from street2shop.contract import ModelIdentity
+    from street2shop.embeddings import write_embeddings
+    from street2shop.index import load_index, publish_index
+    from street2shop.index.updates import compact_index, update_index
+
+    angles = [40, 10, 2, 25]
+    items = [Item("A", "shop/a.jpg"), Item("B", "shop/b.jpg"), Item("A", "reviews/a-1.jpg", domain="street"),
+             Item("C", "reviews/c-1.jpg", domain="street")]
+    vectors = np.stack([at(a) for a in angles])
+    expected = [("A", 2, "reviews/a-1.jpg", "street"), ("B", 1, "shop/b.jpg", "shop"), ("C", 3, "reviews/c-1.jpg", "street")]
+
+    def check(index):
+        results = index.query(at(0), k=3)
+        assert [(r.product_id, r.row, r.image_path, r.domain) for r in results] == expected
+        np.testing.assert_allclose([r.similarity for r in results], np.cos(np.radians([2, 10, 25])), atol=1e-5)
+        assert list(index.items) == items
+
+    exact = ExactIndex(2, model_fingerprint="fp")
+    exact.add(vectors, items)
+    for index in (built(vectors, items, model_fingerprint="fp"), exact):
+        check(index)
+        assert [r.domain for r in index.query(at(0), k=4, by_product=False)] == ["street", "shop", "street", "shop"]
+        check(type(index).load(index.save(tmp_path / index.kind)))
+    # Customer photos added to an Annoy base as a delta (a layered version), then compacted: the same answers, each domain kept.
+    base = CatalogIndex(2, model_fingerprint="fp", model_version=1)
+    base.add(vectors[:2], items[:2])
+    base.build()
+    publish_index(base, tmp_path / "versions")
+    write_embeddings(tmp_path / "added", vectors[2:], [it.to_dict() for it in items[2:]], ModelIdentity("fp", 1, 2), {})
+    update_index(tmp_path / "versions", add=[tmp_path / "added"])
+    layered = load_index(tmp_path / "versions")
+    assert layered.kind == "layered"
+    check(layered)
+    compact_index(tmp_path / "versions")
+    compacted = load_index(tmp_path / "versions")
+    assert compacted.kind == "annoy"
+    check(compacted)

@@ -200,3 +200,39 @@ def test_the_page_in_headless_chromium_shows_every_image_and_frames_the_right_pr
             assert all(np.abs(edge - green).max() > 60 for edge in edges), (name, edges)
         else:
             assert all(np.abs(edge - green).max() < 30 for edge in edges), (name, edges)  # framed on all four sides
+
+
+def test_a_match_at_a_customer_photo_shows_the_catalogue_photo_marked_and_the_json_counts_it(tmp_path):
+    """Gallery: A's catalogue photo (red), B's (green), A's customer photo (blue), C's customer photo (yellow; C has no
+    catalogue photo). q0 lies nearest A's customer photo, q1 nearest B's catalogue photo (rankings by hand below)."""
+    colours = {"A": (220, 30, 30), "B": (30, 200, 30), "A-street": (30, 30, 220), "C-street": (230, 220, 20)}
+    gallery = [image(tmp_path / f"{name}.png", colour) for name, colour in colours.items()]
+    queries = [image(tmp_path / f"q{i}.png", (90, 90, 90)) for i in range(2)]
+    g = np.eye(4, dtype=np.float32)
+    q = np.array([[0.1, 0, 1, 0],    # rows 2 (A, customer photo), 0; then B (row 1) and C (row 3) at cosine 0, by row
+                  [0, 1, 0, 0.5]], np.float32)  # B (row 1), C (row 3, customer photo), then A at row 0
+    ev = evaluate_embeddings(q, ["A", "B"], g, ["A", "B", "A", "C"], query_paths=queries, gallery_paths=gallery,
+                             gallery_domains=["shop", "shop", "street", "street"])
+    assert ev.ranks == [1, 1]
+    paths = write_report({"run": ev}, tmp_path / "report")
+    run = json.loads(paths["json"].read_text())["runs"]["run"]
+    assert run["references"] == {"shop": 2, "street": 2, "products_with_customer_photos": 2}
+    assert (run["first_matched_customer_photo"], run["right_first_at_customer_photo"], run["queries"]) == (1, 1, 2)
+    page = paths["html"].read_text()
+    assert "The index holds 2 catalogue photos and 2 customer photos (of 2 products)" in page
+    rows = page.split('<td class="query">')[1:]
+    cells = [[cell.split("</td>", 1)[0] for cell in row.split('<td class="result')[1:]] for row in rows]
+    marked = [["matched a customer photo" in cell for cell in row] for row in cells]
+    assert marked == [[True, False, True], [False, True, False]]
+    # q0's first answer, A: its catalogue photo (red) large, the customer photo it matched (blue) small beside the mark.
+    first = cells[0][0]
+    pictures = [decode(uri.split('"', 1)[0]) for uri in first.split('src="')[1:]]
+    assert len(pictures) == 2
+    assert np.abs(pictures[0][10, 10] - colours["A"]).max() < 30 and np.abs(pictures[1][5, 5] - colours["A-street"]).max() < 30
+    # C has no catalogue photo: no picture of it, only the customer photo it matched, small.
+    third = cells[0][2]
+    assert '<div class="nophoto">no catalogue photo</div>' in third and third.count('src="data:image/jpeg') == 1
+    # Without customer photos in the gallery, nothing of this is said.
+    plain = write_report({"run": evaluate_embeddings(q, ["A", "B"], g[:2], ["A", "B"])}, tmp_path / "plain")
+    assert "customer photo" not in plain["html"].read_text()
+    assert json.loads(plain["json"].read_text())["runs"]["run"]["references"]["street"] == 0

@@ -93,6 +93,19 @@ def percentiles(seconds: list[float]) -> dict:
     return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean())}
 
 
+def timed_queries(index, queries: np.ndarray, warmup: np.ndarray) -> tuple[dict, list[list[int]]]:
+    """Each query's top K images, one at a time after the warm-up ones: the latency percentiles and the rows found."""
+    for q in warmup:
+        index.query(q, K, by_product=False)
+    times, rows = [], []
+    for q in queries:
+        t = time.perf_counter()
+        answer = index.query(q, K, by_product=False)
+        times.append(time.perf_counter() - t)
+        rows.append([r.row for r in answer])
+    return percentiles(times), rows
+
+
 def rss() -> dict:
     out = {}
     for line in open("/proc/self/status"):
@@ -156,16 +169,8 @@ def bench_size(n: int, args: argparse.Namespace, base: Path) -> dict:
 
     exact = ExactIndex(args.dim)
     exact.add(data, items)
-    for q in warmup[:20]:
-        exact.query(q, K, by_product=False)
-    times, truth = [], []
-    for q in queries:
-        t = time.perf_counter()
-        answer = exact.query(q, K, by_product=False)
-        times.append(time.perf_counter() - t)
-        truth.append([r.row for r in answer])
+    exact_stats, truth = timed_queries(exact, queries, warmup[:20])
     np.save(work / "truth.npy", np.asarray(truth, np.int64))
-    exact_stats = percentiles(times)
     raw = []
     for q in queries:  # the bare matrix-vector product, for reference
         t = time.perf_counter()

@@ -6,6 +6,7 @@
 #      (tools/bench_train.py --candidates, written to $OUT/pairs-per-s.json), fixed once in $OUT/budgets.json;
 #   1. screen: every candidate at a 10-minute budget, seed 0, the recipe's variant (robust + COIL-100 + product softmax);
 #   2. full: the screen's best FINALISTS (by top-1 + top-5) and the recipe's own backbone at the 28-minute budget, seeds 0 1 2.
+# The table of every candidate and budget: tools/round5_table.py $OUT.
 # Usage: tools/bench_round5.sh screen | full | summary   (PY=the python to use, RECIPE=the base recipe)
 set -euo pipefail
 cd "$(dirname "$0")/.."

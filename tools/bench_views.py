@@ -13,9 +13,13 @@ protocol (the ``val`` street photos against every shop photo), with:
   both;
 - ``street-refs``: the shop photos plus the *training* street photos, labelled
   with their product, as references: a shop's own labelled customer photos
-  (reviews, earlier searches) indexed beside its catalogue. Another protocol
-  (the gallery holds street photos), reported apart: the queries are still
-  other photos than those indexed.
+  (reviews, earlier searches) indexed beside its catalogue, as
+  ``street2shop embed --domains shop,street --reference-splits <train split>``
+  selects them (:func:`street2shop.data.records.catalogue_records`, the same
+  records; kept in the order shop photos, then street photos, as before, so
+  earlier results reproduce). Another protocol (the gallery holds street
+  photos), reported apart: the queries are still other photos than those
+  indexed.
 
 The baseline (``none``) must reproduce the run's own result exactly; the tool
 stops otherwise. Paired differences against ``none`` over the runs (seeds) and
@@ -39,7 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_retrieval import _bootstrap, _per_query, embed_with_tower, evaluate  # noqa: E402
+from bench_retrieval import embed_with_tower, evaluate  # noqa: E402
+
+from street2shop.experiments import bootstrap, per_query  # noqa: E402
 from bench_serving import uptime, write_report  # noqa: E402
 
 CONDITIONS = ("none", "tta-flip", "tta-flip-crops", "refs-8", "refs-8+tta-flip", "street-refs", "street-refs+tta-flip")
@@ -88,6 +94,16 @@ def embed_pixels(tower, pixels, tta, batch=64):
     return np.concatenate([embed_views(tower, pixels[i:i + batch], tta).numpy() for i in range(0, len(pixels), batch)])
 
 
+def customer_references(command, gallery):
+    """The training street photos ``embed --domains shop,street --reference-splits <train split>`` indexes beside ``gallery``."""
+    from street2shop.data.records import catalogue_records
+
+    references = catalogue_records(command["manifest"], domains="shop,street", reference_splits=command["train_split"])
+    if [r for r in references if r.domain == "shop"] != list(gallery):
+        raise SystemExit("street-refs: the package's catalogue photos are not this run's gallery: this tool measures something else")
+    return [r for r in references if r.domain == "street"]
+
+
 def evaluate_run(result_path, conditions, strength, seed):
     import numpy as np
 
@@ -101,7 +117,7 @@ def evaluate_run(result_path, conditions, strength, seed):
     records = read_manifest_csv(command["manifest"])
     queries = [r for r in records if r.domain == "street" and r.split == command["eval_split"]]
     gallery = [r for r in records if r.domain == "shop"]
-    street = [r for r in records if r.domain == "street" and r.split == command["train_split"]]
+    street = customer_references(command, gallery) if any(parse(c)[2] for c in conditions) else []
     tower = tower_of(load_checkpoint(run / "last.keras"))
     size = int(tower.inputs[0].shape[1])
     out = {}
@@ -177,11 +193,11 @@ def main() -> int:
     table = ["| condition | seeds | references | top-1 | top-5 | top-20 | top-1 − none | top-5 − none |", "|---|---|---|---|---|---|---|---|"]
     report = {"results": args.results, "variant": args.variant, "strength": args.strength, "seed": args.seed, "uptime": uptime(),
               "runs": {str(s): runs[s] for s in seeds}, "summary": {}}
-    base = _per_query([runs[s]["none"] for s in seeds])
+    base = per_query([runs[s]["none"] for s in seeds])
     for condition in runs[seeds[0]]:
-        values = _per_query([runs[s][condition] for s in seeds])
-        row = {m: _bootstrap(values[m]) for m in ("top-1", "top-5", "top-20")}
-        row.update({f"{m} − none": _bootstrap(values[m] - base[m]) for m in ("top-1", "top-5")})
+        values = per_query([runs[s][condition] for s in seeds])
+        row = {m: bootstrap(values[m]) for m in ("top-1", "top-5", "top-20")}
+        row.update({f"{m} − none": bootstrap(values[m] - base[m]) for m in ("top-1", "top-5")})
         report["summary"][condition] = row
 
         def cell(v):

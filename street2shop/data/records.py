@@ -22,7 +22,7 @@ from types import MappingProxyType
 from typing import IO
 
 from street2shop.data.image import IMAGE_EXTENSIONS, Box, is_image_file
-from street2shop.errors import DataError
+from street2shop.errors import ConfigError, DataError
 from street2shop.fileio import atomic_file
 
 logger = logging.getLogger(__name__)
@@ -31,6 +31,9 @@ DOMAINS = ("street", "shop")
 REQUIRED_COLUMNS = ("image_path", "product_id", "domain", "split")
 BOX_COLUMNS = ("bbox_left", "bbox_top", "bbox_width", "bbox_height")
 OPTIONAL_COLUMNS = ("category", *BOX_COLUMNS)
+# The street photos indexed as references when asked (embed --domains shop,street): the training split, so that
+# the photos a shop evaluates with stay out of its index.
+DEFAULT_REFERENCE_SPLITS = "train"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,27 +304,47 @@ def _fmt(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else repr(float(v))
 
 
-def catalogue_records(source: str | os.PathLike[str], split: str = "") -> list[Record]:
-    """The catalogue images to embed: the shop photos of a manifest (of the comma-separated ``split`` s, or all),
-    or every image file under a folder (product id = the file name without its extension).
+def catalogue_records(
+    source: str | os.PathLike[str], split: str = "", *, domains: str | Iterable[str] = "shop",
+    reference_splits: str = DEFAULT_REFERENCE_SPLITS,
+) -> list[Record]:
+    """The reference images to embed, in manifest order: the rows :func:`is_catalogue` keeps (by default the shop photos
+    of the comma-separated ``split`` s, or all), or every image file under a folder (product id = the file name without
+    its extension; shop photos only).
+
+    With ``"street"`` in ``domains``, a manifest's labelled street photos of ``reference_splits`` are references of
+    their products too (customer photos indexed beside the catalogue).
 
     Raises:
-        DataError: no such file or folder, or nothing selected (the message lists what there is).
+        ConfigError: an unknown domain, or street photos asked of a folder (it has no labels).
+        DataError: no such file or folder, or a domain asked for selects nothing (the message lists what there is).
     """
+    kinds = reference_domains(domains)
     folder = Path(source)
     if folder.is_dir():
+        if "street" in kinds:
+            raise ConfigError(f"a folder of images holds catalogue photos only (a file's product is its name); customer photos "
+                              f"as references need a manifest that labels them. Received: {folder} with domains {','.join(kinds)}")
         files = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
         if not files:
             raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
         return [Record(str(p.resolve()), p.stem, "shop", "catalog") for p in files]
     records = read_manifest_csv(source)
-    chosen = [r for r in records if is_catalogue(r, split)]
-    if not chosen:
-        shop_splits = sorted({r.split for r in records if r.domain == "shop"})
-        raise DataError(
-            f"no shop photo of split(s) {sorted(catalogue_splits(split))} in {source}; its shop photos are in split(s) "
-            f"{shop_splits}. Received: --split {split!r}"
-        )
+    chosen = [r for r in records if is_catalogue(r, split, domains=kinds, reference_splits=reference_splits)]
+    for domain, splits, flag in (("shop", split, "--split"), ("street", reference_splits, "--reference-splits")):
+        if domain in kinds and not any(r.domain == domain for r in chosen):
+            there = sorted({r.split for r in records if r.domain == domain})
+            raise DataError(
+                f"no {domain} photo of split(s) {sorted(catalogue_splits(splits)) or 'any'} in {source}; its {domain} photos are "
+                f"in split(s) {there}. Received: {flag} {splits!r}"
+            )
+    if "shop" in kinds and "street" in kinds:
+        with_shop = {r.product_id for r in chosen if r.domain == "shop"}
+        only_street = sorted({r.product_id for r in chosen if r.domain == "street"} - with_shop)
+        if only_street:
+            logger.warning("%d product(s) have customer photos but no catalogue photo among the references (%s%s): answers "
+                           "show them without a catalogue photo", len(only_street), ", ".join(only_street[:3]),
+                           " ..." if len(only_street) > 3 else "")
     return chosen
 
 
@@ -330,10 +353,34 @@ def catalogue_splits(split: str) -> set[str]:
     return {s.strip() for s in split.split(",") if s.strip()}
 
 
-def is_catalogue(record: Record, split: str = "") -> bool:
-    """Whether a manifest row is a catalogue image to embed: a shop photo, of one of the comma-separated ``split`` s (any if empty)."""
-    splits = catalogue_splits(split)
-    return record.domain == "shop" and (not splits or record.split in splits)
+def reference_domains(domains: str | Iterable[str] = "shop") -> tuple[str, ...]:
+    """Which photos become references: ``"shop,street"`` (or ``["shop", "street"]``) → ``("shop", "street")``, in that order.
+
+    Raises:
+        ConfigError: empty, or a domain other than ``shop`` and ``street``.
+    """
+    given = [d.strip().lower() for d in (domains.split(",") if isinstance(domains, str) else domains) if d.strip()]
+    unknown = [d for d in given if d not in DOMAINS]
+    if not given or unknown:
+        raise ConfigError(f"domains must be shop, street or shop,street (the photos to index as references). "
+                          f"Received: domains={domains if isinstance(domains, str) else ','.join(domains)!r}")
+    return tuple(d for d in ("shop", "street") if d in given)
+
+
+def is_catalogue(
+    record: Record, split: str = "", *, domains: str | Iterable[str] = "shop", reference_splits: str = DEFAULT_REFERENCE_SPLITS
+) -> bool:
+    """Whether a manifest row is a reference image to embed: the one rule, for ``embed`` and ``beam-embed`` alike.
+
+    A shop photo of one of the comma-separated ``split`` s (any if empty), when ``domains`` has ``shop`` (the
+    default); a street photo of one of the comma-separated ``reference_splits`` (any if empty; ``train`` by
+    default, so that evaluation photos stay out of the index), when ``domains`` has ``street``: a shop's labelled
+    customer photos, indexed as references of their products.
+    """
+    if record.domain not in reference_domains(domains):
+        return False
+    splits = catalogue_splits(split if record.domain == "shop" else reference_splits)
+    return not splits or record.split in splits
 
 
 @dataclasses.dataclass

@@ -139,7 +139,7 @@ class CatalogIndex(LocalIndex):
             self._annoy.add_item(start + offset, vector)
         self._chunks.append(vectors)
         self._items.extend(items)
-        self._category_rows = self._image_paths = None
+        self._forget()
         logger.debug("added %d items (rows %d..%d)", len(items), start, start + len(items) - 1)
 
     def build(self, n_jobs: int = 1) -> None:

@@ -44,9 +44,12 @@ class SearchResult:
         product_id: str, the product of the matched image.
         similarity: float, cosine similarity between the query and the image, in [-1, 1].
         row: int, the image's row in the index (0-based, in the order added).
-        image_path: str, the image's path as given to ``add``.
+        image_path: str, the matched image's path as given to ``add``.
         category: str | None, the image's category.
         labels: mapping, the image's labels (the manifest's other columns).
+        domain: str, what the matched image is: ``"shop"`` (a catalogue photo) or ``"street"`` (a customer
+            photo indexed as a reference of the product; :func:`street2shop.items.catalogue_photos` gives the
+            product's catalogue photo to show instead).
 
     Example:
         >>> best = index.query(embedding, k=5)[0]
@@ -60,10 +63,11 @@ class SearchResult:
     image_path: str
     category: str | None
     labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    domain: str = "shop"
 
 
 def _result(*, rank: int, item: Item, row: int, similarity: float) -> SearchResult:
-    return SearchResult(rank, item.product_id, similarity, row, item.image_path, item.category, item.labels)
+    return SearchResult(rank, item.product_id, similarity, row, item.image_path, item.category, item.labels, item.domain)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -152,9 +156,10 @@ class SearchIndex:
 
     A backend checks nothing itself: the arguments arrive checked (a unit
     float32 query of the index's dimension, ``k`` >= 1, excluded product ids
-    as a set). It provides ``__len__``, ``items``, ``image_path``, and the
+    as a set). It provides ``__len__``, ``items``, ``image_item``, ``catalogue_photos``, and the
     searches ``_search`` (the whole catalogue) and ``_search_category``; it
-    may answer several queries at once in ``_search_many``.
+    may answer several queries at once in ``_search_many``, and list its
+    ``categories`` without reading every item.
     """
 
     kind = "base"
@@ -180,9 +185,23 @@ class SearchIndex:
         """The item of every row, in row order."""
         raise NotImplementedError
 
-    def image_path(self, image_id: str) -> str | None:
-        """The path of the catalogue image with this :attr:`Item.image_id`, or None if the index has none."""
+    def image_item(self, image_id: str) -> Item | None:
+        """The item of the image with this :attr:`Item.image_id` (its catalogue photo's if it is both), or None if the index has none."""
         raise NotImplementedError
+
+    def image_path(self, image_id: str) -> str | None:
+        """The path of the image with this :attr:`Item.image_id`, or None if the index has none."""
+        item = self.image_item(image_id)
+        return (item.image_path or None) if item is not None else None
+
+    def catalogue_photos(self, product_ids: Iterable[str]) -> dict[str, Item]:
+        """The catalogue photo of each of these products that has one (:func:`street2shop.items.catalogue_photos`: the image a
+        person is shown, even when a search matched a customer photo); a backend looks up only these products."""
+        raise NotImplementedError
+
+    def categories(self) -> list[str]:
+        """The categories of the catalogue's items, sorted (what a category filter can ask for; a backend may know them without reading every item)."""
+        return sorted({item.category for item in self.items if item.category})
 
     def _search(self, query: np.ndarray, k: int, by_product: bool, excluded: frozenset[str], search_k: int | None, rerank: bool) -> list[SearchResult]:
         """The k best answers over the whole catalogue."""

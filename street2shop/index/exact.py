@@ -59,7 +59,7 @@ class ExactIndex(LocalIndex):
             self._vectors = None
         self._chunks.append(vectors)
         self._items.extend(items)
-        self._category_rows = self._image_paths = None
+        self._forget()
 
     def build(self) -> None:
         """Nothing to build; present so code can treat both indexes alike."""

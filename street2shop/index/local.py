@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from street2shop.fileio import staged_folder
 from street2shop.index import folder as index_folder
 from street2shop.index import ranking
 from street2shop.index.base import SearchIndex, SearchResult, _result
-from street2shop.items import Item
+from street2shop.items import Item, catalogue_photos
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,9 @@ class LocalIndex(SearchIndex):
         self.folder: Path | None = None  # the folder it was loaded from or saved to
         self._items: list[Item] = []
         self._category_rows: dict[str | None, np.ndarray] | None = None
-        self._image_paths: dict[str, str] | None = None
+        self._categories: list[str] | None = None
+        self._image_items: dict[str, Item] | None = None
+        self._photos: dict[str, Item] | None = None
         self._items_view: tuple[tuple[int, int], tuple[Item, ...]] | None = None
 
     @property
@@ -59,11 +61,35 @@ class LocalIndex(SearchIndex):
             self._items_view = (key, tuple(self._items))
         return self._items_view[1]
 
-    def image_path(self, image_id: str) -> str | None:
-        """The path of the catalogue image with this :attr:`Item.image_id`, or None if the index has none."""
-        if self._image_paths is None:
-            self._image_paths = {item.image_id: item.image_path for item in self._items if item.image_path}
-        return self._image_paths.get(image_id)
+    def _forget(self) -> None:
+        """Drops what was worked out from the items (after rows are added or removed)."""
+        self._category_rows = self._image_items = self._photos = self._categories = None
+
+    def image_item(self, image_id: str) -> Item | None:
+        """The item of the image with this :attr:`Item.image_id`, not removed (its catalogue photo's if it is both; worked out once)."""
+        if self._image_items is None:
+            found: dict[str, Item] = {}
+            dead = self.dead
+            for row, item in enumerate(self._items):
+                if dead is not None and row < len(dead) and dead[row]:
+                    continue
+                if item.image_path and (item.image_id not in found or (item.domain == "shop" and found[item.image_id].domain != "shop")):
+                    found[item.image_id] = item
+            self._image_items = found
+        return self._image_items.get(image_id)
+
+    def catalogue_photos(self, product_ids: Iterable[str]) -> dict[str, Item]:
+        """The catalogue photo of each of these products that has one (worked out once for every product)."""
+        if self._photos is None:
+            self._photos = catalogue_photos(self._items, self.dead)
+        return {p: self._photos[p] for p in product_ids if p in self._photos}
+
+    def categories(self) -> list[str]:
+        """The categories of the items not removed, sorted (worked out once)."""
+        if self._categories is None:
+            dead = self.dead
+            self._categories = sorted({item.category for row, item in enumerate(self._items) if item.category and (dead is None or not dead[row])})
+        return list(self._categories)
 
     def category_rows(self, category: str | None) -> np.ndarray:
         """The rows of the items of ``category``."""

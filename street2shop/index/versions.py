@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from street2shop import contract
 from street2shop.errors import DataError
@@ -50,6 +51,35 @@ def resolve_index(path: str | os.PathLike[str]) -> Path:
             f"(build one with `street2shop index build ... --out {path}`). Received: entries {entries}"
         )
     return versions[max(versions)]
+
+
+class FolderVersions:
+    """The numbered versions under an index base, as the search service follows them: a newer complete one replaces the current one.
+
+    (The service follows a Milvus index's alias the same way: :class:`street2shop.index.milvus.AliasVersions`.)
+    """
+
+    def __init__(self, base: str | os.PathLike[str]) -> None:
+        self.base = Path(base)
+
+    def describe(self) -> str:
+        return str(self.base)
+
+    def candidates(self, current: int | None) -> list[tuple[int, Path]]:
+        """``[(version, folder)]`` of the complete versions newer than ``current``, newest first (OSError if the base cannot be listed)."""
+        versions = index_versions(self.base)
+        return [(v, versions[v]) for v in sorted(versions, reverse=True) if v > (current or 0)]
+
+    def waiting(self) -> str:
+        return f"no complete index version under {self.base} yet"
+
+    def load(self, folder: Path) -> Any:
+        from street2shop.index import load_index
+
+        return load_index(folder)
+
+    def refresh(self, index: Any) -> None:
+        """A published version never changes: nothing to read again."""
 
 
 def publish_index(index: LocalIndex, base: str | os.PathLike[str]) -> Path:

@@ -9,10 +9,13 @@ version current when the request started) and knows its health;
   "k": 20, "box": [left, top, width, height], "category": ...}`` (TF Serving's
   REST convention for bytes), each body a model of
   :mod:`~street2shop.service.models` that parses it and documents it →
-  ranked products with their labels, similarity and catalogue image URL, the
-  index and model versions, the fingerprint and timings;
+  ranked products with their labels, similarity, catalogue image URL and the
+  image matched (a catalogue photo, or a customer photo indexed as a
+  reference: the product's catalogue photo is shown either way), the index
+  and model versions, the fingerprint and timings;
 - ``GET /v1/catalogue/images/{image_id}``: a catalogue image, by the index's
-  stable image id only (never by a path taken from a request);
+  stable image id only (never by a path taken from a request; customer
+  photos are not served);
 - ``GET /healthz`` (the process lives), ``GET /readyz`` (an index is loaded, the
   embedder answers, and they are the same model; a JSON detail of why not),
   ``GET /metrics`` (Prometheus);
@@ -23,8 +26,9 @@ version current when the request started) and knows its health;
 Errors are JSON ``{"detail": ...}``: 400 an image that cannot be used, 413 too
 large, 415 neither multipart nor JSON, 422 bad parameters (and anything the
 service would otherwise have to ignore or change: see :func:`read_search`), 404 unknown image,
-503 (with ``Retry-After``) when TF Serving is down or slow, the index and the
-served model disagree, or the service is at its concurrency limit (it turns
+503 (with ``Retry-After``) when TF Serving is down or slow, the index kept
+elsewhere (Milvus) does not answer, the index and the served model disagree,
+or the service is at its concurrency limit (it turns
 work away at once rather than queueing it without bound).
 """
 
@@ -90,7 +94,6 @@ class Service:
         self.in_flight = 0  # changed only on the event loop's thread
         self._probe: tuple[float, dict[str, Any]] | None = None
         self._probe_lock = threading.Lock()
-        self._categories: tuple[Any, list[str]] | None = None  # (index, its categories), for the last index asked about
 
     def start(self) -> None:
         """Warms the embedder up (the first call traces the model's graph) and starts watching the index base."""
@@ -146,23 +149,16 @@ class Service:
         except ModelMismatchError as e:
             raise ServiceError(503, f"the served model and the index disagree; waiting for an index of the served model: {e}",
                                retry_after=self.config.poll_seconds) from None
-        results = index.query(embedded.vectors[0], k=k, category=category)
+        try:
+            results = index.query(embedded.vectors[0], k=k, category=category)
+            photos = index.catalogue_photos(r.product_id for r in results if r.domain != "shop")
+        except Street2ShopError as e:  # an index kept elsewhere (Milvus) that does not answer
+            raise ServiceError(503, f"the index does not answer: {e}", retry_after=self.config.poll_seconds) from None
         done = time.perf_counter()
         self.metrics.embed_seconds.observe(embed_done - started)
         self.metrics.search_seconds.observe(done - embed_done)
         return {
-            "results": [
-                {
-                    "rank": r.rank,
-                    "product_id": r.product_id,
-                    "similarity": round(r.similarity, 6),
-                    "category": r.category,
-                    "labels": dict(r.labels),
-                    "image_id": make_image_id(r.image_path or r.product_id),
-                    "image_url": f"/v1/catalogue/images/{make_image_id(r.image_path or r.product_id)}",
-                }
-                for r in results
-            ],
+            "results": [_hit(r, photos.get(r.product_id)) for r in results],
             "index_version": index.version,
             "model_version": identity.version if identity else None,
             "model_fingerprint": identity.fingerprint if identity else None,
@@ -175,12 +171,7 @@ class Service:
 
     def check_category(self, index: Any, category: str) -> None:
         """ServiceError 422 unless ``index`` holds items of ``category`` (the refusal lists the categories it has)."""
-        cached = self._categories
-        if cached is None or cached[0] is not index:
-            dead = index.dead
-            names = {item.category for row, item in enumerate(index.items) if item.category and (dead is None or not dead[row])}
-            cached = self._categories = (index, sorted(names))
-        known = cached[1]
+        known = index.categories()
         if category in known:
             return
         if not known:
@@ -191,10 +182,16 @@ class Service:
     def catalogue_image(self, image_id: str) -> tuple[str, str]:
         """``(path, media type)`` of a catalogue image of the served index; ServiceError 404 otherwise."""
         index = self.watcher.current
-        path = index.image_path(image_id) if index is not None and len(image_id) == 16 else None
+        try:
+            item = index.image_item(image_id) if index is not None and len(image_id) == 16 else None
+        except Street2ShopError as e:  # an index kept elsewhere (Milvus) that does not answer
+            raise ServiceError(503, f"the index does not answer: {e}", retry_after=self.config.poll_seconds) from None
         shown = image_id if len(image_id) <= 40 else f"{image_id[:16]}... ({len(image_id):,} characters)"
-        if path is None:
+        if item is None or not item.image_path:
             raise ServiceError(404, f"no catalogue image {shown!r} in the index being served (an image id is 16 hex digits)")
+        if item.domain != "shop":
+            raise ServiceError(404, f"image {shown!r} is a customer photo indexed as a reference; the service serves catalogue photos only")
+        path = item.image_path
         try:
             with open(path, "rb") as handle:
                 head = handle.read(16)
@@ -227,6 +224,8 @@ class Service:
         problems = []
         if index is None:
             problems.append("no index is loaded")
+        elif self.watcher.unreachable:
+            problems.append(f"the index does not answer: {self.watcher.last_error}")
         if not embedder["ok"]:
             problems.append("the embedder does not answer")
         elif index is not None and index.identity is not None and embedder["model"]["fingerprint"] != index.identity.fingerprint:
@@ -234,6 +233,24 @@ class Service:
         detail["ready"] = not problems
         detail["problems"] = problems
         return not problems, detail
+
+
+def _hit(result: Any, photo: Any) -> dict[str, Any]:
+    """A search result as the API answers it: the product's catalogue photo (``photo``, its first) shown when the match was a
+    customer photo, and what matched. A product with customer photos only has no image to show (``image_id`` null)."""
+    matched = make_image_id(result.image_path or result.product_id)
+    shown = result if result.domain == "shop" else photo
+    shown_id = matched if result.domain == "shop" else (photo.image_id if photo is not None else None)
+    return {
+        "rank": result.rank,
+        "product_id": result.product_id,
+        "similarity": round(result.similarity, 6),
+        "category": (shown or result).category,
+        "labels": dict((shown or result).labels),
+        "image_id": shown_id,
+        "image_url": f"/v1/catalogue/images/{shown_id}" if shown_id is not None else None,
+        "matched": {"image_id": matched, "domain": result.domain},
+    }
 
 
 def _route_label(path: str) -> str:

@@ -110,14 +110,21 @@ class SearchClient:
 
     # ------------------------------------------------------------------ the catalogue
 
-    def image_url(self, hit: Hit | str) -> str:
-        """The absolute URL of a hit's catalogue image (or of an image id's)."""
+    def image_url(self, hit: Hit | str) -> str | None:
+        """The absolute URL of a hit's catalogue image (or of an image id's); None for a product the index holds customer photos of only."""
         path = hit.image_url if isinstance(hit, Hit) else f"/v1/catalogue/images/{hit}"
-        return self.base_url + path
+        return self.base_url + path if path is not None else None
 
     def image(self, hit: Hit | str) -> bytes:
-        """A hit's catalogue image (or an image id's), as the service stores it (ServiceError 404 if the index has no such image)."""
+        """A hit's catalogue image (or an image id's), as the service stores it (ServiceError 404 if the index has no such image).
+
+        Raises:
+            DataError: the hit's product has no catalogue photo in the index (only customer photos; ``hit.image_url`` is None).
+        """
         path = hit.image_url if isinstance(hit, Hit) else f"/v1/catalogue/images/{hit}"
+        if path is None:
+            raise DataError(f"product {hit.product_id!r} has no catalogue photo in the index (it matched at one of its customer "
+                            f"photos, {hit.matched.image_id}, which the service does not serve). Received: image_url=None")
         return self._send("GET", path).content
 
     # ------------------------------------------------------------------ health

@@ -24,7 +24,8 @@ class ServiceConfig:
     a number given as text (as a variable gives it) is read as the field's type.
     """
 
-    index: str = setting("", "index base: its newest complete version is served, and a newer one swapped in live")
+    index: str = setting("", "index base: its newest complete version is served, and a newer one swapped in live; "
+                             "or a Milvus index milvus:URI#NAME: the version its alias names (its token in MILVUS_TOKEN)")
     server: str = setting("", "TF Serving gRPC address HOST:PORT")
     model: str = setting("", "an export base or version folder, to embed in this process instead of --server")
     model_name: str = setting(DEFAULT_MODEL_NAME, "model name on the server")

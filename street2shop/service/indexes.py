@@ -1,6 +1,8 @@
 """The index the service answers with: the newest complete version under an index base, swapped live.
 
-:class:`IndexWatcher` polls the base every few seconds. A new version is
+:class:`IndexWatcher` polls the base every few seconds (a Milvus index,
+``milvus:URI#NAME``: the collection its alias names, whichever way the alias
+moves; an update in place is read again on each poll). A new version is
 loaded beside the current one (memory-mapped, so this is cheap) and checked
 against the embedder: the same dimension and the same model (weights
 fingerprint). If it fits, it becomes current with one reference assignment; a
@@ -19,7 +21,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from street2shop.contract import ModelIdentity
@@ -40,7 +41,7 @@ class IndexWatcher:
     """Keeps the newest complete index version that fits the embedder.
 
     Args:
-        base: str or path. The index base (``INDEX_BASE/<n>/``).
+        base: str or path. The index base (``INDEX_BASE/<n>/``), or a Milvus index (``milvus:URI#NAME``).
         identity: callable returning the embedder's current model (may raise
             if the embedder cannot tell right now).
         poll_seconds: float. How often :meth:`start`'s thread looks for a new version.
@@ -55,31 +56,38 @@ class IndexWatcher:
         poll_seconds: float = 2.0,
         on_change: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
-        self.base = Path(base)
+        from street2shop.index import index_source
+
+        self.source = index_source(base)
+        self.base = self.source.describe()
         self.identity = identity
         self.poll_seconds = float(poll_seconds)
         self.on_change = on_change or (lambda event, details: None)
         self.current: Any = None  # the SearchIndex requests use (read once per request)
         self.refused: dict[int, Refusal] = {}
         self.last_error: str = ""
+        self.unreachable = False  # the last look found the index's store (Milvus) not answering: searches fail too
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def check(self) -> bool:
         """Looks once for a newer version and swaps to it if it fits; True if it swapped."""
-        from street2shop.index import index_versions, load_index
-
         with self._lock:
+            current = self.current.version if self.current is not None else 0
             try:
-                versions = index_versions(self.base)
+                newer = dict(self.source.candidates(current))
+                if not newer and self.current is not None:
+                    self.source.refresh(self.current)  # a Milvus index updated in place
             except OSError as e:
                 self.last_error = f"cannot list {self.base}: {e}"
                 return False
-            current = self.current.version if self.current is not None else 0
-            newer = sorted((v for v in versions if v > current), reverse=True)
+            except Street2ShopError as e:  # Milvus does not answer, or has no such index
+                self.last_error, self.unreachable = str(e), True
+                return False
+            self.unreachable = False
             if not newer:
-                self.last_error = "" if self.current is not None else f"no complete index version under {self.base} yet"
+                self.last_error = "" if self.current is not None else self.source.waiting()
                 return False
             try:
                 model = self.identity()
@@ -91,7 +99,7 @@ class IndexWatcher:
                 if earlier is not None and earlier.model == model.fingerprint:
                     continue
                 try:
-                    index = load_index(versions[version])
+                    index = self.source.load(newer[version])
                     index.check_model(model, "the service's embedder")
                 except ModelMismatchError:  # the refused thing is the index: name its model as the one received
                     made = index.identity
@@ -110,7 +118,7 @@ class IndexWatcher:
                 self.current = index
                 self.refused.pop(version, None)
                 self.last_error = ""
-                logger.info("serving index version %d (%d items, %s) from %s", version, len(index), index.identity, versions[version])
+                logger.info("serving index version %d (%d items, %s) from %s", version, len(index), index.identity, newer[version])
                 self.on_change("loaded", {"version": version, "items": len(index)})
                 return True
             return False
@@ -139,7 +147,7 @@ class IndexWatcher:
     def status(self) -> dict[str, Any]:
         index = self.current
         return {
-            "base": str(self.base),
+            "base": self.base,
             "version": index.version if index is not None else None,
             "items": len(index) if index is not None else 0,
             "model": index.identity.to_dict() if index is not None and index.identity else None,

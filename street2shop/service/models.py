@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError
 from pydantic_core import PydanticCustomError
@@ -229,14 +229,27 @@ def _reachable(root: Any, definitions: dict[str, Any], ref_template: str) -> dic
 # --------------------------------------------------------------------------- answers
 
 
+class Matched(BaseModel):
+    """The reference image the photo matched best: the product's rank and similarity are this image's."""
+
+    image_id: str = Field(description="the matched image's stable id")
+    domain: Literal["shop", "street"] = Field(description="shop: a catalogue photo; street: one of the product's labelled customer photos, "
+                                                          "indexed as a reference (the service does not serve customer photos)")
+
+
 class Hit(BaseModel):
     rank: int = Field(description="1 for the best product")
     product_id: str
-    similarity: float = Field(description="cosine similarity of the photo and the product's best catalogue image, in [-1, 1]")
+    similarity: float = Field(description="cosine similarity of the photo and the product's best reference image (matched), in [-1, 1]")
     category: str | None = None
-    labels: dict[str, str] = Field(default_factory=dict, description="the catalogue manifest's other columns (product_name, ...)")
-    image_id: str = Field(description="the matched catalogue image's stable id")
-    image_url: str = Field(description="where the service serves that image")
+    labels: dict[str, str] = Field(default_factory=dict, description="the catalogue manifest's other columns (product_name, ...), "
+                                                                     "of the product's catalogue photo (of the customer photo matched "
+                                                                     "when the product has none)")
+    image_id: str | None = Field(description="the stable id of the product's catalogue photo to show: the matched image when it is a "
+                                             "catalogue photo, else the product's first one; null when the index holds only customer "
+                                             "photos of the product")
+    image_url: str | None = Field(description="where the service serves that catalogue photo (null with image_id)")
+    matched: Matched = Field(description="the image the photo matched best: a catalogue photo or a customer photo")
 
 
 class Timings(BaseModel):

@@ -7,7 +7,7 @@ import pytest
 
 from street2shop.data.image import Box
 from street2shop.data.records import Record, RecordSet, read_manifest_csv, write_manifest
-from street2shop.errors import DataError
+from street2shop.errors import ConfigError, DataError
 
 HEADER = "image_path,product_id,domain,split,category,bbox_left,bbox_top,bbox_width,bbox_height"
 GROCERY = Path("/work/shared/data/grocery/manifest.csv")
@@ -256,3 +256,57 @@ def test_catalogue_rows_are_the_shop_photos_of_the_splits():
     shop, street = Record("/a", "p", "shop", "catalog"), Record("/b", "p", "street", "catalog")
     assert is_catalogue(shop) and not is_catalogue(street)
     assert is_catalogue(shop, " val , catalog") and not is_catalogue(shop, "val")
+
+
+def test_customer_photos_are_references_only_when_asked_and_only_of_the_reference_splits():
+    from street2shop.data.records import is_catalogue
+
+    shop, train, val = Record("/a", "p", "shop", "catalog"), Record("/b", "p", "street", "train"), Record("/c", "p", "street", "val")
+    # Worked out from the rule: shop photos by --split, street photos only with street in domains, by --reference-splits.
+    cases = [
+        ({}, (True, False, False)),
+        ({"domains": "shop,street"}, (True, True, False)),
+        ({"domains": "street"}, (False, True, False)),
+        ({"domains": " Street , shop ", "reference_splits": "train,val"}, (True, True, True)),
+        ({"domains": "shop,street", "reference_splits": ""}, (True, True, True)),  # empty: every split, as --split
+        ({"domains": "shop,street", "split": "val"}, (False, True, False)),       # --split is the shop photos' only
+    ]
+    for settings, expected in cases:
+        split = settings.pop("split", "")
+        assert tuple(is_catalogue(r, split, **settings) for r in (shop, train, val)) == expected, settings
+
+
+@pytest.mark.parametrize("domains", ["", "shop,studio", "customer"])
+def test_unknown_domains_are_refused(domains):
+    from street2shop.data.records import is_catalogue, reference_domains
+
+    with pytest.raises(ConfigError, match="domains must be shop, street or shop,street"):
+        reference_domains(domains)
+    with pytest.raises(ConfigError):
+        is_catalogue(Record("/a", "p", "shop", "catalog"), domains=domains)
+
+
+def test_catalogue_records_with_customer_photos_in_manifest_order(synth_dataset, tmp_path, caplog):
+    from street2shop.data.records import catalogue_records
+
+    records = read_manifest_csv(synth_dataset).records
+    chosen = catalogue_records(synth_dataset, domains="shop,street", reference_splits="train")
+    assert chosen == [r for r in records if r.domain == "shop" or r.split == "train"]  # the manifest's order, val left out
+    assert [r.domain for r in chosen[:5]] == ["shop", "street", "street", "street", "shop"]  # this manifest interleaves them
+    assert catalogue_records(synth_dataset) == [r for r in records if r.domain == "shop"]
+    assert catalogue_records(synth_dataset, domains="street", reference_splits="val") == [r for r in records if r.split == "val"]
+    # A domain asked for that selects nothing: the splits there are.
+    with pytest.raises(DataError, match=r"no street photo of split\(s\) \['trian'\] .* in split\(s\) \['train', 'val'\]"
+                                          r"\. Received: --reference-splits 'trian'"):
+        catalogue_records(synth_dataset, domains="shop,street", reference_splits="trian")
+    # A folder of images has no labels to make customer photos of.
+    (tmp_path / "photos").mkdir()
+    with pytest.raises(ConfigError, match="a folder of images holds catalogue photos only"):
+        catalogue_records(tmp_path / "photos", domains="shop,street")
+    # A product with customer photos but no catalogue photo is indexed, with a warning.
+    orphan = Record(records[1].image_path, "no-shop-photo", "street", "train")
+    write_manifest([*records, orphan], tmp_path / "orphan.csv")
+    with caplog.at_level("WARNING", logger="street2shop.data.records"):
+        chosen = catalogue_records(tmp_path / "orphan.csv", domains="shop,street")
+    assert chosen[-1].product_id == "no-shop-photo"
+    assert "1 product(s) have customer photos but no catalogue photo among the references (no-shop-photo)" in caplog.text

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +61,35 @@ def make_jpeg(seed: int = 0, size=(60, 80)) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
+
+
+def swap_under_load(service, publish: Callable[[], object], search: Callable[[], object]) -> None:
+    """Three threads ``search()`` while ``publish()`` writes index version 2 and the service's watcher swaps to it.
+
+    None of the searches fails; those finished before the swap were answered by version 1, those sent after it by version 2.
+    """
+    answers, stop = [], threading.Event()  # (sent, answered, status, index version)
+
+    def hammer():
+        while not stop.is_set():
+            sent = time.monotonic()
+            r = search()
+            answers.append((sent, time.monotonic(), r.status_code, r.json().get("index_version")))
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    while len(answers) < 3:
+        time.sleep(0.05)
+    publish()  # version 2, while requests run
+    swap_started = time.monotonic()
+    assert service.watcher.check() is True
+    swapped = time.monotonic()
+    while sum(1 for a in answers if a[0] > swapped) < 3:
+        time.sleep(0.05)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert {status for _, _, status, _ in answers} == {200}  # none failed
+    assert {v for _, done, _, v in answers if done < swap_started} == {1}
+    assert {v for sent, _, _, v in answers if sent > swapped} == {2}

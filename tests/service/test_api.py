@@ -6,12 +6,11 @@ import base64
 import io
 import re
 import threading
-import time
 
 import numpy as np
 import pytest
 
-from tests.service.conftest import make_jpeg
+from tests.service.conftest import make_jpeg, swap_under_load
 
 pytest.importorskip("fastapi")
 
@@ -350,31 +349,8 @@ def test_at_the_concurrency_limit_more_work_is_turned_away_with_retry_after(expo
 def test_a_new_index_version_is_swapped_in_with_no_request_failing(client, service, embeddings_dir, index_base):
     from street2shop.index.build import build_index
 
-    answers, stop = [], threading.Event()  # (sent, answered, status, index version)
-
-    def hammer():
-        while not stop.is_set():
-            sent = time.monotonic()
-            r = client.post("/v1/search", files={"image": ("p.jpg", make_jpeg(0), "image/jpeg")}, data={"k": "2"})
-            answers.append((sent, time.monotonic(), r.status_code, r.json().get("index_version")))
-
-    threads = [threading.Thread(target=hammer) for _ in range(3)]
-    for t in threads:
-        t.start()
-    while len(answers) < 3:
-        time.sleep(0.05)
-    build_index([embeddings_dir], index_base, kind="annoy")  # version 2, while requests run
-    swap_started = time.monotonic()
-    assert service.watcher.check() is True
-    swapped = time.monotonic()
-    while sum(1 for a in answers if a[0] > swapped) < 3:
-        time.sleep(0.05)
-    stop.set()
-    for t in threads:
-        t.join(30)
-    assert {status for _, _, status, _ in answers} == {200}  # none failed
-    assert {v for _, done, _, v in answers if done < swap_started} == {1}
-    assert {v for sent, _, _, v in answers if sent > swapped} == {2}
+    swap_under_load(service, lambda: build_index([embeddings_dir], index_base, kind="annoy"),
+                    lambda: client.post("/v1/search", files={"image": ("p.jpg", make_jpeg(0), "image/jpeg")}, data={"k": "2"}))
     assert client.get("/readyz").json()["index"]["version"] == 2
 
 
@@ -433,3 +409,51 @@ def test_catalogue_updates_reach_the_service_without_a_restart(client, service, 
     assert found["results"][0]["labels"] == {"product_name": "Brand new"} and found["results"][0]["similarity"] == pytest.approx(1.0, abs=1e-5)
     assert client.get(found["results"][0]["image_url"]).content == new_photo.read_bytes()
     assert removed not in top(removed_photo, 100)
+
+
+def test_a_match_at_a_customer_photo_shows_the_products_catalogue_photo_and_says_so(client, search_client, service, index_base,
+                                                                                     labelled_catalogue, tmp_path):
+    """Two customer photos added as references: one of a product with a catalogue photo, one of a product with none."""
+    from street2shop.data.records import Record, read_manifest_csv
+    from street2shop.embed import embed_catalog
+    from street2shop.errors import DataError
+    from street2shop.index.updates import update_index
+
+    shop = [r for r in read_manifest_csv(labelled_catalogue) if r.domain == "shop"][1]
+    photos = {name: tmp_path / f"{name}.jpg" for name in ("review", "orphan")}
+    for seed, path in enumerate(photos.values(), 43):
+        path.write_bytes(make_jpeg(seed, size=(90, 90)))
+    embed_catalog([Record(str(photos["review"]), shop.product_id, "street", "train", shop.category, None, {"stars": "5"}),
+                   Record(str(photos["orphan"]), "only-customers", "street", "train", None, None, {"stars": "4"})],
+                  service.embedder, tmp_path / "customer-photos")  # the service's own embedder: the export, in process
+    update_index(index_base, add=[tmp_path / "customer-photos"])
+    assert service.watcher.check() is True
+
+    def first(name):
+        answer = client.post("/v1/search", files={"image": ("p.jpg", photos[name].read_bytes(), "image/jpeg")}, data={"k": "3"})
+        assert answer.status_code == 200, answer.text
+        return answer.json()["results"][0]
+
+    review = first("review")
+    assert review["product_id"] == shop.product_id and review["similarity"] == pytest.approx(1.0, abs=1e-5)
+    customer_id = review["matched"]["image_id"]
+    assert review["matched"] == {"image_id": customer_id, "domain": "street"} and review["image_id"] != customer_id
+    # What is shown is the product's catalogue photo, with its labels, not the customer photo's.
+    assert client.get(review["image_url"]).content == open(shop.image_path, "rb").read()
+    assert review["labels"] == {"product_name": f"Product {shop.product_id}"} and review["category"] == shop.category
+    # Customer photos are not served.
+    refused = client.get(f"/v1/catalogue/images/{customer_id}")
+    assert refused.status_code == 404 and "is a customer photo" in refused.json()["detail"]
+    # A product the index holds customer photos of only: no photo to show, and the answer says so.
+    orphan = first("orphan")
+    assert orphan["product_id"] == "only-customers" and orphan["matched"]["domain"] == "street"
+    assert orphan["image_id"] is None and orphan["image_url"] is None and orphan["labels"] == {"stars": "4"}
+    # A catalogue photo's match says so too, and the typed client reads both.
+    hits = search_client.search(shop.image_path, k=1).results
+    assert hits[0].matched.domain == "shop" and hits[0].matched.image_id == hits[0].image_id
+    typed = search_client.search(photos["orphan"], k=1).results[0]
+    assert typed.image_url is None and search_client.image_url(typed) is None
+    with pytest.raises(DataError, match="has no catalogue photo in the index"):
+        search_client.image(typed)
+    schema = client.get("/openapi.json").json()["components"]["schemas"]
+    assert schema["Matched"]["properties"]["domain"]["enum"] == ["shop", "street"] and "matched" in schema["Hit"]["required"]

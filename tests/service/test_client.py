@@ -14,7 +14,8 @@ pytest.importorskip("pydantic")
 
 ROOT = Path(__file__).resolve().parents[2]
 ANSWER = {"results": [{"rank": 1, "product_id": "p1", "similarity": 0.5, "category": None, "labels": {"product_name": "One"},
-                       "image_id": "0123456789abcdef", "image_url": "/v1/catalogue/images/0123456789abcdef"}],
+                       "image_id": "0123456789abcdef", "image_url": "/v1/catalogue/images/0123456789abcdef",
+                       "matched": {"image_id": "0123456789abcdef", "domain": "shop"}}],
           "index_version": 3, "model_version": 2, "model_fingerprint": "abc", "timings": {"embed_ms": 1, "search_ms": 2, "total_ms": 3}}
 
 

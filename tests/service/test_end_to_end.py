@@ -145,17 +145,29 @@ def grocery_catalogue():
             for r in read_manifest_csv(GROCERY) if r.domain == "shop"]
 
 
+def customer_photos(synth_dataset):
+    """Two generated street photos as customer photos (whole, no box): one of a product of the catalogue, one of a product
+    that has no catalogue photo."""
+    from street2shop.data.records import Record, read_manifest_csv
+
+    street = [r for r in read_manifest_csv(synth_dataset) if r.domain == "street" and r.split == "val"]
+    return [Record(street[1].image_path, street[1].product_id, "street", "train", street[1].category),
+            Record(street[2].image_path, "customer-photos-only", "street", "train", street[2].category)]
+
+
 @pytest.fixture(scope="module")
 def page_service(deployment, synth_dataset, tmp_path_factory):
-    """One service (the tiny export, embedding in process) for the browser tests: the generated catalogue and, where present, grocery's."""
+    """One service (the tiny export, embedding in process) for the browser tests: the generated catalogue with two customer
+    photos as references, and, where present, grocery's catalogue."""
     from street2shop.data.records import read_manifest_csv, write_manifest
     from street2shop.embed import embed_source
     from street2shop.index.build import build_index
 
     _, export_base = deployment
     work = tmp_path_factory.mktemp("page")
-    records = [r for r in read_manifest_csv(synth_dataset) if r.domain == "shop"] + (grocery_catalogue() if GROCERY.exists() else [])
-    embed_source(write_manifest(records, work / "catalogue.csv"), work / "embeddings", model=str(export_base))
+    records = ([r for r in read_manifest_csv(synth_dataset) if r.domain == "shop"] + customer_photos(synth_dataset)
+               + (grocery_catalogue() if GROCERY.exists() else []))
+    embed_source(write_manifest(records, work / "catalogue.csv"), work / "embeddings", model=str(export_base), domains="shop,street")
     build_index([work / "embeddings"], work / "index", kind="exact")
     port = free_port()
     log = work / "service.log"
@@ -230,6 +242,35 @@ def test_the_web_page_in_headless_chromium(page_service, synth_dataset, tmp_path
         page.click("#search")
         page.wait_for_selector("#error:not([hidden])")
         assert "400" in page.locator("#error").inner_text() and "not a JPEG, PNG, GIF or BMP" in page.locator("#error").inner_text()
+        browser.close()
+
+
+@needs_chromium
+def test_a_match_at_a_customer_photo_is_marked_on_the_card_that_shows_the_catalogue_photo(page_service, synth_dataset):
+    from playwright.sync_api import sync_playwright
+
+    from street2shop.items import Item
+
+    review, orphan = customer_photos(synth_dataset)
+    shop = next(r for r in page_service["records"] if r.domain == "shop" and r.product_id == review.product_id)
+    with sync_playwright() as p:
+        browser, page, failures = open_page(p, page_service["url"] + "/")
+        choose_photo(page, review.image_path)
+        page.select_option("#k", "5")
+        first = search_for_cards(page).first
+        # The product's catalogue photo, loaded; under it, the mark.
+        assert first.inner_text().startswith(f"1. {review.product_id}\n{review.product_id} · {review.category} · similarity 1.000")
+        assert first.locator(".matched-customer").inner_text() == "matched a customer photo"
+        assert first.locator("img").get_attribute("src") == f"/v1/catalogue/images/{Item(shop.product_id, shop.image_path).image_id}"
+        assert page.locator(".matched-customer").count() == 1  # the other four matched catalogue photos
+        # A product with customer photos only: no photo to show, said in its place.
+        choose_photo(page, orphan.image_path)
+        page.click("#search")
+        page.wait_for_function("document.querySelector('.card .no-photo') !== null")
+        first = page.locator(".card").first
+        assert first.locator(".no-photo").inner_text() == "no catalogue photo" and first.locator("img").count() == 0
+        assert "customer-photos-only" in first.inner_text() and first.locator(".matched-customer").is_visible()
+        assert page.locator("#error").is_hidden() and failures == []
         browser.close()
 
 

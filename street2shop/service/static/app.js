@@ -75,10 +75,18 @@ clearBox.addEventListener("click", () => { box = null; boxEl.hidden = true; boxT
 function card(hit) {
   const div = document.createElement("div");
   div.className = "card";
-  const img = document.createElement("img");
-  img.src = hit.image_url;
-  img.alt = hit.product_id;
-  img.loading = "lazy";
+  // The product's catalogue photo, also when the photo matched one of its customer photos (not served); none: a placeholder.
+  let img;
+  if (hit.image_url) {
+    img = document.createElement("img");
+    img.src = hit.image_url;
+    img.alt = hit.product_id;
+    img.loading = "lazy";
+  } else {
+    img = document.createElement("div");
+    img.className = "no-photo";
+    img.textContent = "no catalogue photo";
+  }
   const name = hit.labels.product_name || hit.labels.name || hit.product_id;
   const rank = document.createElement("div");
   rank.innerHTML = `<span class="rank">${hit.rank}.</span> <span class="label"></span>`;
@@ -87,6 +95,13 @@ function card(hit) {
   meta.className = "meta";
   meta.textContent = `${hit.product_id}${hit.category ? " · " + hit.category : ""} · similarity ${hit.similarity.toFixed(3)}`;
   div.append(img, rank, meta);
+  if (hit.matched && hit.matched.domain === "street") {
+    const mark = document.createElement("div");
+    mark.className = "matched-customer";
+    mark.textContent = "matched a customer photo";
+    mark.title = "The photo looked most like one of this product's customer photos, indexed beside the catalogue.";
+    div.append(mark);
+  }
   return div;
 }
 
