@@ -342,7 +342,7 @@ def bench_size(args: argparse.Namespace, image_size: int, images: list[bytes], w
                 fn(one)
                 lat[name].append((time.perf_counter() - start) * 1000.0)
         latency = {name: {"p50_ms": round(percentile(v, 50), 2), "p99_ms": round(percentile(v, 99), 2),
-                          "mean_ms": round(statistics.fmean(v), 2), "requests": len(v)} for name, v in lat.items()}
+                          "mean_ms": round(statistics.fmean(v), 2), "requests": len(v)} for name, v in lat.items() if v}
         if client is not None:
             client.close()
     finally:

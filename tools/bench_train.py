@@ -21,7 +21,8 @@ overhead of the collectives and of N processes, not a speed-up.
 on this machine: the same siamese model (same seed, backbone, size, batch
 and batch of data as the loss comparison) built and compiled once per
 setting (``FitConfig.precision``: float32, mixed_bfloat16, mixed_float16;
-``jit_compile``: off or on), all kept alive, and timed in interleaved rounds.
+``jit_compile``: off or on), all kept alive, and timed in interleaved rounds
+after ``--warmup-rounds`` untimed ones.
 Reported: pairs/s per setting (best and median round), each setting's ratio
 to the first one within each round (median of the per-round ratios), the
 first step's time (tracing, and XLA's compilation), the first step's loss
@@ -65,6 +66,9 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round and variant")
+    parser.add_argument("--warmup-rounds", type=int, default=1,
+                        help="--settings: untimed rounds after the first step (a graph without XLA once ran its first round "
+                             "5 times slower than the next ones here; BENCHMARKS.md)")
     parser.add_argument("--out", default="")
     parser.add_argument("--workers", type=int, default=1, help="N > 1: N loopback workers vs one process (not the loss cost)")
     parser.add_argument("--epochs", type=int, default=3, help="--workers: epochs per run; the first is not timed")
@@ -172,26 +176,31 @@ def bench_settings(args: argparse.Namespace) -> int:
         models[text] = model
         print(f"{text}: first step {first[text]['first_step_s']} s, loss {first[text]['first_step_loss']}", file=sys.stderr, flush=True)
     times: dict[str, list[float]] = {text: [] for text in settings}
-    for r in range(args.rounds):
+    warmup: dict[str, list[float]] = {text: [] for text in settings}
+    for r in range(args.warmup_rounds + args.rounds):
+        timed = r >= args.warmup_rounds
         for text, model in models.items():
             start = time.perf_counter()
             for _ in range(args.steps):
                 model.train_on_batch(x, y, sample_weight=w)
-            times[text].append(time.perf_counter() - start)
+            (times if timed else warmup)[text].append(time.perf_counter() - start)
         load.append(os.getloadavg())
-        print(f"round {r + 1}: " + ", ".join(f"{t} {args.steps * args.batch_size / times[t][-1]:.2f}" for t in settings)
+        print(f"{'round' if timed else 'warm-up round'} {r + 1 - (args.warmup_rounds if timed else 0)}: "
+              + ", ".join(f"{t} {args.steps * args.batch_size / (times if timed else warmup)[t][-1]:.2f}" for t in settings)
               + f" pairs/s, load {load[-1][0]:.1f}", file=sys.stderr, flush=True)
     reference = texts[0]
     for text, model in models.items():
         optimizer = model.optimizer
         applied = int((optimizer.inner_optimizer if first[text]["loss_scaling"] else optimizer).iterations.numpy())
-        first[text]["steps_skipped"] = 1 + args.rounds * args.steps - applied
+        first[text]["steps_skipped"] = 1 + (args.warmup_rounds + args.rounds) * args.steps - applied
     result = {
-        "backbone": args.backbone, "image_size": args.image_size, "batch_size": args.batch_size, "rounds": args.rounds, "steps": args.steps,
+        "backbone": args.backbone, "image_size": args.image_size, "batch_size": args.batch_size, "rounds": args.rounds,
+        "warmup_rounds": args.warmup_rounds, "steps": args.steps,
         "pairs_per_s_best": {t: round(args.steps * args.batch_size / min(v), 2) for t, v in times.items()},
         "pairs_per_s_median": {t: round(args.steps * args.batch_size / statistics.median(v), 2) for t, v in times.items()},
         f"ratio_to_{reference}_paired_median": {t: round(statistics.median(a / b for a, b in zip(times[reference], v)), 3) for t, v in times.items()},
         "round_s": {t: [round(v, 2) for v in vs] for t, vs in times.items()},
+        "warmup_round_s": {t: [round(v, 2) for v in vs] for t, vs in warmup.items()},
         "settings": first, "load_1_5_15": [[round(v, 2) for v in avg] for avg in load],
     }
     print(json.dumps(result, indent=2))
