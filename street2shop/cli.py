@@ -21,6 +21,7 @@ from typing import Any
 from street2shop import __version__
 from street2shop.contract import DEFAULT_MODEL_NAME  # imports no TensorFlow
 from street2shop.errors import Street2ShopError
+from street2shop.model.precision import PRECISIONS  # imports no TensorFlow
 from street2shop.model.views import TTA_MODES  # imports no TensorFlow
 
 logger = logging.getLogger("street2shop")
@@ -149,9 +150,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from street2shop.export import export_checkpoint
 
-    card = export_checkpoint(args.checkpoint, args.export_base, version=args.version, model_name=args.model_name, tta=args.tta)
+    card = export_checkpoint(args.checkpoint, args.export_base, version=args.version, model_name=args.model_name, tta=args.tta,
+                             precision=args.precision)
     tta = "" if card.get("tta", "none") == "none" else f", test-time augmentation {card['tta']}"
-    _print_json(card) if args.json else print(f"exported {card['path']} (version {card['version']}, dimension {card['dimension']}, fingerprint {card['fingerprint']}{tta})")
+    precision = "" if card.get("precision", "float32") == "float32" else f", computing in {card['precision']}"
+    _print_json(card) if args.json else print(f"exported {card['path']} (version {card['version']}, dimension {card['dimension']}, "
+                                              f"fingerprint {card['fingerprint']}{tta}{precision})")
     return 0
 
 
@@ -492,6 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", default="none", choices=TTA_MODES,
                    help="test-time augmentation in every signature: the mean of the image and its mirror (flip; 2 tower passes), "
                         "and of their central crops (flip-crops; 4 passes); embed catalogue and queries with the same export")
+    p.add_argument("--precision", default="float32", choices=PRECISIONS,
+                   help="dtype policy the exported tower computes in, whatever trained it (float32 in and out in every one): "
+                        "float32, or mixed_bfloat16 / mixed_float16 for serving hardware that runs them faster (see README, 'On a GPU'); "
+                        "a mixed export is another model (fingerprint)")
 
     p = command(sub, "serve", cmd_serve, "run the local STAND-IN for TF Serving (gRPC Predict/GetModelMetadata/GetModelStatus) for development and tests")
     p.add_argument("export_base", help="export base path (the newest version is served)")

@@ -6,8 +6,9 @@
   corruption flags the drop's precision and recall (:data:`NOISE_QUANTILES`);
 - the optimizer (AdamW or SGD, the backbone's own learning rate) and its
   learning-rate schedule;
-- :func:`build_model`: the tower, the siamese model around it, compiled
-  (call it under the strategy's scope).
+- :func:`build_model`: the tower and the siamese model around it, built under
+  the run's dtype policy (``precision``), compiled with its XLA setting
+  (``jit_compile``) by :func:`compile_model` (call it under the strategy's scope).
 
 A new setting of any of these is one config field read here.
 """
@@ -22,16 +23,39 @@ NOISE_QUANTILES = (0.5, 0.6, 0.7, 0.8, 0.9)  # positive-distance quantiles logge
 
 
 def build_model(config: TrainConfig, num_classes: int | None, label_noise: bool = False) -> Any:
-    """The compiled siamese model (call under the strategy's scope); ``label_noise``: see :func:`build_losses_and_metrics`."""
+    """The compiled siamese model (call under the strategy's scope); ``label_noise``: see :func:`build_losses_and_metrics`.
+
+    Built under the run's dtype policy (``config.fit.precision``, see
+    :mod:`street2shop.model.precision`; the caller's own policy is left as it
+    was), then compiled by :func:`compile_model`.
+    """
+    from street2shop.model.precision import precision_scope
     from street2shop.model.siamese import build_siamese
     from street2shop.model.tower import build_tower
 
-    tower = build_tower(image_size=(config.data.image_size, config.data.image_size), **config.model.tower_kwargs())
-    model = build_siamese(tower, num_classes=num_classes, classifier_scale=config.model.get("classifier_scale"))
+    with precision_scope(config.fit.precision):
+        tower = build_tower(image_size=(config.data.image_size, config.data.image_size), **config.model.tower_kwargs())
+        model = build_siamese(tower, num_classes=num_classes, classifier_scale=config.model.get("classifier_scale"))
+    return compile_model(model, config, num_classes, label_noise)
+
+
+def compile_model(model: Any, config: TrainConfig, num_classes: int | None, label_noise: bool = False) -> Any:
+    """Compiles a siamese model (whose tower has a layer ``"backbone"``) with the losses, metrics, optimizer and
+    XLA setting (``config.fit.jit_compile``) of ``config``; returns it.
+
+    Under ``mixed_float16`` (the model built in that policy), Keras' ``compile``
+    wraps the optimizer in a ``LossScaleOptimizer``: the loss is scaled up
+    before the gradients and the gradients down after, a step whose gradients
+    overflow is skipped and the scale halved (it starts at 2^15, so the first
+    steps of a run may be skipped). The wrapped optimizer keeps its two
+    learning rates and its schedule, which counts the steps it applied.
+    """
+    from street2shop.model.siamese import tower_of
+
     loss, loss_weights, metric_map = build_losses_and_metrics(config, num_classes, label_noise)
     optimizer = build_optimizer(config)
-    optimizer.set_backbone_variables(tower.get_layer("backbone").trainable_variables)
-    model.compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights, metrics=metric_map)
+    optimizer.set_backbone_variables(tower_of(model).get_layer("backbone").trainable_variables)
+    model.compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights, metrics=metric_map, jit_compile=config.fit.jit_compile_arg)
     return model
 
 

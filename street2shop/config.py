@@ -24,9 +24,11 @@ import tomli_w
 from street2shop.errors import ConfigError
 from street2shop.fileio import write_atomic
 from street2shop.model.backbones import BACKBONES  # the registry; imports no Keras
+from street2shop.model.precision import PRECISIONS  # imports no Keras
 
 _UNSET = object()
 LR_SCHEDULES = ("constant", "cosine")
+JIT_COMPILE = ("auto", "on", "off")
 
 
 def setting(default: Any, help: str, *, unset: Any = _UNSET) -> Any:
@@ -202,6 +204,10 @@ class FitConfig(_Section):
     momentum: float = setting(0.9, "momentum for sgd")
     early_stopping_patience: int = setting(0, "stop after this many epochs without a better validation loss, or training loss without validation (0 = off)", unset=0)
     distribution: str = setting("auto", "'auto', 'default' (one device), 'mirrored' (all local GPUs) or 'multi_worker' (from TF_CONFIG)")
+    precision: str = setting("float32", "Keras dtype policy of training: 'float32', 'mixed_float16' (NVIDIA GPUs with tensor cores; loss scaling) "
+                             "or 'mixed_bfloat16' (TPUs, NVIDIA Ampere and newer, CPUs with AMX); a run resumes only under its own")
+    jit_compile: str = setting("auto", "XLA compilation of the training step: 'auto' (Keras' choice: on for one GPU, "
+                               "off on a CPU or under a distribution strategy), 'on' or 'off'")
     seed: int = setting(0, "seed of pair plans, weights and augmentation")
 
     def __post_init__(self) -> None:
@@ -218,6 +224,13 @@ class FitConfig(_Section):
         _check(self.early_stopping_patience >= 0, "early_stopping_patience", self.early_stopping_patience, ">= 0")
         _check(self.distribution in ("auto", "default", "mirrored", "multi_worker"), "distribution", self.distribution,
                "'auto', 'default', 'mirrored' or 'multi_worker'")
+        _check(self.precision in PRECISIONS, "precision", self.precision, " or ".join(repr(p) for p in PRECISIONS))
+        _check(self.jit_compile in JIT_COMPILE, "jit_compile", self.jit_compile, " or ".join(repr(j) for j in JIT_COMPILE))
+
+    @property
+    def jit_compile_arg(self) -> bool | str:
+        """``jit_compile`` as ``model.compile`` takes it: ``"auto"``, True or False."""
+        return {"auto": "auto", "on": True, "off": False}[self.jit_compile]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,7 @@ signature           inputs                                                      
 beside each embedding, the fingerprint of the model that made it
 (``model_fingerprint``, one string per row, so it survives TF Serving's
 request batching: the weights' fingerprint, or for an export made with
-``tta`` a digest of it and the views, :func:`street2shop.model.views.tta_fingerprint`), and TF Serving names the version in every
+``tta`` or a mixed ``precision`` a digest of it and of those, :func:`street2shop.export.model_fingerprint`), and TF Serving names the version in every
 ``PredictResponse.model_spec``. A client therefore learns which model made
 each vector through TF Serving's own API, with no side channel, and can
 refuse to mix two models (:class:`ModelIdentity`).
@@ -144,8 +144,8 @@ class ModelIdentity:
     the same model).
 
     Args:
-        fingerprint: str. :func:`street2shop.export.weights_fingerprint` of the tower
-            (:func:`street2shop.model.views.tta_fingerprint` of it for an export with test-time augmentation).
+        fingerprint: str. :func:`street2shop.export.model_fingerprint` of the tower: its
+            weights' fingerprint, or a digest of it and the test-time augmentation or mixed precision of an export.
         version: int or None. The export version (TF Serving's version number);
             None for a model held in memory.
         dimension: int or None. The embedding size, when known.

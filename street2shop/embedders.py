@@ -340,7 +340,9 @@ class TowerEmbedder(Embedder):
     """Embeds with a Keras tower held in memory, through the export's own graph (decode, crop, resize, tower).
 
     Its identity is the fingerprint of the weights when it was made (version
-    None): make a new one after more training.
+    None): make a new one after more training. It computes in float32
+    whatever policy the tower was trained in, as an export does by default
+    (a copy of a mixed-precision tower, so the same weights give the export's vectors).
 
     Args:
         model: the tower, or a siamese model holding it.
@@ -353,14 +355,16 @@ class TowerEmbedder(Embedder):
         import tensorflow as tf
 
         from street2shop.data.image import prepare_image
-        from street2shop.export import tower_image_size, weights_fingerprint
+        from street2shop.export import model_fingerprint, tower_image_size
+        from street2shop.model.precision import with_precision
         from street2shop.model.siamese import tower_of
-        from street2shop.model.views import embed_views, tta_fingerprint
+        from street2shop.model.views import embed_views
 
-        self.tower = tower_of(model)
+        trained = tower_of(model)
+        self.tower = with_precision(trained, "float32")
         size = tower_image_size(self.tower)
         self._dimension = int(self.tower.outputs[0].shape[-1])
-        self._identity = ModelIdentity(tta_fingerprint(weights_fingerprint(self.tower), tta), None, self._dimension)
+        self._identity = ModelIdentity(model_fingerprint(trained, tta), None, self._dimension)
         pixel_spec = tf.TensorSpec([size[0], size[1], 3], tf.float32)
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string), tf.TensorSpec([None, 4], tf.float32)])

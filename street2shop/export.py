@@ -17,8 +17,18 @@ the same tensor in training, locally and in TF Serving.
 
 ``assets.extra/`` holds ``tf_serving_warmup_requests`` (real requests TF
 Serving replays at load) and ``street2shop.json``, the model card: dimension,
-input size, backbone, the weights fingerprint, package version, creation
-time and the signatures.
+input size, backbone, the weights fingerprint, the precision it computes in,
+package version, creation time and the signatures.
+
+Whatever dtype policy trained the tower, the export computes in float32 by
+default (``precision``): the signatures take and return what they always do
+(bytes in; a float32 embedding and the fingerprint out), and the same
+weights give the same vectors as a float32 run's. ``precision="mixed_bfloat16"``
+or ``"mixed_float16"`` exports the tower computing in that policy instead
+(for hardware that runs it faster: a GPU, a CPU with AMX), still float32 at
+both ends; its vectors differ from the float32 export's within the tolerance
+BENCHMARKS.md measures, so its fingerprint is another
+(:func:`street2shop.model.precision.precision_fingerprint`).
 """
 
 from __future__ import annotations
@@ -48,6 +58,15 @@ def weights_fingerprint(model: Any) -> str:
         digest.update(f"{weight.path}:{value.shape}:{value.dtype}".encode())
         digest.update(value.tobytes())
     return digest.hexdigest()[:16]
+
+
+def model_fingerprint(tower: Any, tta: str = "none", precision: str = "float32") -> str:
+    """The fingerprint of the vectors a tower gives: its weights', with the test-time augmentation and the precision it
+    computes in (each changes the vectors, so each makes another model)."""
+    from street2shop.model.precision import precision_fingerprint
+    from street2shop.model.views import tta_fingerprint
+
+    return precision_fingerprint(tta_fingerprint(weights_fingerprint(tower), tta), precision)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Any:
@@ -113,6 +132,7 @@ def export_tower(
     model_name: str = contract.DEFAULT_MODEL_NAME,
     warmup_images: Sequence[bytes] | None = None,
     tta: str = "none",
+    precision: str = "float32",
 ) -> Path:
     """Exports the tower of ``model`` to ``export_base/<version>/``.
 
@@ -129,6 +149,11 @@ def export_tower(
             or "flip-crops" (:mod:`street2shop.model.views`; 2 or 4 tower
             passes per image). It changes the vectors, so the fingerprint is
             another one: embed the catalogue and the queries with the same export.
+        precision: the dtype policy the exported tower computes in, whatever
+            trained it: "float32" (the default), "mixed_bfloat16" or
+            "mixed_float16" (:mod:`street2shop.model.precision`). The inputs
+            and outputs are the same in every one; a mixed one has another
+            fingerprint.
 
     Returns:
         Path of the new version folder (its name is the version number).
@@ -140,12 +165,14 @@ def export_tower(
     import tensorflow as tf
 
     from street2shop.data.image import prepare_image
+    from street2shop.model.precision import check_precision, with_precision
     from street2shop.model.siamese import tower_of
-    from street2shop.model.views import check_tta, embed_views, tta_fingerprint
+    from street2shop.model.views import check_tta, embed_views
 
     check_tta(tta)
-    tower = tower_of(model)
-    size = tower_image_size(tower)
+    check_precision(precision)
+    trained = tower_of(model)
+    size = tower_image_size(trained)
     base = Path(export_base)
     base.mkdir(parents=True, exist_ok=True)
     if version is None:
@@ -154,8 +181,9 @@ def export_tower(
     final = base / str(version)
     if final.exists():
         raise ModelError(f"version {version} already exists at {final}; versions are never overwritten. Pick another --version or omit it.")
-    dimension = int(tower.outputs[0].shape[-1])
-    fingerprint = tta_fingerprint(weights_fingerprint(tower), tta)
+    dimension = int(trained.outputs[0].shape[-1])
+    fingerprint = model_fingerprint(trained, tta, precision)
+    tower = with_precision(trained, precision)  # the trained tower itself when it already computes so
     pixel_spec = tf.TensorSpec([size[0], size[1], 3], tf.float32)
 
     def embed(pixels):
@@ -209,6 +237,7 @@ def export_tower(
                 "backbone": _backbone_name(tower),
                 "fingerprint": fingerprint,
                 "tta": tta,
+                "precision": precision,
                 "package_version": __version__,
                 "tensorflow_version": tf.__version__,
                 "keras_version": keras.__version__,
@@ -221,8 +250,8 @@ def export_tower(
         raise ModelError(f"version {version} appeared at {final} while exporting; versions are never overwritten. Export again.") from None
     except OSError as e:
         raise ModelError(f"cannot write the export to {final}: {e}") from None
-    logger.info("exported tower (D=%d, %dx%d, fingerprint %s%s) to %s", dimension, size[0], size[1], fingerprint,
-                "" if tta == "none" else f", test-time augmentation {tta}", final)
+    logger.info("exported tower (D=%d, %dx%d, fingerprint %s%s%s) to %s", dimension, size[0], size[1], fingerprint,
+                "" if tta == "none" else f", test-time augmentation {tta}", "" if precision == "float32" else f", computing in {precision}", final)
     return final
 
 
@@ -233,7 +262,8 @@ def export_checkpoint(
     version: int | None = None,
     model_name: str = contract.DEFAULT_MODEL_NAME,
     tta: str = "none",
+    precision: str = "float32",
 ) -> dict[str, Any]:
     """``street2shop export``: loads a ``.keras`` checkpoint and exports its tower; returns the card and path."""
-    path = export_tower(load_checkpoint(checkpoint), export_base, version=version, model_name=model_name, tta=tta)
+    path = export_tower(load_checkpoint(checkpoint), export_base, version=version, model_name=model_name, tta=tta, precision=precision)
     return {"path": str(path), **contract.read_card(path)}

@@ -5,10 +5,13 @@ Outputs in ``config.fit.output_dir``:
 - ``config.toml``: the resolved configuration (re-run with ``--config``);
 - ``best.keras`` (lowest validation loss, or training loss without a
   validation split) and ``last.keras``: full models, reload with
-  ``keras.saving.load_model(path)`` (``safe_mode=True`` works);
+  ``keras.saving.load_model(path)`` (``safe_mode=True`` works; a
+  ``mixed_float16`` run's inside ``precision_scope("mixed_float16")`` to keep
+  its loss scaling, see :mod:`street2shop.model.precision`);
 - ``backup/``: ``BackupAndRestore`` state; a killed run started again with the
   same command resumes at the epoch it was in, with the pair plans it would
-  have seen;
+  have seen, under the dtype policy it was trained in (``precision``: another
+  is refused; ``init_checkpoint`` starts a new run from its weights under any);
 - ``log.csv`` (one row per epoch) and ``tensorboard/``.
 
 Distribution goes through ``tf.distribute``: one device by default,
@@ -44,7 +47,8 @@ from typing import Any
 
 from street2shop.cluster import WorkerRole, check_workers_agree, get_strategy, worker_role, worker_write_dir
 from street2shop.compile import build_model
-from street2shop.config import TrainConfig, save_config
+from street2shop.config import TrainConfig, read_config_values, save_config
+from street2shop.errors import ConfigError
 from street2shop.runlog import LOG_FILE, trim_run_log
 from street2shop.training_data import TrainingData, build_datasets, load_training_data, steps_per_epoch
 
@@ -150,6 +154,8 @@ def start_run(config: TrainConfig, strategy: Any = None) -> TrainingRun:
     data = load_training_data(config)  # bad data fails before anything is written
     out = Path(config.fit.output_dir)
     initial_epoch = resume_epoch(out / "backup")
+    if initial_epoch:
+        check_resume_precision(out, config)  # before anything in the run's folder changes
     if initial_epoch and role.is_chief:
         trim_run_log(out / LOG_FILE, initial_epoch)  # before the workers compare notes: they read it after
     if role.count > 1:
@@ -161,6 +167,28 @@ def start_run(config: TrainConfig, strategy: Any = None) -> TrainingRun:
     if not role.is_chief:
         logger.info("worker %d of %d: %s is the chief's; this worker writes to %s and removes it at the end", role.index, role.count, out, write)
     return TrainingRun(config, strategy, role, data, steps, initial_epoch, out, write)
+
+
+def check_resume_precision(out: Path, config: TrainConfig) -> None:
+    """Refuses to resume the run in ``out`` under another dtype policy than the one its ``config.toml`` records.
+
+    A backup holds the optimizer of its policy (under ``mixed_float16`` a
+    ``LossScaleOptimizer``, with its loss scale), and half a run in one
+    policy and half in another is no run of either; the weights themselves
+    are float32 in every policy, so a new run can start from them
+    (``init_checkpoint``). A run from before ``precision`` existed was float32.
+    """
+    path = out / "config.toml"
+    if not path.is_file():
+        logger.warning("%s has a backup but no config.toml: cannot check that it resumes under the precision it was trained in", out)
+        return
+    fit_values = read_config_values(path).get("fit", {})
+    saved = fit_values.get("precision", "float32") if isinstance(fit_values, dict) else "float32"
+    if saved != config.fit.precision:
+        raise ConfigError(
+            f"{out} was trained under precision {saved!r} (its config.toml) and resumes only under it: run again with "
+            f"--precision {saved}, or start a new run in another output_dir with --init-checkpoint {out / 'last.keras'} "
+            f"(its weights load under any precision). Received: precision={config.fit.precision!r}")
 
 
 def fit(run: TrainingRun, *, extra_callbacks: list[Any] | None = None, progress: str = "none") -> TrainResult:
@@ -194,6 +222,7 @@ def fit(run: TrainingRun, *, extra_callbacks: list[Any] | None = None, progress:
                  + list(extra_callbacks or []))
     _warn_if_the_quantile_cannot_drop(config, data, run.replicas)
 
+    _log_precision(model, fc.precision)
     tasks = " and ".join(f"{n} {kind} classes" for n, kind in ((data.auxiliary_classes, "auxiliary"), (len(data.product_labels or ()), "product")) if n)
     logger.info(
         "training %s: %d pairs/epoch, %d epochs, batch %d over %d replica(s), %s loss%s%s",
@@ -213,6 +242,18 @@ def fit(run: TrainingRun, *, extra_callbacks: list[Any] | None = None, progress:
     best = out / "best.keras"
     logger.info("trained %d epoch(s) in %.0f s (%.1f pairs/s); best checkpoint %s", epochs_run, seconds, pairs_per_second, best)
     return TrainResult(model, dict(history.history), out, best, out / "last.keras", run.initial_epoch, data.num_classes, seconds, pairs_per_second)
+
+
+def _log_precision(model: Any, precision: str) -> None:
+    """One line on what the step computes in and whether XLA compiles it; a warning for float16 without a GPU."""
+    import tensorflow as tf
+
+    scaling = ", with loss scaling" if type(model.optimizer).__name__ == "LossScaleOptimizer" else ""
+    logger.info("precision %s%s, XLA %s", precision, scaling, "on" if model.jit_compile else "off")
+    if precision == "mixed_float16" and not tf.config.list_logical_devices("GPU"):
+        logger.warning("mixed_float16 without a GPU: CPUs compute float16 slowly (BENCHMARKS.md, on the development machine's CPU: "
+                       "1/150 of float32's speed without XLA, 0.6x with it); it is meant for NVIDIA GPUs. On a CPU, use float32, "
+                       "or mixed_bfloat16 if it has AMX")
 
 
 def _warn_if_the_quantile_cannot_drop(config: TrainConfig, data: TrainingData, replicas: int) -> None:

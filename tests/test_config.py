@@ -39,6 +39,8 @@ def test_replace_by_field_name_and_types_coerced_from_strings():
         ("batch_size", "lots", "batch_size must be int. Received: batch_size='lots'"),
         ("classifier_scale", -2.0, "classifier_scale must be finite and >= 0. Received: classifier_scale=-2.0"),
         ("classifier_scale", float("inf"), "classifier_scale must be finite and >= 0. Received: classifier_scale=inf"),
+        ("precision", "float16", "precision must be 'float32' or 'mixed_float16' or 'mixed_bfloat16'. Received: precision='float16'"),
+        ("jit_compile", "true", "jit_compile must be 'auto' or 'on' or 'off'. Received: jit_compile='true'"),
     ],
 )
 def test_bad_values_name_the_field(field, value, expected):

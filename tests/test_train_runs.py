@@ -8,8 +8,12 @@ import logging
 import re
 
 import keras
+import numpy as np
 import pytest
 
+from street2shop.compile import build_model
+from street2shop.errors import ConfigError
+from street2shop.model.siamese import load_tower_weights, tower_of
 from street2shop.train import train
 from tests.test_train import tiny_config
 
@@ -29,11 +33,18 @@ class Interrupt(keras.callbacks.Callback):
 def test_interrupted_run_resumes_at_the_next_epoch(synth_dataset, tmp_path, caplog):
     # With a robust-loss warm-up of one epoch: epoch 1 drops nothing, and the resumed run
     # (epochs 2 and 3) knows that its warm-up is over. With a cosine schedule after one warm-up
-    # epoch, the resumed run continues the schedule where it stopped.
+    # epoch, the resumed run continues the schedule where it stopped. Under mixed_bfloat16: the run
+    # resumes under its own dtype policy, and another is refused before anything in its folder changes.
     config = tiny_config(synth_dataset, tmp_path / "run", epochs=3, positive_quantile=0.5, drop_warmup_epochs=1,
-                         lr_schedule="cosine", warmup_epochs=1.0)
+                         lr_schedule="cosine", warmup_epochs=1.0, precision="mixed_bfloat16")
     with pytest.raises(KeyboardInterrupt):
         train(config, extra_callbacks=[Interrupt(epoch=0)], verbose=0)
+    folder = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir()}
+    with pytest.raises(ConfigError) as refused:
+        train(config.replace(precision="float32"), verbose=0)
+    message = str(refused.value)
+    assert "\n" not in message and "under precision 'mixed_bfloat16'" in message and "Received: precision='float32'" in message
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir()} == folder
     with caplog.at_level(logging.INFO, logger="street2shop"):
         result = train(config, verbose=0)
     progress = [r for r in caplog.records if r.name == "street2shop.callbacks" and r.getMessage().startswith(("epoch ", "the first step", "graph built"))]
@@ -50,6 +61,12 @@ def test_interrupted_run_resumes_at_the_next_epoch(synth_dataset, tmp_path, capl
     assert [float(row["learning_rate"]) for row in rows] == pytest.approx([peak, peak / 2, 0.0], abs=1e-9)
     # q = 0.5 drops about half the positives of every batch once the warm-up is over
     assert all(rate > 0.0 for rate in result.history["positive_drop_rate"])
+    # What the refusal offers instead: a float32 run from its weights (init_checkpoint), which are float32 in every policy.
+    float32_model = build_model(config.replace(precision="float32"), None)
+    load_tower_weights(float32_model, tmp_path / "run" / "last.keras")
+    for mine, theirs in zip(tower_of(float32_model).weights, tower_of(result.model).weights):
+        assert mine.dtype == theirs.dtype == "float32"
+        np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
 
 
 def test_ctrl_c_while_an_epoch_is_being_saved_loses_no_log_row(synth_dataset, tmp_path, monkeypatch):

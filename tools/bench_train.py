@@ -17,6 +17,20 @@ overhead of the collectives and of N processes, not a speed-up.
 
     .venv/bin/python tools/bench_train.py --workers 2 --image-size 96 --batch-size 32 --rounds 3
 
+``--settings PRECISION/JIT ...`` measures what mixed precision and XLA give
+on this machine: the same siamese model (same seed, backbone, size, batch
+and batch of data as the loss comparison) built and compiled once per
+setting (``FitConfig.precision``: float32, mixed_bfloat16, mixed_float16;
+``jit_compile``: off or on), all kept alive, and timed in interleaved rounds
+after ``--warmup-rounds`` untimed ones.
+Reported: pairs/s per setting (best and median round), each setting's ratio
+to the first one within each round (median of the per-round ratios), the
+first step's time (tracing, and XLA's compilation), the first step's loss
+(the same weights and pairs: it shows what the precision changes), the
+steps a float16 loss scale skipped, peak memory, and the load.
+
+    nice -n 5 .venv/bin/python tools/bench_train.py --settings all --image-size 96 --batch-size 32 --rounds 5 --steps 4
+
 ``--candidates BACKBONE@SIZE ...`` measures what a recipe's budget buys with
 each backbone and input size: the whole recipe (``--config``: its losses,
 heads, data pipeline and augmentation) trains on the real photos
@@ -52,35 +66,38 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round and variant")
+    parser.add_argument("--warmup-rounds", type=int, default=1,
+                        help="--settings: untimed rounds after the first step (a graph without XLA once ran its first round "
+                             "5 times slower than the next ones here; BENCHMARKS.md)")
     parser.add_argument("--out", default="")
     parser.add_argument("--workers", type=int, default=1, help="N > 1: N loopback workers vs one process (not the loss cost)")
     parser.add_argument("--epochs", type=int, default=3, help="--workers: epochs per run; the first is not timed")
     parser.add_argument("--pairs-per-epoch", type=int, default=256, help="--workers: training pairs per epoch")
     parser.add_argument("--worker-threads", type=int, default=0, help="--workers: TF intra- and inter-op threads per worker process (0 = TF's default)")
+    parser.add_argument("--settings", nargs="+", default=[], metavar="PRECISION/JIT",
+                        help="precision and XLA settings side by side, e.g. float32/off mixed_bfloat16/on; 'all': the six")
     parser.add_argument("--candidates", nargs="+", default=[], metavar="BACKBONE@SIZE",
                         help="the recipe's training pairs/s per backbone and input size (see above)")
     parser.add_argument("--config", default=str(ROOT / "configs" / "grocery-30min-v1.toml"), help="--candidates: the recipe")
     parser.add_argument("--manifest", default=str(SHARED / "grocery" / "manifest.csv"), help="--candidates: the photos")
     parser.add_argument("--auxiliary-dir", default=str(SHARED / "coil100" / "images"), help="--candidates: the auxiliary set")
     args = parser.parse_args()
+    if args.settings:
+        return bench_settings(args)
     if args.candidates:
         return bench_candidates(args)
     if args.workers > 1:
         return bench_workers(args)
 
     import keras
-    import numpy as np
 
     from street2shop.config import TrainConfig
     from street2shop.compile import build_model, build_optimizer
 
     config = TrainConfig().replace(backbone=args.backbone, image_size=args.image_size, weights="none", batch_size=args.batch_size,
                                    w_product=0.0)  # pairs only, as BENCHMARKS.md measured it (the default is now 0.5)
-    rng = np.random.default_rng(0)
     b, s = args.batch_size, args.image_size
-    x = {"image_a": rng.uniform(0, 255, (b, s, s, 3)).astype("float32"), "image_b": rng.uniform(0, 255, (b, s, s, 3)).astype("float32")}
-    y = {"distance": (np.arange(b) % 2).astype("float32")}
-    w = {"distance": np.ones(b, "float32")}
+    x, y, w = _pair_batch(b, s)
 
     keras.utils.set_random_seed(0)
     robust = build_model(config, None)
@@ -103,6 +120,88 @@ def main() -> int:
         "robust_pairs_per_s": round(pairs["robust"], 2), "plain_pairs_per_s": round(pairs["plain"], 2),
         "ratio": round(pairs["robust"] / pairs["plain"], 3),
         "robust_round_s": [round(t, 2) for t in times["robust"]], "plain_round_s": [round(t, 2) for t in times["plain"]],
+    }
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _pair_batch(batch_size: int, image_size: int) -> tuple[dict, dict, dict]:
+    """One batch of random pixel pairs, half positive, and its sample weights."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    b, s = batch_size, image_size
+    x = {"image_a": rng.uniform(0, 255, (b, s, s, 3)).astype("float32"), "image_b": rng.uniform(0, 255, (b, s, s, 3)).astype("float32")}
+    return x, {"distance": (np.arange(b) % 2).astype("float32")}, {"distance": np.ones(b, "float32")}
+
+
+def _peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def bench_settings(args: argparse.Namespace) -> int:
+    """``--settings``: training pairs/s under each precision and XLA setting, one model each, interleaved rounds."""
+    import statistics
+
+    import keras
+
+    from street2shop.compile import build_model
+    from street2shop.config import JIT_COMPILE, TrainConfig
+    from street2shop.model.precision import PRECISIONS
+
+    texts = [f"{p}/{j}" for p in PRECISIONS for j in ("off", "on")] if args.settings == ["all"] else args.settings
+    settings = {}
+    for text in texts:
+        precision, _, jit = text.partition("/")
+        if precision not in PRECISIONS or jit not in JIT_COMPILE:
+            raise SystemExit(f"a setting is PRECISION/JIT with PRECISION in {PRECISIONS} and JIT in {JIT_COMPILE}. Received: {text!r}")
+        settings[text] = (precision, jit)
+    base = TrainConfig().replace(backbone=args.backbone, image_size=args.image_size, weights="none", batch_size=args.batch_size,
+                                 w_product=0.0)  # pairs only, as the loss comparison
+    x, y, w = _pair_batch(args.batch_size, args.image_size)
+    load = [os.getloadavg()]
+    models, first = {}, {}
+    for text, (precision, jit) in settings.items():
+        keras.utils.set_random_seed(0)  # the same initial weights in every setting (variables are float32 in all)
+        model = build_model(base.replace(precision=precision, jit_compile=jit), None)
+        start = time.perf_counter()
+        loss = model.train_on_batch(x, y, sample_weight=w, return_dict=True)["loss"]  # traces (and compiles, with XLA)
+        first[text] = {"first_step_s": round(time.perf_counter() - start, 1), "first_step_loss": round(float(loss), 6),
+                       "xla": bool(model.jit_compile), "loss_scaling": type(model.optimizer).__name__ == "LossScaleOptimizer",
+                       "peak_rss_gb_after": round(_peak_rss_gb(), 2)}
+        models[text] = model
+        print(f"{text}: first step {first[text]['first_step_s']} s, loss {first[text]['first_step_loss']}", file=sys.stderr, flush=True)
+    times: dict[str, list[float]] = {text: [] for text in settings}
+    warmup: dict[str, list[float]] = {text: [] for text in settings}
+    for r in range(args.warmup_rounds + args.rounds):
+        timed = r >= args.warmup_rounds
+        for text, model in models.items():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                model.train_on_batch(x, y, sample_weight=w)
+            (times if timed else warmup)[text].append(time.perf_counter() - start)
+        load.append(os.getloadavg())
+        print(f"{'round' if timed else 'warm-up round'} {r + 1 - (args.warmup_rounds if timed else 0)}: "
+              + ", ".join(f"{t} {args.steps * args.batch_size / (times if timed else warmup)[t][-1]:.2f}" for t in settings)
+              + f" pairs/s, load {load[-1][0]:.1f}", file=sys.stderr, flush=True)
+    reference = texts[0]
+    for text, model in models.items():
+        optimizer = model.optimizer
+        applied = int((optimizer.inner_optimizer if first[text]["loss_scaling"] else optimizer).iterations.numpy())
+        first[text]["steps_skipped"] = 1 + (args.warmup_rounds + args.rounds) * args.steps - applied
+    result = {
+        "backbone": args.backbone, "image_size": args.image_size, "batch_size": args.batch_size, "rounds": args.rounds,
+        "warmup_rounds": args.warmup_rounds, "steps": args.steps,
+        "pairs_per_s_best": {t: round(args.steps * args.batch_size / min(v), 2) for t, v in times.items()},
+        "pairs_per_s_median": {t: round(args.steps * args.batch_size / statistics.median(v), 2) for t, v in times.items()},
+        f"ratio_to_{reference}_paired_median": {t: round(statistics.median(a / b for a, b in zip(times[reference], v)), 3) for t, v in times.items()},
+        "round_s": {t: [round(v, 2) for v in vs] for t, vs in times.items()},
+        "warmup_round_s": {t: [round(v, 2) for v in vs] for t, vs in warmup.items()},
+        "settings": first, "load_1_5_15": [[round(v, 2) for v in avg] for avg in load],
     }
     print(json.dumps(result, indent=2))
     if args.out:

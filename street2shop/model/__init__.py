@@ -17,6 +17,7 @@ _HOMES = {
     "OUTPUT_KEYS": "siamese", "build_siamese": "siamese", "tower_of": "siamese",
     "load_tower_weights": "siamese", "read_tower_weights": "siamese", "set_tower_weights": "siamese",
     "build_tower": "tower", "tower_spec": "tower",
+    "PRECISIONS": "precision", "model_precision": "precision", "precision_scope": "precision", "with_precision": "precision",
     "TTA_MODES": "views", "embed_views": "views", "tta_fingerprint": "views",
 }
 
