@@ -6,7 +6,9 @@ epochs (the switch itself is a variable the loss owns,
 worker of a multi-worker run from the chief's backup. :class:`LearningRateLog` adds the
 learning rate to each epoch's logs (so ``log.csv`` shows a schedule). :class:`TrainingProgress` is what a
 person sees of ``fit``: one short line per epoch, and a bar during the epoch
-on a terminal (``log.csv`` and TensorBoard keep every metric).
+on a terminal (``log.csv`` and TensorBoard keep every metric). :class:`EmaWeights`
+puts the optimizer's moving average of the weights in the model wherever an
+epoch is judged and recorded.
 """
 
 from __future__ import annotations
@@ -69,6 +71,68 @@ class DropWarmup(keras.callbacks.Callback):
                 if hasattr(callback, "best_weights"):
                     callback.best_weights = None
         self.active.assign(1.0 if on else 0.0)
+
+
+class EmaWeights(keras.callbacks.Callback):
+    """The optimizer's moving average of the weights (``FitConfig.ema_momentum``) in the model wherever a run is judged and recorded.
+
+    Keras keeps the average in the optimizer (``use_ema``: after every applied
+    step, ``average = m * average + (1 - m) * weights``, the first step's
+    weights themselves) and copies it into the model when ``fit`` ends. In
+    between, this callback swaps it in for validation (so ``val_loss`` and
+    the best checkpoint judge the average) and at each epoch's end for the
+    callbacks that record the epoch (the log, ``best.keras``, ``last.keras``);
+    :attr:`back` swaps the trained weights back, so that the backup holds the
+    weights and the average as training left them and a resumed run goes on
+    with both. Place this callback first and :attr:`back` just before the
+    backup. (Keras' ``SwapEMAWeights(swap_on_epoch=True)`` leaves the average
+    in the model at an epoch's end, so a backup taken then would resume with
+    the two exchanged.)
+
+    Batch normalisation's moving statistics are not trainable weights: they
+    are their own moving averages, kept as training left them.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_model = False
+        self.back = _TrainedWeightsBack(self)
+
+    def _pairs(self) -> list[tuple[Any, Any]]:
+        optimizer = self.model.optimizer
+        optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # mixed_float16's LossScaleOptimizer holds ours
+        # Keras' own attributes, as keras.callbacks.SwapEMAWeights reads them: the variables it trains, their averages.
+        return list(zip(optimizer._trainable_variables, optimizer._model_variables_moving_average))
+
+    def swap(self, average_in_model: bool) -> None:
+        """Exchanges the weights and their average, unless the model already holds the one asked for."""
+        if self.in_model == average_in_model:
+            return
+        for variable, average in self._pairs():
+            trained = keras.ops.convert_to_numpy(variable)
+            variable.assign(keras.ops.convert_to_numpy(average))
+            average.assign(trained)
+        self.in_model = average_in_model
+
+    def on_test_begin(self, logs: dict | None = None) -> None:
+        self.swap(True)
+
+    def on_test_end(self, logs: dict | None = None) -> None:
+        self.swap(False)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.swap(True)
+
+
+class _TrainedWeightsBack(keras.callbacks.Callback):
+    """:attr:`EmaWeights.back`: the trained weights back in the model at an epoch's end (place it before the backup)."""
+
+    def __init__(self, ema: EmaWeights) -> None:
+        super().__init__()
+        self.ema = ema
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.ema.swap(False)
 
 
 class RestoreFromChief(keras.callbacks.BackupAndRestore):
@@ -231,6 +295,9 @@ def build_callbacks(config: TrainConfig, model: Any, out: Path, initial_epoch: i
         # Before the CSV logger, which writes the logs it is given; not into the log of a run resumed from
         # before this column existed (CSVLogger keeps the old header, and the row would shift under it).
         callbacks.insert(0, LearningRateLog())
+    ema = EmaWeights() if fc.ema_momentum else None
+    if ema is not None:
+        callbacks.insert(0, ema)  # first: the average in the model for every callback that records the epoch
     if fc.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, patience=fc.early_stopping_patience, restore_best_weights=False))
     if drop_switch is not None:
@@ -242,6 +309,8 @@ def build_callbacks(config: TrainConfig, model: Any, out: Path, initial_epoch: i
     elif config.loss.drop_warmup_epochs:
         logger.warning("drop_warmup_epochs %d ignored: it applies to the robust loss, and this run uses the %s loss",
                        config.loss.drop_warmup_epochs, config.loss.loss)
+    if ema is not None:
+        callbacks.append(ema.back)  # the trained weights back for the backup, so a resumed run continues both
     # Last: see above. Another worker than the chief resumes from the chief's backup (cluster.py).
     callbacks.append(keras.callbacks.BackupAndRestore(str(out / "backup")) if write == out
                      else RestoreFromChief(str(write / "backup"), str(out / "backup")))

@@ -106,10 +106,13 @@ def build_optimizer(config: TrainConfig):
 
     fc = config.fit
     learning_rate = learning_rate_of(config)
+    # Keras' own moving average (Polyak averaging): updated after every applied step; callbacks.EmaWeights
+    # puts it in the model where a run is evaluated and recorded, and fit makes it the model at the end.
+    ema = {"use_ema": True, "ema_momentum": fc.ema_momentum} if fc.ema_momentum else {}
     if fc.optimizer == "sgd":
         return BackboneSGD(learning_rate=learning_rate, momentum=fc.momentum, nesterov=True,
-                           weight_decay=fc.weight_decay or None, backbone_lr_multiplier=fc.backbone_lr_multiplier)
-    return BackboneAdamW(learning_rate=learning_rate, weight_decay=fc.weight_decay, backbone_lr_multiplier=fc.backbone_lr_multiplier)
+                           weight_decay=fc.weight_decay or None, backbone_lr_multiplier=fc.backbone_lr_multiplier, **ema)
+    return BackboneAdamW(learning_rate=learning_rate, weight_decay=fc.weight_decay, backbone_lr_multiplier=fc.backbone_lr_multiplier, **ema)
 
 
 def learning_rate_of(config: TrainConfig) -> Any:

@@ -208,6 +208,9 @@ class FitConfig(_Section):
                              "or 'mixed_bfloat16' (TPUs, NVIDIA Ampere and newer, CPUs with AMX); a run resumes only under its own")
     jit_compile: str = setting("auto", "XLA compilation of the training step: 'auto' (Keras' choice: on for one GPU, "
                                "off on a CPU or under a distribution strategy), 'on' or 'off'")
+    ema_momentum: float = setting(0.0, "keep an exponential moving average of the trainable weights, updated after every step "
+                                  "with this momentum (e.g. 0.99: about the last 100 steps), and make it the model: validation, "
+                                  "best.keras, last.keras and the exported tower (0 = off)", unset=0.0)
     seed: int = setting(0, "seed of pair plans, weights and augmentation")
 
     def __post_init__(self) -> None:
@@ -226,6 +229,7 @@ class FitConfig(_Section):
                "'auto', 'default', 'mirrored' or 'multi_worker'")
         _check(self.precision in PRECISIONS, "precision", self.precision, " or ".join(repr(p) for p in PRECISIONS))
         _check(self.jit_compile in JIT_COMPILE, "jit_compile", self.jit_compile, " or ".join(repr(j) for j in JIT_COMPILE))
+        _check(0.0 <= self.ema_momentum < 1.0, "ema_momentum", self.ema_momentum, "in [0, 1)")
 
     @property
     def jit_compile_arg(self) -> bool | str:

@@ -4,14 +4,16 @@ Outputs in ``config.fit.output_dir``:
 
 - ``config.toml``: the resolved configuration (re-run with ``--config``);
 - ``best.keras`` (lowest validation loss, or training loss without a
-  validation split) and ``last.keras``: full models, reload with
+  validation split) and ``last.keras``: full models (with ``ema_momentum``,
+  holding the moving average of the weights, which validation judged), reload with
   ``keras.saving.load_model(path)`` (``safe_mode=True`` works; a
   ``mixed_float16`` run's inside ``precision_scope("mixed_float16")`` to keep
   its loss scaling, see :mod:`street2shop.model.precision`);
 - ``backup/``: ``BackupAndRestore`` state; a killed run started again with the
   same command resumes at the epoch it was in, with the pair plans it would
-  have seen, under the dtype policy it was trained in (``precision``: another
-  is refused; ``init_checkpoint`` starts a new run from its weights under any);
+  have seen, under the dtype policy and moving average it was trained with
+  (``precision``, ``ema_momentum``: another is refused; ``init_checkpoint``
+  starts a new run from its weights under any);
 - ``log.csv`` (one row per epoch) and ``tensorboard/``.
 
 Distribution goes through ``tf.distribute``: one device by default,
@@ -155,7 +157,7 @@ def start_run(config: TrainConfig, strategy: Any = None) -> TrainingRun:
     out = Path(config.fit.output_dir)
     initial_epoch = resume_epoch(out / "backup")
     if initial_epoch:
-        check_resume_precision(out, config)  # before anything in the run's folder changes
+        check_resumes_as_trained(out, config)  # before anything in the run's folder changes
     if initial_epoch and role.is_chief:
         trim_run_log(out / LOG_FILE, initial_epoch)  # before the workers compare notes: they read it after
     if role.count > 1:
@@ -169,21 +171,30 @@ def start_run(config: TrainConfig, strategy: Any = None) -> TrainingRun:
     return TrainingRun(config, strategy, role, data, steps, initial_epoch, out, write)
 
 
-def check_resume_precision(out: Path, config: TrainConfig) -> None:
-    """Refuses to resume the run in ``out`` under another dtype policy than the one its ``config.toml`` records.
+def check_resumes_as_trained(out: Path, config: TrainConfig) -> None:
+    """Refuses to resume the run in ``out`` under another dtype policy or moving average than its ``config.toml`` records.
 
     A backup holds the optimizer of its policy (under ``mixed_float16`` a
-    ``LossScaleOptimizer``, with its loss scale), and half a run in one
-    policy and half in another is no run of either; the weights themselves
-    are float32 in every policy, so a new run can start from them
-    (``init_checkpoint``). A run from before ``precision`` existed was float32.
+    ``LossScaleOptimizer``, with its loss scale) and, with ``ema_momentum``,
+    the moving average of the weights; half a run one way and half another is
+    no run of either. The weights themselves are float32 in every policy, so
+    a new run can start from them (``init_checkpoint``). A run from before
+    these settings existed was float32 without an average.
     """
     path = out / "config.toml"
     if not path.is_file():
-        logger.warning("%s has a backup but no config.toml: cannot check that it resumes under the precision it was trained in", out)
+        logger.warning("%s has a backup but no config.toml: cannot check that it resumes under the precision and moving average it was trained with", out)
         return
     fit_values = read_config_values(path).get("fit", {})
-    saved = fit_values.get("precision", "float32") if isinstance(fit_values, dict) else "float32"
+    fit_values = fit_values if isinstance(fit_values, dict) else {}
+    saved_ema = float(fit_values.get("ema_momentum", 0.0))  # a run from before ema_momentum existed had none
+    if saved_ema != config.fit.ema_momentum:
+        raise ConfigError(
+            f"{out} was trained with ema_momentum {saved_ema} (its config.toml) and resumes only with it: its backup holds "
+            f"{'a moving average of its weights' if saved_ema else 'no moving average'}. Run again with --ema-momentum {saved_ema}, "
+            f"or start a new run in another output_dir with --init-checkpoint {out / 'last.keras'}. "
+            f"Received: ema_momentum={config.fit.ema_momentum}")
+    saved = fit_values.get("precision", "float32")
     if saved != config.fit.precision:
         raise ConfigError(
             f"{out} was trained under precision {saved!r} (its config.toml) and resumes only under it: run again with "

@@ -69,6 +69,69 @@ def test_interrupted_run_resumes_at_the_next_epoch(synth_dataset, tmp_path, capl
         np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
 
 
+class Weights(keras.callbacks.Callback):
+    """Records the model's trainable weights after every training step, at the start of every validation, and at
+    every epoch's end (as extra callbacks, after the run's own: after its records and its backup)."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps, self.validated, self.epoch_ends = [], [], []
+
+    def _now(self):
+        return [v.numpy().copy() for v in self.model.trainable_variables]
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps.append(self._now())
+
+    def on_test_begin(self, logs=None):
+        self.validated.append(self._now())
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch_ends.append(self._now())
+
+
+def test_a_moving_average_of_the_weights_is_validated_recorded_resumed_and_kept(synth_dataset, tmp_path):
+    # ema_momentum m: after the first applied step the average is the weights; after each next one
+    # m·average + (1 − m)·weights (Keras' use_ema). Computed here by hand from the weights recorded after
+    # every step, across an interruption: the backup must hold the trained weights and the average as
+    # training left them, or the resumed run's average (and its weights) go wrong.
+    m = 0.5
+    config = tiny_config(synth_dataset, tmp_path / "run", epochs=3, ema_momentum=m)  # 2 steps per epoch
+    first, second = Weights(), Weights()
+    with pytest.raises(KeyboardInterrupt):
+        train(config, extra_callbacks=[first, Interrupt(epoch=0)], verbose=0)
+    with pytest.raises(ConfigError) as refused:  # another moving average (none) is refused
+        train(config.replace(ema_momentum=0.0), verbose=0)
+    assert "\n" not in str(refused.value) and "ema_momentum 0.5" in str(refused.value) and "Received: ema_momentum=0.0" in str(refused.value)
+    result = train(config, extra_callbacks=[second], verbose=0)
+    assert result.initial_epoch == 1
+    steps = first.steps + second.steps
+    assert len(steps) == 6
+    averages, average = [], None
+    for weights in steps:
+        average = weights if average is None else [m * a + (1 - m) * w for a, w in zip(average, weights)]
+        averages.append(average)
+
+    def close(got, expected):
+        return all(np.allclose(g, e, rtol=1e-5, atol=1e-6) for g, e in zip(got, expected))
+
+    # The trained weights move on from the backup: the resumed run's first step starts from epoch 1's last weights.
+    assert not close(steps[-1], averages[-1])  # the average is not the last weights (else this test could not fail)
+    # Validation sees the average of the steps so far; after the epoch's records and the backup, training has
+    # its own weights back.
+    validated = first.validated + second.validated
+    epoch_ends = first.epoch_ends + second.epoch_ends
+    for epoch in range(3):
+        assert close(validated[epoch], averages[2 * epoch + 1]), epoch
+        assert close(epoch_ends[epoch], steps[2 * epoch + 1]), epoch
+    # The model fit returns, last.keras and the tower an export would take hold the final average.
+    assert close([v.numpy() for v in result.model.trainable_variables], averages[-1])
+    last = keras.saving.load_model(tmp_path / "run" / "last.keras", compile=False)
+    assert close([v.numpy() for v in last.trainable_variables], averages[-1])
+    best = keras.saving.load_model(tmp_path / "run" / "best.keras", compile=False)
+    assert any(close([v.numpy() for v in best.trainable_variables], averages[2 * e + 1]) for e in range(3))
+
+
 def test_ctrl_c_while_an_epoch_is_being_saved_loses_no_log_row(synth_dataset, tmp_path, monkeypatch):
     # Ctrl-C lands while epoch 2's checkpoints are written (the slow part: 264 MB each at 75 px). Before,
     # the backup had already marked epoch 2 done and the log row was not written yet: log.csv held epochs
