@@ -244,3 +244,26 @@ def test_street_refs_are_the_records_embed_indexes_and_the_ones_the_tool_used_be
     assert views.parse("street-refs+tta-flip") == (0, "flip", True)
     with pytest.raises(SystemExit, match="not this run's gallery"):
         views.customer_references(command, gallery[1:])
+
+
+def test_compare_runs_pairs_two_folders_by_seed_and_query(tmp_path, capsys):
+    compare = load_tool("compare_runs")
+
+    def result(folder, seed, ranks):
+        folder.mkdir(exist_ok=True)
+        (folder / f"result-robust_multitask_products-seed{seed}.json").write_text(
+            json.dumps({"variant": "robust_multitask_products", "seed": seed, "ranks": ranks}))
+
+    base, lever = tmp_path / "base", tmp_path / "ema_momentum=0.99"
+    result(base, 0, [1, 9, 9, 9])
+    result(base, 1, [1, 1, 9, 9])
+    result(lever, 0, [1, 1, 3, 9])  # top-1 +25, top-5 +50
+    result(lever, 1, [1, 1, 9, 9])  # top-1 and top-5 +0
+    result(lever, 2, [1, 1, 1, 1])  # base has no seed 2: not counted
+    assert compare.main([str(base), str(lever)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| ema_momentum=0.99"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "0, 1" and cells[4] == "0: +25.0, 1: +0.0"
+    assert cells[2].startswith("+12.5 [") and cells[3].startswith("+25.0 [")
+    with pytest.raises(SystemExit, match="no finished run"):
+        compare.main([str(base), str(tmp_path / "empty")])

@@ -1,0 +1,67 @@
+"""Paired differences between benchmark folders: each OTHER folder's runs against BASE's, seed by seed and query by query.
+
+Every folder is one ``tools/bench_retrieval.py --out`` (for example one round-5 candidate, or one lever
+run with ``--set``). The same seed and the same query pair up (the evaluation split is the same), so a
+difference's interval resamples seeds and queries together (:func:`street2shop.experiments.paired_difference`)
+and is far narrower than the two intervals side by side. Only the seeds both folders finished count.
+
+    .venv/bin/python tools/compare_runs.py bench-output/round5/28min/densenet121@96 \\
+        bench-output/round5/28min-levers/densenet121@96/ema_momentum=0.99
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from street2shop.experiments import paired_difference  # noqa: E402
+
+
+def results_of(folder: Path, variant: str, name: str) -> list[dict]:
+    """The folder's finished runs of ``variant``, renamed ``name`` so two folders can be paired."""
+    runs = [json.loads(p.read_text()) for p in sorted(folder.glob(f"result-{variant}-seed*.json"))]
+    if not runs:
+        raise SystemExit(f"error: {folder} holds no finished run of {variant} (result-{variant}-seed*.json); "
+                         f"is it a bench_retrieval.py --out folder, and has a seed finished?")
+    return [{**run, "variant": name} for run in runs]
+
+
+def rows(base: Path, others: list[Path], variant: str) -> list[str]:
+    base_runs = results_of(base, variant, "base")
+    lines = []
+    for other in others:
+        runs = base_runs + results_of(other, variant, "other")
+        cells, per_seed = [], {}
+        for k in (1, 5):
+            difference = paired_difference(runs, "other", "base", k=k)
+            if difference is None:
+                raise SystemExit(f"error: {other} and {base} share no finished seed")
+            mean, low, high, by_seed = difference
+            cells.append(f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]")
+            per_seed = per_seed or by_seed  # top-1's
+        seeds = ", ".join(f"{seed}: {100 * value:+.1f}" for seed, value in per_seed.items())
+        lines.append(f"| {other.name} | {', '.join(map(str, per_seed))} | {cells[0]} | {cells[1]} | {seeds} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("base", type=Path, help="the folder every other is compared with")
+    parser.add_argument("others", type=Path, nargs="+", metavar="other")
+    parser.add_argument("--variant", default="robust_multitask_products", help="the variant compared (default: %(default)s)")
+    args = parser.parse_args(argv)
+    print(f"Paired differences against {args.base} (percentage points; 95 % interval resampling seeds and queries):\n")
+    print("| folder | seeds | top-1 − base | top-5 − base | top-1 − base, each seed |")
+    print("|---|---|---|---|---|")
+    for line in rows(args.base, args.others, args.variant):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
