@@ -4,6 +4,7 @@ Its science (the variants, label noise, the statistics) is in the package: tests
 tests/data/test_noise.py.
 """
 
+import dataclasses
 import importlib.util
 import json
 import re
@@ -241,7 +242,14 @@ def test_street_refs_are_the_records_embed_indexes_and_the_ones_the_tool_used_be
     command = {"manifest": str(synth_dataset), "train_split": "train"}
     # The records the tool indexed by hand before (the training street photos), in the same order.
     assert views.customer_references(command, gallery) == [r for r in records if r.domain == "street" and r.split == "train"]
-    assert views.parse("street-refs+tta-flip") == (0, "flip", True)
+    assert views.parse("street-refs+tta-flip") == (0, "flip", "photos")
+    assert views.parse("street-means+tta-flip-crops") == (0, "flip-crops", "means")
+    # A prototype per product: the normalised mean of its photos' vectors, in the order products first appear.
+    street = [r for r in records if r.domain == "street" and r.split == "train"][:3]
+    street = [street[0], dataclasses.replace(street[1], product_id="other"), dataclasses.replace(street[2], product_id=street[0].product_id)]
+    means, holders = views.street_means([[3.0, 0.0], [0.0, 2.0], [0.0, 3.0]], street)
+    assert holders == [street[0], street[1]]
+    assert means.ravel().tolist() == pytest.approx([0.5 ** 0.5, 0.5 ** 0.5, 0.0, 1.0])  # mean (1.5, 1.5) normalised; (0, 2) / 2
     with pytest.raises(SystemExit, match="not this run's gallery"):
         views.customer_references(command, gallery[1:])
 

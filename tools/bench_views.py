@@ -20,6 +20,9 @@ protocol (the ``val`` street photos against every shop photo), with:
   earlier results reproduce). Another protocol (the gallery holds street
   photos), reported apart: the queries are still other photos than those
   indexed.
+- ``street-means``: the shop photos plus, per product, one reference: the
+  normalised mean of the embeddings of its training street photos (a
+  prototype of its customer photos; 81 references more, not 2,640).
 
 The baseline (``none``) must reproduce the run's own result exactly; the tool
 stops otherwise. Paired differences against ``none`` over the runs (seeds) and
@@ -48,11 +51,12 @@ from bench_retrieval import embed_with_tower, evaluate  # noqa: E402
 from street2shop.experiments import bootstrap, per_query  # noqa: E402
 from bench_serving import uptime, write_report  # noqa: E402
 
-CONDITIONS = ("none", "tta-flip", "tta-flip-crops", "refs-8", "refs-8+tta-flip", "street-refs", "street-refs+tta-flip")
+CONDITIONS = ("none", "tta-flip", "tta-flip-crops", "refs-8", "refs-8+tta-flip", "street-refs", "street-refs+tta-flip",
+              "street-means", "street-means+tta-flip-crops")
 
 
 def parse(condition):
-    """``"refs-8+tta-flip"`` → (refs 8, tta "flip", street False)."""
+    """``"refs-8+tta-flip"`` → (refs 8, tta "flip", street False); street is "photos" or "means" with customer photos."""
     from street2shop.model.views import check_tta
 
     refs, tta, street = 0, "none", False
@@ -62,7 +66,9 @@ def parse(condition):
         elif part.startswith("refs-"):
             refs = int(part[5:])
         elif part == "street-refs":
-            street = True
+            street = "photos"
+        elif part == "street-means":
+            street = "means"
         elif part != "none":
             raise SystemExit(f"unknown condition {condition!r}")
     return refs, tta, street
@@ -104,6 +110,19 @@ def customer_references(command, gallery):
     return [r for r in references if r.domain == "street"]
 
 
+def street_means(vectors, records):
+    """One reference per product: the normalised mean of its photos' vectors, labelled by its first photo's record."""
+    import numpy as np
+
+    means, holders = [], []
+    for product in dict.fromkeys(r.product_id for r in records):
+        rows = [i for i, r in enumerate(records) if r.product_id == product]
+        mean = np.asarray(vectors)[rows].mean(axis=0)
+        means.append(mean / np.linalg.norm(mean))
+        holders.append(records[rows[0]])
+    return np.stack(means), holders
+
+
 def evaluate_run(result_path, conditions, strength, seed):
     import numpy as np
 
@@ -130,9 +149,13 @@ def evaluate_run(result_path, conditions, strength, seed):
             views = augmented_views(shop_pixels(gallery, size), refs, strength=strength, seed=seed)
             g = np.concatenate([g] + [embed_pixels(tower, v, tta) for v in views])
             g_records += gallery * refs
-        if with_street:
+        if with_street == "photos":
             g = np.concatenate([g, embed_with_tower(tower, street, tta=tta)])
             g_records += street
+        elif with_street == "means":
+            means, holders = street_means(embed_with_tower(tower, street, tta=tta), street)
+            g = np.concatenate([g, means])
+            g_records += holders
         record = evaluate(q, queries, g, g_records)
         record["seconds"] = round(time.perf_counter() - started, 1)
         record["gallery"] = len(g_records)
