@@ -26,7 +26,9 @@ protocol (the ``val`` street photos against every shop photo), with:
 
 The baseline (``none``) must reproduce the run's own result exactly; the tool
 stops otherwise. Paired differences against ``none`` over the runs (seeds) and
-queries, with 95% intervals resampling both (as bench_retrieval). ``--latency``
+queries, with 95% intervals resampling both (as bench_retrieval). Each set of
+photos is embedded once per TTA mode and reused by the conditions that share it
+(a condition's seconds count only what it embedded first). ``--latency``
 also times the embedding of one batch per TTA mode, side by side, in rounds.
 
     .venv/bin/python tools/bench_views.py bench-output/grocery-30min-v1 --out bench-output/views.json
@@ -139,21 +141,28 @@ def evaluate_run(result_path, conditions, strength, seed):
     street = customer_references(command, gallery) if any(parse(c)[2] for c in conditions) else []
     tower = tower_of(load_checkpoint(run / "last.keras"))
     size = int(tower.inputs[0].shape[1])
+    cache = {}
+
+    def embedded(name, photos, tta):  # each set of photos embedded once per TTA mode, whatever the conditions reuse it
+        if (name, tta) not in cache:
+            cache[name, tta] = embed_with_tower(tower, photos, tta=tta)
+        return cache[name, tta]
+
     out = {}
     for condition in conditions:
         refs, tta, with_street = parse(condition)
         started = time.perf_counter()
-        q = embed_with_tower(tower, queries, tta=tta)
-        g, g_records = embed_with_tower(tower, gallery, tta=tta), list(gallery)
+        q = embedded("queries", queries, tta)
+        g, g_records = embedded("gallery", gallery, tta), list(gallery)
         if refs:
             views = augmented_views(shop_pixels(gallery, size), refs, strength=strength, seed=seed)
             g = np.concatenate([g] + [embed_pixels(tower, v, tta) for v in views])
             g_records += gallery * refs
         if with_street == "photos":
-            g = np.concatenate([g, embed_with_tower(tower, street, tta=tta)])
+            g = np.concatenate([g, embedded("street", street, tta)])
             g_records += street
         elif with_street == "means":
-            means, holders = street_means(embed_with_tower(tower, street, tta=tta), street)
+            means, holders = street_means(embedded("street", street, tta), street)
             g = np.concatenate([g, means])
             g_records += holders
         record = evaluate(q, queries, g, g_records)
