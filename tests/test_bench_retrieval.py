@@ -275,3 +275,23 @@ def test_compare_runs_pairs_two_folders_by_seed_and_query(tmp_path, capsys):
     assert cells[2].startswith("+12.5 [") and cells[3].startswith("+25.0 [")
     with pytest.raises(SystemExit, match="no finished run"):
         compare.main([str(base), str(tmp_path / "empty")])
+
+
+def test_compare_runs_reads_a_runs_trained_weights_beside_its_average(tmp_path, capsys):
+    compare = load_tool("compare_runs")
+    ema = tmp_path / "ema_momentum=0.99"
+    ema.mkdir()
+    for seed, average, trained in ((0, [1, 1, 1, 9], [1, 9, 9, 9]), (1, [1, 1, 9, 9], [1, 1, 9, 9])):
+        (ema / f"result-robust_multitask_products-seed{seed}.json").write_text(json.dumps(
+            {"variant": "robust_multitask_products", "seed": seed, "ranks": average, "trained_weights": {"ranks": trained}}))
+    assert compare.main([f"{ema}#trained_weights", str(ema)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| ema_momentum=0.99 "))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4] == "0: +50.0, 1: +0.0"  # the average against the same run's trained weights: 3/4 − 1/4, 2/4 − 2/4
+    assert compare.main([str(ema), f"{ema}#trained_weights"]) == 0
+    assert "| ema_momentum=0.99#trained_weights | 0, 1 | -25.0 [" in capsys.readouterr().out
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "result-robust_multitask_products-seed0.json").write_text(json.dumps({"variant": "robust_multitask_products", "seed": 0, "ranks": [1]}))
+    with pytest.raises(SystemExit, match="record no 'trained_weights'"):
+        compare.main([f"{plain}#trained_weights", str(plain)])

@@ -287,7 +287,8 @@ def run_one(variant, seed, args, queries, gallery, out):
         record["train_seconds"] = 0.0
         record.pop("drop")
     else:
-        result = train(config, verbose=2)
+        trained = TrainedWeightsAtEnd() if config.fit.ema_momentum else None
+        result = train(config, verbose=2, extra_callbacks=[trained] if trained else None)
         tower = result.model.get_layer("tower")
         record["train_seconds"] = round(result.seconds, 1)
         record["pairs_per_second"] = round(result.pairs_per_second, 2)
@@ -296,8 +297,35 @@ def run_one(variant, seed, args, queries, gallery, out):
     g = embed_with_tower(tower, gallery)
     q = embed_with_tower(tower, queries)
     record.update(evaluate(q, queries, g, gallery))
+    if VARIANTS[variant].trained and config.fit.ema_momentum:
+        # The same run without its average: what training without ema_momentum would have exported (the
+        # average never steers a step), so `compare_runs.py F#trained_weights F` is the average's paired gain.
+        if trained.weights is None:
+            raise SystemExit(f"{run_dir}: the trained weights were not captured at the last epoch (did training end early?)")
+        average = tower.get_weights()
+        tower.set_weights(trained.weights)
+        record["trained_weights"] = evaluate(embed_with_tower(tower, queries), queries, embed_with_tower(tower, gallery), gallery)
+        tower.set_weights(average)
     record["seconds"] = round(time.perf_counter() - started, 1)
     return record
+
+
+def TrainedWeightsAtEnd():
+    """A callback that keeps the tower's trained weights (not their moving average) as the last epoch leaves them.
+
+    It runs after the package's callbacks, which hand the trained weights back to the model at an
+    epoch's end for the backup (``callbacks.EmaWeights.back``); ``fit`` then copies the average in.
+    """
+    import keras
+
+    class _Keep(keras.callbacks.Callback):
+        weights = None
+
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch + 1 == self.params["epochs"]:
+                self.weights = self.model.get_layer("tower").get_weights()
+
+    return _Keep()
 
 
 def log_history(log_csv):

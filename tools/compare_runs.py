@@ -7,6 +7,13 @@ and is far narrower than the two intervals side by side. Only the seeds both fol
 
     .venv/bin/python tools/compare_runs.py bench-output/round5/28min/densenet121@96 \\
         bench-output/round5/28min-levers/densenet121@96/ema_momentum=0.99
+
+A run with ``--set ema_momentum=M`` also records the same run's trained weights without their
+average (``trained_weights`` in its result): ``FOLDER#trained_weights`` reads those, so
+
+    .venv/bin/python tools/compare_runs.py F#trained_weights F
+
+is the average's gain with training itself held fixed (the average never steers a step).
 """
 
 from __future__ import annotations
@@ -23,11 +30,22 @@ from street2shop.experiments import paired_difference  # noqa: E402
 
 
 def results_of(folder: Path, variant: str, name: str) -> list[dict]:
-    """The folder's finished runs of ``variant``, renamed ``name`` so two folders can be paired."""
+    """The folder's finished runs of ``variant``, renamed ``name`` so two folders can be paired.
+
+    ``FOLDER#KEY``: each run's evaluation recorded under ``KEY`` (``trained_weights``) instead of its own.
+    """
+    folder_name, _, key = str(folder).partition("#")
+    folder = Path(folder_name)
     runs = [json.loads(p.read_text()) for p in sorted(folder.glob(f"result-{variant}-seed*.json"))]
     if not runs:
         raise SystemExit(f"error: {folder} holds no finished run of {variant} (result-{variant}-seed*.json); "
                          f"is it a bench_retrieval.py --out folder, and has a seed finished?")
+    if key:
+        missing = [run["seed"] for run in runs if key not in run]
+        if missing:
+            raise SystemExit(f"error: {folder}'s runs of seeds {missing} record no {key!r} (only a run with "
+                             f"--set ema_momentum=M records trained_weights)")
+        runs = [{**run, **run[key]} for run in runs]
     return [{**run, "variant": name} for run in runs]
 
 
