@@ -295,3 +295,33 @@ def test_compare_runs_reads_a_runs_trained_weights_beside_its_average(tmp_path, 
     (plain / "result-robust_multitask_products-seed0.json").write_text(json.dumps({"variant": "robust_multitask_products", "seed": 0, "ranks": [1]}))
     with pytest.raises(SystemExit, match="record no 'trained_weights'"):
         compare.main([f"{plain}#trained_weights", str(plain)])
+
+
+def test_round5_curves_put_each_recipe_run_at_its_quiet_minutes(tmp_path, capsys):
+    table = load_tool("round5_table")
+    out = tmp_path / "round5"
+
+    def result(folder, seed, pairs, ranks, **extra):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"result-robust_multitask_products-seed{seed}.json").write_text(json.dumps(
+            {"variant": "robust_multitask_products", "seed": seed, "pairs": pairs, "ranks": ranks, "train_seconds": 600,
+             "top_k": {"1": 0.5, "5": 1.0}, **extra}))
+
+    result(out / "10min" / "densenet121@96", 0, 6000, [1, 1, 2, 2])                     # top-1 50 %
+    result(out / "28min-levers" / "densenet121@96" / "w_product=1.0", 0, 12000, [1, 1, 1, 1])  # a lever: not on the curve
+    result(out / "30min" / "densenet121@96" / "ema_momentum=0.99", 0, 12000, [1, 1, 1, 1],
+           trained_weights={"ranks": [1, 1, 1, 2]})                                    # the trained weights: 75 %
+    (out / "budgets-28min.json").write_text(json.dumps({"pairs_per_s": {"inception_v3@96": 30.0, "densenet121@96": 20.0}}))
+    (out / "pairs-per-s-full-epochs.json").write_text(json.dumps({"pairs_per_s": {"inception_v3@96": 20.0, "densenet121@96": 10.0}}))
+    rates = table.quiet_rates(out)
+    assert rates == {"inception_v3@96": 30.0, "densenet121@96": 15.0}  # full epochs' ratio 0.5 at the 28-minute scale
+    points = table.curves(out, rates)
+    assert [(m, top1) for m, top1, *_ in points["densenet121@96"]] == [(pytest.approx(6000 / 15 / 60), 50.0),
+                                                                       (pytest.approx(12000 / 15 / 60), 75.0)]
+    png = tmp_path / "plot.png"
+    assert table.main([str(out), "--plot", str(png), "--point", "inception_v3@96:54000:24.1:19.4:29.4:3"]) == 0
+    assert png.stat().st_size > 0
+    rows = capsys.readouterr().out
+    assert "| 28min-levers | densenet121@96 w_product=1.0 |" in rows and "| 30min | densenet121@96 ema_momentum=0.99 |" in rows
+    with pytest.raises(SystemExit):
+        table.main([str(out), "--plot", str(png), "--point", "vgg16@96:1000:1:0:2:1"])  # no rate for it
