@@ -23,7 +23,7 @@ demo: $(STAMP)
 # Two workers, whole files per worker (module fixtures such as the exported model are built once),
 # in the order tests/conftest.py gives them: the longest first.
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations 15
 
 # Undefined names, unused imports, syntax errors.
 lint: $(STAMP)

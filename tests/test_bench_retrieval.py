@@ -325,3 +325,26 @@ def test_round5_curves_put_each_recipe_run_at_its_quiet_minutes(tmp_path, capsys
     assert "| 28min-levers | densenet121@96 w_product=1.0 |" in rows and "| 30min | densenet121@96 ema_momentum=0.99 |" in rows
     with pytest.raises(SystemExit):
         table.main([str(out), "--plot", str(png), "--point", "vgg16@96:1000:1:0:2:1"])  # no rate for it
+
+
+def test_v3_is_v2_with_the_two_changes_round_5_measured():
+    """Round 5 measured v3 as v2 with --epochs 14 --set ema_momentum=0.99: the file must be exactly that."""
+    from street2shop.config import load_config
+
+    v2, v3 = (load_config(ROOT / "configs" / f"grocery-30min-{v}.toml") for v in ("v2", "v3"))
+    assert v3.fit.epochs == 14 and v3.fit.ema_momentum == 0.99
+    assert v3.data.pairs_per_epoch * v3.fit.epochs == 28_672
+    assert v3 == v2.replace(epochs=14, ema_momentum=0.99)
+
+
+def test_compare_runs_reads_a_condition_of_a_views_file(tmp_path, capsys):
+    compare = load_tool("compare_runs")
+    old, new = tmp_path / "old" / "views.json", tmp_path / "new" / "views.json"
+    for path, ranks in ((old, {"0": [1, 9], "1": [9, 9]}), (new, {"0": [1, 1], "1": [1, 9]})):
+        path.parent.mkdir()
+        path.write_text(json.dumps({"runs": {seed: {"none": {"ranks": [9, 9]}, "tta-flip-crops": {"ranks": r}} for seed, r in ranks.items()}}))
+    assert compare.main([f"{old}#tta-flip-crops", f"{new}#tta-flip-crops"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| new/views.json#tta-flip-crops"))
+    assert row.split("|")[5].strip() == "0: +50.0, 1: +50.0"  # each seed: one query more of two right first
+    with pytest.raises(SystemExit, match="it has: none, tta-flip-crops"):
+        compare.main([f"{old}#tta-flip", f"{new}#tta-flip-crops"])

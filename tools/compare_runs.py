@@ -13,7 +13,12 @@ average (``trained_weights`` in its result): ``FOLDER#trained_weights`` reads th
 
     .venv/bin/python tools/compare_runs.py F#trained_weights F
 
-is the average's gain with training itself held fixed (the average never steers a step).
+is the average's gain with training itself held fixed (the average never steers a step). And
+``VIEWS.json#CONDITION`` reads the runs of one condition of a ``tools/bench_views.py --out`` file, e.g.
+two recipes as deployed, with their test-time augmentation:
+
+    .venv/bin/python tools/compare_runs.py bench-output/round5/28min/densenet121@96/views.json#tta-flip-crops \\
+        bench-output/round5/30min/densenet121@96/ema_momentum=0.99/views.json#tta-flip-crops
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ def results_of(folder: Path, variant: str, name: str) -> list[dict]:
     """
     folder_name, _, key = str(folder).partition("#")
     folder = Path(folder_name)
+    if folder.suffix == ".json":
+        return [{**run, "variant": name} for run in views_of(folder, key)]
     runs = [json.loads(p.read_text()) for p in sorted(folder.glob(f"result-{variant}-seed*.json"))]
     if not runs:
         raise SystemExit(f"error: {folder} holds no finished run of {variant} (result-{variant}-seed*.json); "
@@ -47,6 +54,19 @@ def results_of(folder: Path, variant: str, name: str) -> list[dict]:
                              f"--set ema_momentum=M records trained_weights)")
         runs = [{**run, **run[key]} for run in runs]
     return [{**run, "variant": name} for run in runs]
+
+
+def views_of(path: Path, condition: str) -> list[dict]:
+    """The runs of one condition in a ``bench_views.py`` file (``runs``: seed -> condition -> evaluation)."""
+    try:
+        runs = json.loads(path.read_text())["runs"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: {path} is not a bench_views.py --out file ({e})")
+    found = [{**by_condition[condition], "seed": int(seed)} for seed, by_condition in runs.items() if condition in by_condition]
+    if not found:
+        conditions = sorted({c for by_condition in runs.values() for c in by_condition})
+        raise SystemExit(f"error: {path} has no runs of condition {condition!r}; it has: {', '.join(conditions) or 'none'}")
+    return found
 
 
 def rows(base: Path, others: list[Path], variant: str) -> list[str]:
@@ -63,7 +83,8 @@ def rows(base: Path, others: list[Path], variant: str) -> list[str]:
             cells.append(f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]")
             per_seed = per_seed or by_seed  # top-1's
         seeds = ", ".join(f"{seed}: {100 * value:+.1f}" for seed, value in per_seed.items())
-        lines.append(f"| {other.name} | {', '.join(map(str, per_seed))} | {cells[0]} | {cells[1]} | {seeds} |")
+        label = f"{other.parent.name}/{other.name}" if other.name.startswith("views.json") else other.name
+        lines.append(f"| {label} | {', '.join(map(str, per_seed))} | {cells[0]} | {cells[1]} | {seeds} |")
     return lines
 
 
