@@ -323,6 +323,7 @@ def test_round5_curves_put_each_recipe_run_at_its_quiet_minutes(tmp_path, capsys
     assert png.stat().st_size > 0
     rows = capsys.readouterr().out
     assert "| 28min-levers | densenet121@96 w_product=1.0 |" in rows and "| 30min | densenet121@96 ema_momentum=0.99 |" in rows
+    assert "| 30min | densenet121@96 ema_momentum=0.99#trained_weights | ? | 12,000 | 0 | 75.0 [" in rows  # no 30min budgets file
     with pytest.raises(SystemExit):
         table.main([str(out), "--plot", str(png), "--point", "vgg16@96:1000:1:0:2:1"])  # no rate for it
 

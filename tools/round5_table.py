@@ -47,21 +47,29 @@ def folders_of(budget: Path) -> list[tuple[str, str, Path]]:
 
 
 def rows_of(budget: Path, rates: dict[str, float]) -> list[tuple[float, str]]:
-    rows = []
+    rows: list[tuple[float, str]] = []
     for candidate, setting, folder in folders_of(budget):
-        runs = runs_in(folder)
-        hits = per_query(runs)
-        cells = []
-        for name in ("top-1", "top-5", "top-20"):
-            mean, low, high = bootstrap(hits[name])
-            cells.append(f"{100 * mean:.1f} [{100 * low:.1f}, {100 * high:.1f}]")
-        minutes = ", ".join(f"{r['train_seconds'] / 60:.0f}" for r in runs)
-        load = ", ".join(f"{r['uptime'][0]:.1f}" for r in runs if r.get("uptime"))
-        score = sum(r["top_k"]["1"] + r["top_k"]["5"] for r in runs) / len(runs)
-        name = f"{candidate} {setting}".strip()
-        rows.append((score, f"| {budget.name} | {name} | {rates.get(candidate, '?')} | {runs[0]['pairs']:,} | "
-                            f"{', '.join(str(r['seed']) for r in runs)} | {' | '.join(cells)} | {minutes} | {load} |"))
+        rows += [row(budget, candidate, setting, runs_in(folder), rates)]
+        if setting.startswith("ema_momentum="):  # the same runs' trained weights, without their average
+            trained = [{**r, **r["trained_weights"]} for r in runs_in(folder) if "trained_weights" in r]
+            if trained:
+                rows += [row(budget, candidate, f"{setting}#trained_weights", trained, rates)]
     return sorted(rows, reverse=True)
+
+
+def row(budget: Path, candidate: str, setting: str, runs: list[dict], rates: dict[str, float]) -> tuple[float, str]:
+    """One Markdown row of runs: its score (top-1 + top-5, to sort by) and the row."""
+    hits = per_query(runs)
+    cells = []
+    for name in ("top-1", "top-5", "top-20"):
+        mean, low, high = bootstrap(hits[name])
+        cells.append(f"{100 * mean:.1f} [{100 * low:.1f}, {100 * high:.1f}]")
+    minutes = ", ".join(f"{r['train_seconds'] / 60:.0f}" for r in runs)
+    load = ", ".join(f"{r['uptime'][0]:.1f}" for r in runs if r.get("uptime"))
+    score = sum(r["top_k"]["1"] + r["top_k"]["5"] for r in runs) / len(runs)
+    name = f"{candidate} {setting}".strip()
+    return (score, f"| {budget.name} | {name} | {rates.get(candidate, '?')} | {runs[0]['pairs']:,} | "
+                   f"{', '.join(str(r['seed']) for r in runs)} | {' | '.join(cells)} | {minutes} | {load} |")
 
 
 def budget_rates(out: Path, budget: str) -> dict[str, float]:
