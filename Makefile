@@ -36,7 +36,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m 'not slow'
 
 # Benchmarks (see BENCHMARKS.md for the figures); bench-retrieval runs about 1 h 45 min here:
-# the named recipe (configs/; BENCHMARKS "Round 5" for v2, "Round 4" for v1: RECIPE=configs/grocery-30min-v1.toml)
+# the named recipe (configs/; BENCHMARKS "Round 5" for v3 and v2, "Round 4" for v1: RECIPE=configs/grocery-30min-v1.toml)
 # over 3 seeds, the two baselines, then more views per photo.
 bench: $(STAMP)
 	$(BIN)/python tools/bench_pipeline.py --image-size 128
@@ -44,7 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python tools/bench_serving.py --image-size 96 128 --rounds 9
 	$(BIN)/python tools/bench_index.py --sizes 100000 1000000
 
-RECIPE ?= configs/grocery-30min-v2.toml
+RECIPE ?= configs/grocery-30min-v3.toml
 bench-retrieval: $(STAMP)
 	$(BIN)/python tools/bench_retrieval.py --config $(RECIPE) --variants histogram untrained robust_multitask_products \
 	    --seeds 0 1 2 --out bench-output/$(basename $(notdir $(RECIPE)))

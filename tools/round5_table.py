@@ -135,7 +135,7 @@ def plot(points: dict[str, list], path: Path) -> None:
     ax.set_ylabel("top-1 on grocery val (%), 95 % interval")
     ax.set_title("Round 5: what each backbone learns in the time")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
