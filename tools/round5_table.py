@@ -97,7 +97,7 @@ def quiet_rates(out: Path) -> dict[str, float]:
     return rates
 
 
-def curves(out: Path, rates: dict[str, float]) -> dict[str, list[tuple[float, float, float, float, str]]]:
+def curves(out: Path, rates: dict[str, float]) -> dict[str, list[tuple[float, float, float, float, int]]]:
     """candidate -> [(minutes, top-1 mean, low, high, seeds)] of the recipe's own runs, by minutes."""
     points: dict[str, list] = {}
     for budget in sorted(p for p in out.iterdir() if p.is_dir() and p.name.split("-")[0].endswith("min")):
