@@ -49,12 +49,16 @@ def folders_of(budget: Path) -> list[tuple[str, str, Path]]:
 def rows_of(budget: Path, rates: dict[str, float]) -> list[tuple[float, str]]:
     rows: list[tuple[float, str]] = []
     for candidate, setting, folder in folders_of(budget):
-        rows += [row(budget, candidate, setting, runs_in(folder), rates)]
-        if setting.startswith("ema_momentum="):  # the same runs' trained weights, without their average
-            trained = [{**r, **r["trained_weights"]} for r in runs_in(folder) if "trained_weights" in r]
-            if trained:
-                rows += [row(budget, candidate, f"{setting}#trained_weights", trained, rates)]
+        runs = runs_in(folder)
+        rows += [row(budget, candidate, setting, runs, rates)]
+        if setting.startswith("ema_momentum=") and trained_weights(runs):  # the same runs without their average
+            rows += [row(budget, candidate, f"{setting}#trained_weights", trained_weights(runs), rates)]
     return sorted(rows, reverse=True)
+
+
+def trained_weights(runs: list[dict]) -> list[dict]:
+    """Runs with a moving average of their weights, evaluated through the weights they trained (bench_retrieval's ``trained_weights``)."""
+    return [{**r, **r["trained_weights"]} for r in runs if "trained_weights" in r]
 
 
 def row(budget: Path, candidate: str, setting: str, runs: list[dict], rates: dict[str, float]) -> tuple[float, str]:
@@ -104,7 +108,7 @@ def curves(out: Path, rates: dict[str, float]) -> dict[str, list[tuple[float, fl
         for candidate, setting, folder in folders_of(budget):
             runs = runs_in(folder)
             if setting.startswith("ema_momentum="):
-                runs = [{**r, **r["trained_weights"]} for r in runs if "trained_weights" in r]
+                runs = trained_weights(runs)
             elif setting:
                 continue  # another recipe than the base: a lever, not a point of the curve
             if not runs or candidate not in rates:
