@@ -129,6 +129,8 @@ class ModelConfig(_Section):
 
     def __post_init__(self) -> None:
         _check(self.backbone in BACKBONES, "backbone", self.backbone, f"one of {', '.join(BACKBONES)}")
+        _check(BACKBONES[self.backbone].family != "street2shop" or self.weights.lower() != "imagenet", "weights", self.weights,
+               f"'none' or the path of a weights file for backbone {self.backbone}, which has no ImageNet weights")
         _check(self.embedding_dim >= 2, "embedding_dim", self.embedding_dim, ">= 2")
         _check(self.trainable_layers >= -1, "trainable_layers", self.trainable_layers, ">= 0, or -1 for all")
         _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "in [0, 1)")

@@ -71,7 +71,11 @@ def test_backbones_and_their_minimum_sizes_come_from_the_model_registry():
     from street2shop.model.backbones import BACKBONES
 
     for name, spec in BACKBONES.items():
-        assert TrainConfig().replace(backbone=name, image_size=max(32, spec.min_size)).model.backbone == name
+        weights = "none" if name == "tiny_cnn" else "imagenet"
+        assert TrainConfig().replace(backbone=name, image_size=max(32, spec.min_size), weights=weights).model.backbone == name
+    with pytest.raises(ConfigError, match="weights must be 'none' or the path of a weights file for backbone tiny_cnn, which has no "
+                                          "ImageNet weights. Received: weights='imagenet'"):
+        TrainConfig().replace(backbone="tiny_cnn")
     with pytest.raises(ConfigError, match="image_size must be >= 71 for backbone xception"):
         TrainConfig().replace(backbone="xception", image_size=70)
     with pytest.raises(ConfigError, match="backbone must be one of inception_v3, resnet50"):

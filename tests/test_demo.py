@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-pytestmark = pytest.mark.slow(minutes=2)
+pytestmark = pytest.mark.slow(minutes=0.5)
 
 from street2shop.cli import main
 from street2shop.demo import DEMO_TRAINING, DemoConfig, run_demo
@@ -15,7 +15,7 @@ def demo(tmp_path_factory):
     work = tmp_path_factory.mktemp("demo")
     config = DemoConfig(
         workdir=str(work), products=6, street_per_product=4,
-        train=DEMO_TRAINING.replace(backbone="mobilenet_v3_small", image_size=32, embedding_dim=8, epochs=1, pairs_per_epoch=32, batch_size=8),
+        train=DEMO_TRAINING.replace(backbone="tiny_cnn", image_size=32, embedding_dim=8, epochs=1, pairs_per_epoch=32, batch_size=8),
     )
     return work, run_demo(config)
 

@@ -25,6 +25,17 @@ def tower():
 
 
 @pytest.fixture(scope="module")
+def small_tower():
+    """For the tests where the backbone does not matter: its exports take seconds, InceptionV3's half a minute."""
+    import keras
+
+    from street2shop.model.tower import build_tower
+
+    keras.utils.set_random_seed(0)
+    return build_tower("tiny_cnn", image_size=(75, 75), embedding_dim=16, weights=None)
+
+
+@pytest.fixture(scope="module")
 def exported(tower, tmp_path_factory):
     base = tmp_path_factory.mktemp("exports") / "street2shop"
     return export_tower(tower, base)
@@ -115,25 +126,26 @@ def test_card_and_warmup(tower, exported):
         assert set(out["model_fingerprint"].numpy()) == {card["fingerprint"].encode()}
 
 
-def test_versions_are_never_overwritten(tower, exported):
-    base = exported.parent
+def test_versions_are_never_overwritten(small_tower, tmp_path):
+    base = tmp_path / "exports"
+    first = export_tower(small_tower, base)
     with pytest.raises(ModelError, match="already exists"):
-        export_tower(tower, base, version=int(exported.name))
-    second = export_tower(tower, base)
-    assert int(second.name) == int(exported.name) + 1
+        export_tower(small_tower, base, version=int(first.name))
+    second = export_tower(small_tower, base)
+    assert int(second.name) == int(first.name) + 1
     assert resolve_export(base) == second
     assert not [p for p in base.iterdir() if p.name.startswith(".tmp")]
 
 
-def test_checkpoint_round_trip_to_export(tower, tmp_path):
+def test_checkpoint_round_trip_to_export(small_tower, tmp_path):
     from street2shop.model.siamese import build_siamese
 
-    siamese = build_siamese(tower)
+    siamese = build_siamese(small_tower)
     path = tmp_path / "model.keras"
     siamese.save(path)
     loaded = load_checkpoint(path)
     version = export_tower(loaded, tmp_path / "exports")
-    assert read_card(version)["fingerprint"] == weights_fingerprint(tower)
+    assert read_card(version)["fingerprint"] == weights_fingerprint(small_tower)
     with pytest.raises(ModelError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "absent.keras")
     (tmp_path / "bad.keras").write_bytes(b"junk")
@@ -147,12 +159,12 @@ def test_card_content_is_json(exported):
     assert contract.card_path(exported).read_text() == text
 
 
-def test_real_export_served_by_the_stand_in_and_read_by_the_client(tower, tmp_path):
+def test_real_export_served_by_the_stand_in_and_read_by_the_client(small_tower, tmp_path):
     """export_tower → StandInServer → EmbeddingClient over loopback gRPC: the in-process vectors, and the card's identity."""
     from street2shop.embedders import GrpcEmbedder
     from street2shop.serving.server import StandInServer
 
-    exported = export_tower(tower, tmp_path / "exports")
+    exported = export_tower(small_tower, tmp_path / "exports")
     images = [jpeg(s, size=(60 + 10 * s, 90)) for s in range(5)]
     boxes = [None, Box(5, 5, 40, 30), None, Box(0, 0, 90, 60), None]
     local = LocalEmbedder(exported)
@@ -165,19 +177,19 @@ def test_real_export_served_by_the_stand_in_and_read_by_the_client(tower, tmp_pa
     np.testing.assert_allclose(got.vectors, expected.vectors, rtol=0, atol=1e-6)
     card = read_card(exported)
     assert got.identity == contract.ModelIdentity(card["fingerprint"], int(exported.name), 16) == expected.identity
-    assert card["fingerprint"] == weights_fingerprint(tower)
+    assert card["fingerprint"] == weights_fingerprint(small_tower)
 
 
-def test_export_with_flip_tta_averages_the_image_and_its_mirror(tower, tmp_path):
+def test_export_with_flip_tta_averages_the_image_and_its_mirror(small_tower, tmp_path):
     # Reference by hand: the tower on the pixels and on their mirror image, mean of the two, unit length.
     images = [jpeg(s) for s in range(3)]
     pixels = tf.stack([prepare_image(tf.constant(b), image_size=75)[0] for b in images]).numpy()
-    mean = (tower(pixels, training=False).numpy() + tower(pixels[:, :, ::-1, :].copy(), training=False).numpy()) / 2
+    mean = (small_tower(pixels, training=False).numpy() + small_tower(pixels[:, :, ::-1, :].copy(), training=False).numpy()) / 2
     expected = mean / np.linalg.norm(mean, axis=1, keepdims=True)
-    path = export_tower(tower, tmp_path / "tta", tta="flip")
+    path = export_tower(small_tower, tmp_path / "tta", tta="flip")
     card = read_card(path)
     assert card["tta"] == "flip"
-    assert card["fingerprint"] not in (weights_fingerprint(tower), "")  # other vectors, so another model
+    assert card["fingerprint"] not in (weights_fingerprint(small_tower), "")  # other vectors, so another model
     model = tf.saved_model.load(str(path))
     out = model.signatures["serving_default"](image_bytes=tf.constant(images))
     assert np.abs(out["embedding"].numpy() - expected).max() <= 1e-5
@@ -186,4 +198,4 @@ def test_export_with_flip_tta_averages_the_image_and_its_mirror(tower, tmp_path)
     assert np.abs(got_pixels - expected).max() <= 1e-5
     assert LocalEmbedder(path).identity().fingerprint == card["fingerprint"]
     with pytest.raises(Exception, match="tta must be one of none, flip, flip-crops"):
-        export_tower(tower, tmp_path / "bad", tta="rotate")
+        export_tower(small_tower, tmp_path / "bad", tta="rotate")

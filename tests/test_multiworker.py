@@ -207,7 +207,7 @@ def test_warns_when_a_replicas_share_of_the_batch_is_too_small_for_the_quantile(
 
 # --------------------------------------------------------------------------- real worker processes
 
-TINY = dict(backbone="mobilenet_v3_small", weights="none", image_size=32, embedding_dim=8, pairs_per_epoch=16, val_pairs=8,
+TINY = dict(backbone="tiny_cnn", weights="none", image_size=32, embedding_dim=8, pairs_per_epoch=16, val_pairs=8,
             batch_size=8, epochs=2, learning_rate=1e-3, street_augment=0.5, shop_augment=0.3)
 
 # Trains like `street2shop train`, and SIGKILLs itself at the end of a given batch of a given epoch.
@@ -264,7 +264,7 @@ def logged_epochs(out):
         return [int(row["epoch"]) for row in csv.DictReader(f)]
 
 
-@pytest.mark.slow(minutes=4)
+@pytest.mark.slow(minutes=2)
 def test_two_workers_resume_after_one_is_killed_and_leave_only_the_chiefs_files(synth_dataset, tmp_path):
     out, tmpdir = tmp_path / "run", tmp_path / "tmp"
     (tmp_path / "killed").mkdir()

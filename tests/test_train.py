@@ -17,7 +17,7 @@ from street2shop.train import train
 
 def tiny_config(manifest, out, **kw):
     values = dict(
-        manifest=str(manifest), output_dir=str(out), backbone="mobilenet_v3_small", weights="none",
+        manifest=str(manifest), output_dir=str(out), backbone="tiny_cnn", weights="none",
         image_size=32, embedding_dim=8, pairs_per_epoch=16, val_pairs=8, batch_size=8, epochs=2,
         learning_rate=1e-3, street_augment=0.0, shop_augment=0.0,
         w_product=0.0,  # pairs only unless a test asks for the product softmax (the default is 0.5)
@@ -117,7 +117,7 @@ def test_mirrored_strategy_over_two_logical_cpus_trains_a_step(synth_dataset, tm
         from street2shop.train import train
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         config = TrainConfig().replace(
-            manifest={str(synth_dataset)!r}, output_dir={str(tmp_path / "run")!r}, backbone="mobilenet_v3_small",
+            manifest={str(synth_dataset)!r}, output_dir={str(tmp_path / "run")!r}, backbone="tiny_cnn",
             weights="none", image_size=32, embedding_dim=8, pairs_per_epoch=16, val_pairs=0, batch_size=8, epochs=1)
         result = train(config, strategy=strategy, verbose=0)
         assert strategy.num_replicas_in_sync == 2

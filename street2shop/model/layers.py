@@ -43,7 +43,7 @@ class BackbonePreprocess(keras.layers.Layer):
     and computes exactly what ``keras.applications.<family>.preprocess_input``
     computes for that backbone:
 
-    - ``"tf"`` mode (InceptionV3, Xception, ResNet50V2, MobileNetV2): ``x / 127.5 - 1``;
+    - ``"tf"`` mode (InceptionV3, Xception, ResNet50V2, MobileNetV2, and ``tiny_cnn``): ``x / 127.5 - 1``;
     - ``"caffe"`` mode (ResNet50): RGB → BGR, then subtract the ImageNet BGR means;
     - ``"torch"`` mode (DenseNet121): ``(x / 255 - mean) / std`` per RGB channel;
     - ``"none"`` (MobileNetV3, EfficientNet): identity, because in Keras 3 these

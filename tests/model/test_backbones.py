@@ -33,7 +33,7 @@ def _non_input_layers(model):
 # --- BackbonePreprocess ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(BACKBONES))
+@pytest.mark.parametrize("name", sorted(name for name, spec in BACKBONES.items() if spec.family != "street2shop"))
 def test_preprocess_matches_keras_preprocess_input(name):
     x = _pixels()
     reference = getattr(keras.applications, BACKBONES[name].family).preprocess_input(x.copy())
@@ -43,8 +43,9 @@ def test_preprocess_matches_keras_preprocess_input(name):
 
 def test_preprocess_by_hand():
     pixel = np.array([[[[10.0, 20.0, 30.0]]]], "float32")  # R, G, B
-    inception = np.asarray(BackbonePreprocess("inception_v3")(pixel)).ravel()
-    np.testing.assert_allclose(inception, [10 / 127.5 - 1, 20 / 127.5 - 1, 30 / 127.5 - 1], rtol=1e-6)
+    for name in ("inception_v3", "tiny_cnn"):
+        scaled = np.asarray(BackbonePreprocess(name)(pixel)).ravel()
+        np.testing.assert_allclose(scaled, [10 / 127.5 - 1, 20 / 127.5 - 1, 30 / 127.5 - 1], rtol=1e-6)
     caffe = np.asarray(BackbonePreprocess("resnet50")(pixel)).ravel()  # BGR minus the BGR means
     np.testing.assert_allclose(caffe, [30 - 103.939, 20 - 116.779, 10 - 123.68], rtol=1e-5)
     identity = np.asarray(BackbonePreprocess("mobilenet_v3_small")(pixel)).ravel()
@@ -99,6 +100,15 @@ def test_minimum_sizes_build():
     assert build_backbone("mobilenet_v3_small", 32).output.shape[-1] == 576
 
 
+def test_tiny_cnn_halves_the_size_four_times_and_has_no_imagenet_weights():
+    tiny = build_backbone("tiny_cnn", (32, 48))
+    assert tiny.name == "backbone" and tuple(tiny.output.shape) == (None, 2, 3, 128)  # 32/16, 48/16; 128 filters
+    # 3x3 kernels without bias (16·3·9 + 32·16·9 + 64·32·9 + 128·64·9 weights) and 4 numbers per filter in BatchNorm
+    assert tiny.count_params() == 9 * (16 * 3 + 32 * 16 + 64 * 32 + 128 * 64) + 4 * (16 + 32 + 64 + 128)
+    with pytest.raises(ConfigError, match=r"tiny_cnn has no ImageNet weights.*Received: weights='imagenet'"):
+        build_backbone("tiny_cnn", 32, weights="imagenet")
+
+
 def test_bad_weights_argument():
     with pytest.raises(ConfigError, match=r"Received: weights=123"):
         build_backbone("mobilenet_v3_small", 32, weights=123)
@@ -107,7 +117,7 @@ def test_bad_weights_argument():
 # --- weights files -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0"])
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "tiny_cnn"])
 @pytest.mark.parametrize("suffix", [".weights.h5", ".h5"])
 def test_weights_from_local_file(tmp_path, name, suffix):
     source = build_backbone(name, (32, 32))
@@ -257,7 +267,12 @@ def test_frozen_batchnorm_runs_in_inference_mode():
 
 
 def test_backbone_spec_families_exist():
+    from street2shop.model import backbones
+
     for spec in BACKBONES.values():
+        if spec.family == "street2shop":  # a constructor of the package's own
+            assert callable(getattr(backbones, spec.application))
+            continue
         assert hasattr(keras.applications, spec.application)
         assert hasattr(getattr(keras.applications, spec.family), "preprocess_input")
     assert backbone_spec("inception_v3").min_size == 75

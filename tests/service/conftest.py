@@ -22,7 +22,7 @@ def export_dir(tmp_path_factory) -> Path:
     from street2shop.model.tower import build_tower
 
     keras.utils.set_random_seed(0)
-    tower = build_tower("inception_v3", image_size=(75, 75), embedding_dim=16, weights=None)
+    tower = build_tower("tiny_cnn", image_size=(75, 75), embedding_dim=16, weights=None)  # the service is tested, not the backbone
     return export_tower(tower, tmp_path_factory.mktemp("service-export") / "street2shop")
 
 
