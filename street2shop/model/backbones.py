@@ -10,7 +10,7 @@ machine has no internet.
 
 One backbone is not from ``keras.applications``: ``tiny_cnn`` (:func:`tiny_cnn`),
 four convolution blocks for smoke runs and the CI of a pipeline. Its graph is
-built in seconds where the smallest application's takes a minute on a CPU;
+built in seconds where the smallest application's takes tens of seconds on a CPU;
 it learns little, and has no ImageNet weights.
 
 :func:`set_trainable` freezes the lower part of a backbone for fine-tuning.
@@ -168,8 +168,8 @@ def tiny_cnn(include_top: bool = False, weights: None = None, input_shape: tuple
     parameters), taking inputs scaled to [-1, 1]: the backbone ``"tiny_cnn"``.
 
     For smoke runs and the CI of a pipeline built on street2shop, where what is tested is the plumbing, not what
-    the model learns: the first training step, graph and all, takes seconds where MobileNetV3-Small's takes a
-    minute on 2 CPU cores (BENCHMARKS.md, "The test suite's time"). Not a model to deploy. The arguments are those
+    the model learns: the first training step, graph and all, takes seconds where MobileNetV3-Small's takes tens
+    of seconds on 2 CPU cores (BENCHMARKS.md, "The test suite's time"). Not a model to deploy. The arguments are those
     of a ``keras.applications`` constructor, so :func:`build_backbone` calls it as one; only ``include_top=False``
     and ``pooling=None`` exist.
     """
