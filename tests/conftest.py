@@ -63,7 +63,7 @@ def _release_memory() -> None:
 
 def _forget_fastapi_apps() -> None:
     """FastAPI caches what it learns of each endpoint function in module-level ``lru_cache``s, which keep every app
-    a test made alive, and with it the service and its loaded model (0.4 GB each for the tests' tiny InceptionV3)."""
+    a test made alive, and with it the service and its loaded model (0.4 GB each for a tiny InceptionV3, as the tests' exports once were)."""
     models = sys.modules.get("fastapi.dependencies.models")
     for value in vars(models).values() if models else ():
         if callable(getattr(value, "cache_clear", None)):

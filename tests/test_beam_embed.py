@@ -2,7 +2,7 @@
 
 Most tests use the tiny contract SavedModel (tests/serving/conftest.py); the
 equality with ``street2shop embed`` and the index comparison use a real
-export of a small InceptionV3 tower.
+export of a small tiny_cnn tower.
 """
 
 from __future__ import annotations

@@ -264,7 +264,7 @@ def logged_epochs(out):
         return [int(row["epoch"]) for row in csv.DictReader(f)]
 
 
-@pytest.mark.slow(minutes=2)
+@pytest.mark.slow(minutes=1)
 def test_two_workers_resume_after_one_is_killed_and_leave_only_the_chiefs_files(synth_dataset, tmp_path):
     out, tmpdir = tmp_path / "run", tmp_path / "tmp"
     (tmp_path / "killed").mkdir()

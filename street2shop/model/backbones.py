@@ -103,7 +103,7 @@ def build_backbone(
     image_size: int | Sequence[int] = (96, 96),
     weights: str | os.PathLike[str] | None = None,
 ) -> Any:
-    """A ``keras.applications`` backbone without its top, as a model named ``"backbone"``.
+    """A ``keras.applications`` backbone (or ``tiny_cnn``) without its top, as a model named ``"backbone"``.
 
     The model takes the backbone's *preprocessed* input (see
     ``BackbonePreprocess``) of shape ``[B, H, W, 3]`` and returns the last

@@ -4,7 +4,7 @@
 
     pixels [B, H, W, 3] float32 in [0, 255]
       → BackbonePreprocess(backbone)        ("preprocess")
-      → keras.applications backbone         ("backbone", no top)
+      → keras.applications backbone         ("backbone", no top; or tiny_cnn)
       → global average or max pooling       ("pool")
       → Dropout (if dropout > 0)            ("dropout")
       → Dense(embedding_dim)                ("projection")

@@ -1,4 +1,4 @@
-"""Fixtures: a real small export (a tiny InceptionV3), the generated catalogue embedded by it, an index base, a service."""
+"""Fixtures: a real small export (a tiny_cnn tower), the generated catalogue embedded by it, an index base, a service."""
 
 from __future__ import annotations
 
