@@ -241,29 +241,3 @@ def test_init_checkpoint_starts_from_another_runs_tower(synth_dataset, tmp_path)
     with pytest.raises(ConfigError, match="init_checkpoint not found"):
         load_tower_weights(other, tmp_path / "missing.keras")
 
-
-@pytest.mark.slow(minutes=1.5)
-def test_the_default_backbone_trains_and_its_best_checkpoint_exports_what_the_tower_computes(synth_dataset, tmp_path):
-    # The other training tests use tiny_cnn (their subject is the plumbing); this one runs the package's default
-    # path end to end with a keras.applications backbone, InceptionV3 (the paper's), at its smallest size:
-    # train() -> best.keras -> export -> vectors from photo bytes, against the checkpoint's tower by hand.
-    import tensorflow as tf
-
-    from street2shop.data.image import prepare_image
-    from street2shop.embedders import LocalEmbedder
-    from street2shop.export import export_checkpoint, load_checkpoint
-    from street2shop.model.siamese import tower_of
-
-    config = tiny_config(synth_dataset, tmp_path / "run", backbone="inception_v3", image_size=75, epochs=1, val_pairs=0)
-    result = train(config, verbose=0)
-    card = export_checkpoint(result.best_checkpoint, tmp_path / "exports")
-    assert card["backbone"] == "inception_v3" and card["image_size"] == [75, 75] and card["dimension"] == 8
-    photos = [r.image_path for r in read_manifest_csv(synth_dataset)][:3]
-    images = [open(p, "rb").read() for p in photos]
-    tower = tower_of(load_checkpoint(result.best_checkpoint))
-    pixels = tf.stack([prepare_image(tf.constant(b), image_size=75)[0] for b in images])
-    expected = tower(pixels, training=False).numpy()
-    with LocalEmbedder(card["path"]) as embedder:
-        got = embedder.embed(images).require()
-    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
