@@ -240,4 +240,3 @@ def test_init_checkpoint_starts_from_another_runs_tower(synth_dataset, tmp_path)
         load_tower_weights(other, tmp_path / "first.keras")
     with pytest.raises(ConfigError, match="init_checkpoint not found"):
         load_tower_weights(other, tmp_path / "missing.keras")
-

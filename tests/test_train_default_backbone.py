@@ -4,6 +4,8 @@ The other training tests use ``tiny_cnn`` (their subject is the plumbing); this 
 smallest size. In a file of its own, so that ``--dist loadfile`` can give its minute and a half to either worker.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -26,8 +28,7 @@ def test_the_default_backbone_trains_and_its_best_checkpoint_exports_what_the_to
     result = train(config, verbose=0)
     card = export_checkpoint(result.best_checkpoint, tmp_path / "exports")
     assert card["backbone"] == "inception_v3" and card["image_size"] == [75, 75] and card["dimension"] == 8
-    photos = [r.image_path for r in read_manifest_csv(synth_dataset)][:3]
-    images = [open(p, "rb").read() for p in photos]
+    images = [Path(r.image_path).read_bytes() for r in read_manifest_csv(synth_dataset)[:3]]
     tower = tower_of(load_checkpoint(result.best_checkpoint))
     pixels = tf.stack([prepare_image(tf.constant(b), image_size=75)[0] for b in images])
     expected = tower(pixels, training=False).numpy()

@@ -51,8 +51,9 @@ def rows_of(budget: Path, rates: dict[str, float]) -> list[tuple[float, str]]:
     for candidate, setting, folder in folders_of(budget):
         runs = runs_in(folder)
         rows += [row(budget, candidate, setting, runs, rates)]
-        if setting.startswith("ema_momentum=") and trained_weights(runs):  # the same runs without their average
-            rows += [row(budget, candidate, f"{setting}#trained_weights", trained_weights(runs), rates)]
+        trained = trained_weights(runs) if setting.startswith("ema_momentum=") else []  # the same runs without their average
+        if trained:
+            rows += [row(budget, candidate, f"{setting}#trained_weights", trained, rates)]
     return sorted(rows, reverse=True)
 
 
