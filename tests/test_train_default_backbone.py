@@ -28,7 +28,7 @@ def test_the_default_backbone_trains_and_its_best_checkpoint_exports_what_the_to
     result = train(config, verbose=0)
     card = export_checkpoint(result.best_checkpoint, tmp_path / "exports")
     assert card["backbone"] == "inception_v3" and card["image_size"] == [75, 75] and card["dimension"] == 8
-    images = [Path(r.image_path).read_bytes() for r in read_manifest_csv(synth_dataset)[:3]]
+    images = [Path(r.image_path).read_bytes() for r in list(read_manifest_csv(synth_dataset))[:3]]
     tower = tower_of(load_checkpoint(result.best_checkpoint))
     pixels = tf.stack([prepare_image(tf.constant(b), image_size=75)[0] for b in images])
     expected = tower(pixels, training=False).numpy()
