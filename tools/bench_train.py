@@ -59,6 +59,14 @@ SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
 
+def write_result(out, result):
+    """The result at ``out`` (every measurement prints it first, so a failed write loses nothing)."""
+    try:
+        Path(out).write_text(json.dumps(result, indent=2))
+    except OSError as e:
+        raise SystemExit(f"cannot write {out}: {e} (the result is printed above)") from None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="inception_v3")
@@ -82,6 +90,11 @@ def main() -> int:
     parser.add_argument("--manifest", default=str(SHARED / "grocery" / "manifest.csv"), help="--candidates: the photos")
     parser.add_argument("--auxiliary-dir", default=str(SHARED / "coil100" / "images"), help="--candidates: the auxiliary set")
     args = parser.parse_args()
+    if args.out:  # its folder now, not after minutes of measuring
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            parser.error(f"--out {args.out}: cannot make its folder: {e}")
     if args.settings:
         return bench_settings(args)
     if args.candidates:
@@ -123,7 +136,7 @@ def main() -> int:
     }
     print(json.dumps(result, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        write_result(args.out, result)
     return 0
 
 
@@ -205,7 +218,7 @@ def bench_settings(args: argparse.Namespace) -> int:
     }
     print(json.dumps(result, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        write_result(args.out, result)
     return 0
 
 
@@ -298,7 +311,7 @@ def bench_workers(args: argparse.Namespace) -> int:
     }
     print(json.dumps(result, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        write_result(args.out, result)
     return 0
 
 
@@ -344,7 +357,7 @@ def bench_candidates(args: argparse.Namespace) -> int:
     }
     print(json.dumps(result, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        write_result(args.out, result)
     return 0
 
 
