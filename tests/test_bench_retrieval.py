@@ -242,8 +242,9 @@ def test_street_refs_are_the_records_embed_indexes_and_the_ones_the_tool_used_be
     command = {"manifest": str(synth_dataset), "train_split": "train"}
     # The records the tool indexed by hand before (the training street photos), in the same order.
     assert views.customer_references(command, gallery) == [r for r in records if r.domain == "street" and r.split == "train"]
-    assert views.parse("street-refs+tta-flip") == (0, "flip", "photos")
-    assert views.parse("street-means+tta-flip-crops") == (0, "flip-crops", "means")
+    assert views.parse("street-refs+tta-flip") == (0, "flip", "photos", None)
+    assert views.parse("street-means+tta-flip-crops") == (0, "flip-crops", "means", None)
+    assert views.parse("size-112+tta-flip") == (0, "flip", False, 112)
     # A prototype per product: the normalised mean of its photos' vectors, in the order products first appear.
     street = [r for r in records if r.domain == "street" and r.split == "train"][:3]
     street = [street[0], dataclasses.replace(street[1], product_id="other"), dataclasses.replace(street[2], product_id=street[0].product_id)]
@@ -349,3 +350,48 @@ def test_compare_runs_reads_a_condition_of_a_views_file(tmp_path, capsys):
     assert row.split("|")[5].strip() == "0: +50.0, 1: +50.0"  # each seed: one query more of two right first
     with pytest.raises(SystemExit, match="it has: none, tta-flip-crops"):
         compare.main([f"{old}#tta-flip", f"{new}#tta-flip-crops"])
+
+
+def test_proxies_are_the_product_heads_class_vectors_of_each_product(synth_dataset, tmp_path):
+    import numpy as np
+
+    from street2shop.compile import build_model
+    from street2shop.config import save_config
+    from street2shop.data.records import read_manifest_csv
+    from tests.test_train import tiny_config
+
+    views = load_tool("bench_views")
+    assert views.parse("proxies+tta-flip") == (0, "flip", "proxies", None)
+    config = tiny_config(synth_dataset, tmp_path, w_product=0.5)
+    save_config(config, tmp_path / "config.toml")
+    # Training's classes, by hand: the products with a street photo in the train split (and a shop photo), sorted.
+    records = read_manifest_csv(synth_dataset).records
+    products = sorted({r.product_id for r in records if r.domain == "street" and r.split == "train"})
+    model = build_model(config, len(products))
+    kernel = np.random.default_rng(0).normal(size=(8, len(products))).astype("float32")
+    model.get_layer("classifier").set_weights([kernel])
+    vectors, ids = views.product_proxies(model, tmp_path)
+    assert ids == products
+    np.testing.assert_allclose(vectors, (kernel / np.linalg.norm(kernel, axis=0)).T, rtol=1e-6)
+    save_config(config.replace(w_product=0.0), tmp_path / "config.toml")
+    with pytest.raises(SystemExit, match="without the product softmax"):
+        views.product_proxies(model, tmp_path)
+
+
+def test_pooled_is_the_backbones_mean_feature_normalised():
+    import keras
+    import numpy as np
+
+    from street2shop.model.tower import build_tower
+
+    views = load_tool("bench_views")
+    assert views.parse("pooled+tta-flip-crops") == (0, "flip-crops", False, "pooled")
+    with pytest.raises(SystemExit, match="embedding's space"):
+        views.parse("pooled+proxies")
+    tower = build_tower("tiny_cnn", image_size=32, embedding_dim=4)
+    pixels = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    features = tower.get_layer("backbone")(tower.get_layer("preprocess")(pixels), training=False).numpy()  # [2, 2, 2, 128]
+    mean = features.mean(axis=(1, 2))
+    pooled = views.pooled_tower(tower)
+    assert isinstance(pooled, keras.Model) and pooled.outputs[0].shape[-1] == 128
+    np.testing.assert_allclose(pooled(pixels, training=False), mean / np.linalg.norm(mean, axis=1, keepdims=True), rtol=1e-5, atol=1e-6)

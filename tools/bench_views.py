@@ -23,6 +23,18 @@ protocol (the ``val`` street photos against every shop photo), with:
 - ``street-means``: the shop photos plus, per product, one reference: the
   normalised mean of the embeddings of its training street photos (a
   prototype of its customer photos; 81 references more, not 2,640).
+- ``proxies``: the shop photos plus, per training product, the vector its
+  softmax class holds in the trained product head (a cosine classifier on the
+  embedding: each class's weight is a learned prototype of the product's
+  photos, street and shop; :func:`product_proxies`). Only products trained
+  on have one, as in a shop: new products are found by their photos alone.
+  ``proxies-only``: the proxies without the shop photos (the head as a classifier).
+- ``pooled``: the backbone's pooled features (the input of the projection,
+  1,024 numbers for DenseNet-121), normalised, instead of the embedding.
+- ``size-N``: queries and catalogue embedded at N pixels a side by the same
+  weights (:func:`street2shop.model.tower.with_image_size`): a tower trained
+  on zoomed-in crops may match better when served larger.
+  ``size-112+tta-flip-crops`` both.
 
 The baseline (``none``) must reproduce the run's own result exactly; the tool
 stops otherwise. Paired differences against ``none`` over the runs (seeds) and
@@ -58,22 +70,32 @@ CONDITIONS = ("none", "tta-flip", "tta-flip-crops", "refs-8", "refs-8+tta-flip",
 
 
 def parse(condition):
-    """``"refs-8+tta-flip"`` → (refs 8, tta "flip", street False); street is "photos" or "means" with customer photos."""
+    """``"refs-8+tta-flip"`` → (refs 8, tta "flip", street False, size None); street is "photos", "means" or
+    "proxies" for the extra references; size the side the tower is served at (None: its own; "pooled": the tower
+    without its projection)."""
     from street2shop.model.views import check_tta
 
-    refs, tta, street = 0, "none", False
+    refs, tta, street, size = 0, "none", False, None
     for part in condition.split("+"):
         if part.startswith("tta-"):
             tta = check_tta(part[4:])
         elif part.startswith("refs-"):
             refs = int(part[5:])
+        elif part.startswith("size-"):
+            size = int(part[5:])
+        elif part == "pooled":
+            size = "pooled"
         elif part == "street-refs":
             street = "photos"
         elif part == "street-means":
             street = "means"
+        elif part in ("proxies", "proxies-only"):
+            street = part
         elif part != "none":
             raise SystemExit(f"unknown condition {condition!r}")
-    return refs, tta, street
+    if size == "pooled" and street in ("proxies", "proxies-only"):
+        raise SystemExit(f"{condition}: the proxies live in the embedding's space, not the pooled features'")
+    return refs, tta, street, size
 
 
 def shop_pixels(records, size):
@@ -125,12 +147,45 @@ def street_means(vectors, records):
     return np.stack(means), holders
 
 
+def product_proxies(model, run):
+    """``(vectors, product ids)``: each training product's unit class vector in the trained head, in class order.
+
+    The classes are those training gave (:func:`street2shop.training_data.load_training_data` on the run's own
+    ``config.toml``: the auxiliary set's, then the products' in sorted order), read back from the classifier's
+    kernel ``[D, classes]``.
+    """
+    import numpy as np
+
+    from street2shop.config import load_config
+    from street2shop.training_data import load_training_data
+
+    data = load_training_data(load_config(run / "config.toml"))
+    if not data.product_labels:
+        raise SystemExit(f"proxies: {run} was trained without the product softmax (w_product 0)")
+    kernel = np.asarray(model.get_layer("classifier").get_weights()[0])
+    if kernel.shape[1] != data.num_classes:
+        raise SystemExit(f"proxies: {run}'s head has {kernel.shape[1]} classes, its data {data.num_classes}: this tool measures something else")
+    products = sorted(data.product_labels, key=data.product_labels.get)
+    vectors = kernel[:, [data.product_labels[p] for p in products]].T
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True), products
+
+
+def pooled_tower(tower):
+    """The tower up to its pooling layer, normalised: the backbone's features instead of the projection's embedding."""
+    import keras
+
+    from street2shop.model.layers import L2Normalize
+
+    return keras.Model(tower.inputs, L2Normalize(name="pooled")(tower.get_layer("pool").output), name="tower")
+
+
 def evaluate_run(result_path, conditions, strength, seed):
     import numpy as np
 
     from street2shop.data.records import read_manifest_csv
     from street2shop.export import load_checkpoint
     from street2shop.model.siamese import tower_of
+    from street2shop.model.tower import with_image_size
 
     result = json.loads(Path(result_path).read_text())
     run = Path(result_path).parent / "runs" / f"{result['variant']}-seed{result['seed']}"
@@ -138,33 +193,43 @@ def evaluate_run(result_path, conditions, strength, seed):
     records = read_manifest_csv(command["manifest"])
     queries = [r for r in records if r.domain == "street" and r.split == command["eval_split"]]
     gallery = [r for r in records if r.domain == "shop"]
-    street = customer_references(command, gallery) if any(parse(c)[2] for c in conditions) else []
-    tower = tower_of(load_checkpoint(run / "last.keras"))
-    size = int(tower.inputs[0].shape[1])
+    street = customer_references(command, gallery) if any(parse(c)[2] in ("photos", "means") for c in conditions) else []
+    model = load_checkpoint(run / "last.keras")
+    trained = tower_of(model)
+    proxies = product_proxies(model, run) if any(parse(c)[2] in ("proxies", "proxies-only") for c in conditions) else None
+    towers = {None: trained}
     cache = {}
 
-    def embedded(name, photos, tta):  # each set of photos embedded once per TTA mode, whatever the conditions reuse it
-        if (name, tta) not in cache:
-            cache[name, tta] = embed_with_tower(tower, photos, tta=tta)
-        return cache[name, tta]
+    def embedded(name, photos, tta, side):  # each set of photos embedded once per TTA mode and size, whatever the conditions reuse it
+        if (name, tta, side) not in cache:
+            cache[name, tta, side] = embed_with_tower(towers[side], photos, tta=tta)
+        return cache[name, tta, side]
 
     out = {}
     for condition in conditions:
-        refs, tta, with_street = parse(condition)
+        refs, tta, extra, side = parse(condition)
+        if side not in towers:
+            towers[side] = pooled_tower(trained) if side == "pooled" else with_image_size(trained, side)
+        tower = towers[side]
+        size = int(tower.inputs[0].shape[1])
         started = time.perf_counter()
-        q = embedded("queries", queries, tta)
-        g, g_records = embedded("gallery", gallery, tta), list(gallery)
+        q = embedded("queries", queries, tta, side)
+        g, g_records = embedded("gallery", gallery, tta, side), list(gallery)
         if refs:
             views = augmented_views(shop_pixels(gallery, size), refs, strength=strength, seed=seed)
             g = np.concatenate([g] + [embed_pixels(tower, v, tta) for v in views])
             g_records += gallery * refs
-        if with_street == "photos":
-            g = np.concatenate([g, embedded("street", street, tta)])
+        if extra == "photos":
+            g = np.concatenate([g, embedded("street", street, tta, side)])
             g_records += street
-        elif with_street == "means":
-            means, holders = street_means(embedded("street", street, tta), street)
+        elif extra == "means":
+            means, holders = street_means(embedded("street", street, tta, side), street)
             g = np.concatenate([g, means])
             g_records += holders
+        elif extra in ("proxies", "proxies-only"):
+            by_product = {r.product_id: r for r in gallery}
+            holders = [by_product[p] for p in proxies[1]]  # a product's proxy, labelled as its shop photo
+            g, g_records = (proxies[0], holders) if extra == "proxies-only" else (np.concatenate([g, proxies[0]]), g_records + holders)
         record = evaluate(q, queries, g, g_records)
         record["seconds"] = round(time.perf_counter() - started, 1)
         record["gallery"] = len(g_records)
