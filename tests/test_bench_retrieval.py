@@ -395,3 +395,14 @@ def test_pooled_is_the_backbones_mean_feature_normalised():
     pooled = views.pooled_tower(tower)
     assert isinstance(pooled, keras.Model) and pooled.outputs[0].shape[-1] == 128
     np.testing.assert_allclose(pooled(pixels, training=False), mean / np.linalg.norm(mean, axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "bench-results").rglob("result-*.json")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_kept_results_hold_the_ranks_their_figures_came_from(path):
+    """A kept result is what paired comparisons read later: its ranks (1 = right first) must give its own top-k."""
+    result = json.loads(path.read_text())
+    ranks = result["ranks"]
+    assert len(ranks) == result["queries"] and all(isinstance(r, int) and r >= 1 for r in ranks)
+    for k, value in result["top_k"].items():
+        assert sum(r <= int(k) for r in ranks) / len(ranks) == pytest.approx(value)
+    assert (path.parent / "command.json").is_file()
