@@ -406,3 +406,45 @@ def test_kept_results_hold_the_ranks_their_figures_came_from(path):
     for k, value in result["top_k"].items():
         assert sum(r <= int(k) for r in ranks) / len(ranks) == pytest.approx(value)
     assert (path.parent / "command.json").is_file()
+
+
+def test_size_n_serves_the_same_weights_at_another_size():
+    import keras
+    import numpy as np
+
+    from street2shop.model.precision import model_precision, precision_scope
+    from street2shop.model.tower import build_tower, tower_spec
+
+    views = load_tool("bench_views")
+    keras.utils.set_random_seed(3)
+    tower = build_tower("tiny_cnn", image_size=32, embedding_dim=8, pooling="max")
+    assert views.tower_at_size(tower, 32) is tower
+    larger = views.tower_at_size(tower, (48, 40))
+    assert tower_spec(larger) == {**tower_spec(tower), "image_size": [48, 40]}
+    # The reference: a tower built at 48x40 by hand, given the 32-pixel tower's weights (its own are other random ones).
+    reference = build_tower("tiny_cnn", image_size=(48, 40), embedding_dim=8, pooling="max")
+    assert not np.allclose(reference.get_layer("projection").get_weights()[0], tower.get_layer("projection").get_weights()[0])
+    reference.set_weights(tower.get_weights())
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 48, 40, 3)).astype("float32")
+    np.testing.assert_allclose(larger(pixels, training=False), reference(pixels, training=False), atol=1e-6)
+    for a, b in zip(larger.get_weights(), tower.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    # A tower computing in bfloat16 stays so.
+    with precision_scope("mixed_bfloat16"):
+        low = build_tower("tiny_cnn", image_size=32, embedding_dim=8)
+    assert model_precision(views.tower_at_size(low, 64)) == "mixed_bfloat16"
+
+
+def test_size_n_errors():
+    import keras
+
+    from street2shop.errors import ConfigError, ModelError
+    from street2shop.model.tower import build_tower
+
+    views = load_tool("bench_views")
+    tower = build_tower("tiny_cnn", image_size=32, embedding_dim=4)
+    with pytest.raises(ConfigError, match="image_size must be at least"):
+        views.tower_at_size(tower, 8)
+    inputs = keras.Input((4,))
+    with pytest.raises(ModelError, match="not a street2shop tower"):
+        views.tower_at_size(keras.Model(inputs, keras.layers.Dense(2)(inputs)), 32)

@@ -32,8 +32,8 @@ protocol (the ``val`` street photos against every shop photo), with:
 - ``pooled``: the backbone's pooled features (the input of the projection,
   1,024 numbers for DenseNet-121), normalised, instead of the embedding.
 - ``size-N``: queries and catalogue embedded at N pixels a side by the same
-  weights (:func:`street2shop.model.tower.with_image_size`): a tower trained
-  on zoomed-in crops may match better when served larger.
+  weights (:func:`tower_at_size`): a tower trained on zoomed-in crops may
+  match better when served larger.
   ``size-112+tta-flip-crops`` both.
 
 The baseline (``none``) must reproduce the run's own result exactly; the tool
@@ -170,6 +170,30 @@ def product_proxies(model, run):
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True), products
 
 
+def tower_at_size(tower, image_size):
+    """``tower`` taking another input size: the tower itself at its own size, else a copy with its weights.
+
+    Convolutions and global pooling do not depend on the input size, so the same weights embed photos resized to
+    another side (other vectors: another model). A tower trained on zoomed-in crops may see objects at their
+    training scale only when served larger ("FixRes", Touvron et al. 2019): condition ``size-N``. Measured and not
+    kept, so not in the package (BENCHMARKS.md, "Round 5"). The copy computes in the tower's own precision.
+    """
+    from street2shop.data.image import image_size_2d
+    from street2shop.model.backbones import backbone_spec
+    from street2shop.model.precision import model_precision, precision_scope
+    from street2shop.model.tower import build_tower, tower_spec
+
+    spec = tower_spec(tower)
+    size = image_size_2d(image_size, backbone_spec(spec["backbone"]).min_size)
+    if list(size) == spec["image_size"]:
+        return tower
+    with precision_scope(model_precision(tower)):
+        copy = build_tower(spec["backbone"], image_size=size, embedding_dim=spec["embedding_dim"], pooling=spec["pooling"],
+                           dropout=spec["dropout"], name=tower.name)
+    copy.set_weights(tower.get_weights())
+    return copy
+
+
 def pooled_tower(tower):
     """The tower up to its pooling layer, normalised: the backbone's features instead of the projection's embedding."""
     import keras
@@ -185,7 +209,6 @@ def evaluate_run(result_path, conditions, strength, seed):
     from street2shop.data.records import read_manifest_csv
     from street2shop.export import load_checkpoint
     from street2shop.model.siamese import tower_of
-    from street2shop.model.tower import with_image_size
 
     result = json.loads(Path(result_path).read_text())
     run = Path(result_path).parent / "runs" / f"{result['variant']}-seed{result['seed']}"
@@ -209,7 +232,7 @@ def evaluate_run(result_path, conditions, strength, seed):
     for condition in conditions:
         refs, tta, extra, side = parse(condition)
         if side not in towers:
-            towers[side] = pooled_tower(trained) if side == "pooled" else with_image_size(trained, side)
+            towers[side] = pooled_tower(trained) if side == "pooled" else tower_at_size(trained, side)
         tower = towers[side]
         size = int(tower.inputs[0].shape[1])
         started = time.perf_counter()

@@ -148,36 +148,3 @@ def tower_spec(tower: Any) -> dict[str, Any]:
         "pooling": "max" if isinstance(pool, keras.layers.GlobalMaxPooling2D) else "avg",
         "dropout": dropout,
     }
-
-
-def with_image_size(tower: Any, image_size: int | Sequence[int]) -> Any:
-    """``tower`` taking another input size: the tower itself at its own size, else a copy with its weights.
-
-    Convolutions and global pooling do not depend on the input size, so the
-    same weights embed photos resized to another side; they give other vectors
-    (another model: :func:`street2shop.export.model_fingerprint` says so). A
-    tower trained on zoomed-in crops may see objects at their training scale
-    only when served larger ("FixRes", Touvron et al. 2019):
-    ``tools/bench_views.py`` measures it (condition ``size-N``; BENCHMARKS.md, "Round 5").
-
-    The copy computes in the tower's own precision and is built for inference
-    (BatchNorm momentum and which layers train are not carried over).
-
-    Raises:
-        ConfigError: the size is below the backbone's minimum.
-        ModelError: ``tower`` is not a street2shop tower (:func:`tower_spec`), or its weights do not fit the copy.
-    """
-    from street2shop.model.precision import model_precision, precision_scope
-
-    spec = tower_spec(tower)
-    size = image_size_2d(image_size, backbone_spec(spec["backbone"]).min_size)
-    if list(size) == spec["image_size"]:
-        return tower
-    with precision_scope(model_precision(tower)):
-        copy = build_tower(spec["backbone"], image_size=size, embedding_dim=spec["embedding_dim"], pooling=spec["pooling"],
-                           dropout=spec["dropout"], name=tower.name)
-    try:
-        copy.set_weights(tower.get_weights())
-    except ValueError as e:
-        raise ModelError(f"the tower's weights do not fit a {spec['backbone']} tower at {size[0]}x{size[1]}: {str(e).splitlines()[0]}") from None
-    return copy

@@ -148,37 +148,3 @@ def test_bn_momentum_is_set_and_survives_keras_file(tmp_path):
     assert all(layer.momentum == 0.9 for layer in bns)
     default = build_tower("resnet50", image_size=(32, 32), embedding_dim=4)
     assert {layer.momentum for layer in default.get_layer("backbone").layers if isinstance(layer, keras.layers.BatchNormalization)} == {0.99}
-
-
-def test_with_image_size_serves_the_same_weights_at_another_size():
-    from street2shop.model.precision import model_precision, precision_scope
-    from street2shop.model.tower import with_image_size
-
-    keras.utils.set_random_seed(3)
-    tower = build_tower("tiny_cnn", image_size=32, embedding_dim=8, pooling="max")
-    assert with_image_size(tower, 32) is tower
-    larger = with_image_size(tower, (48, 40))
-    assert tower_spec(larger) == {**tower_spec(tower), "image_size": [48, 40]}
-    # The reference: a tower built at 48x40 by hand, given the 32-pixel tower's weights (its own are other random ones).
-    reference = build_tower("tiny_cnn", image_size=(48, 40), embedding_dim=8, pooling="max")
-    assert not np.allclose(reference.get_layer("projection").get_weights()[0], tower.get_layer("projection").get_weights()[0])
-    reference.set_weights(tower.get_weights())
-    pixels = _pixels((2, 48, 40, 3))
-    np.testing.assert_allclose(larger(pixels, training=False), reference(pixels, training=False), atol=1e-6)
-    for a, b in zip(larger.get_weights(), tower.get_weights()):
-        np.testing.assert_array_equal(a, b)
-    # A tower computing in bfloat16 stays so.
-    with precision_scope("mixed_bfloat16"):
-        low = build_tower("tiny_cnn", image_size=32, embedding_dim=8)
-    assert model_precision(with_image_size(low, 64)) == "mixed_bfloat16"
-
-
-def test_with_image_size_errors():
-    from street2shop.model.tower import with_image_size
-
-    tower = build_tower("tiny_cnn", image_size=32, embedding_dim=4)
-    with pytest.raises(ConfigError, match="image_size must be at least"):
-        with_image_size(tower, 8)
-    inputs = keras.Input((4,))
-    with pytest.raises(ModelError, match="not a street2shop tower"):
-        with_image_size(keras.Model(inputs, keras.layers.Dense(2)(inputs)), 32)
