@@ -57,14 +57,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def write_result(out, result):
-    """The result at ``out`` (every measurement prints it first, so a failed write loses nothing)."""
-    try:
-        Path(out).write_text(json.dumps(result, indent=2))
-    except OSError as e:
-        raise SystemExit(f"cannot write {out}: {e} (the result is printed above)") from None
+from bench_serving import write_report  # noqa: E402 - imports no Keras
 
 
 def main() -> int:
@@ -136,7 +131,7 @@ def main() -> int:
     }
     print(json.dumps(result, indent=2))
     if args.out:
-        write_result(args.out, result)
+        write_report(result, args.out)
     return 0
 
 
@@ -218,7 +213,7 @@ def bench_settings(args: argparse.Namespace) -> int:
     }
     print(json.dumps(result, indent=2))
     if args.out:
-        write_result(args.out, result)
+        write_report(result, args.out)
     return 0
 
 
@@ -311,7 +306,7 @@ def bench_workers(args: argparse.Namespace) -> int:
     }
     print(json.dumps(result, indent=2))
     if args.out:
-        write_result(args.out, result)
+        write_report(result, args.out)
     return 0
 
 
@@ -357,7 +352,7 @@ def bench_candidates(args: argparse.Namespace) -> int:
     }
     print(json.dumps(result, indent=2))
     if args.out:
-        write_result(args.out, result)
+        write_report(result, args.out)
     return 0
 
 

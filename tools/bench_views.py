@@ -70,8 +70,8 @@ CONDITIONS = ("none", "tta-flip", "tta-flip-crops", "refs-8", "refs-8+tta-flip",
 
 
 def parse(condition):
-    """``"refs-8+tta-flip"`` → (refs 8, tta "flip", street False, size None); street is "photos", "means" or
-    "proxies" for the extra references; size the side the tower is served at (None: its own; "pooled": the tower
+    """``"refs-8+tta-flip"`` → (refs 8, tta "flip", street False, size None); street names the extra references:
+    "photos", "means", "proxies" or "proxies-only"; size the side the tower is served at (None: its own; "pooled": the tower
     without its projection)."""
     from street2shop.model.views import check_tta
 
